@@ -1,0 +1,17 @@
+"""hvd_infer: Horovod distributed batch inference of Hugging Face models over Parquet.
+
+    horovodrun -np 4 python -m hvd_infer --config conf/job.yaml data.batch_size=64
+    hvd_infer.run("conf/job.yaml")           # one rank's share; picklable for Spark launchers
+"""
+from hvd_infer.config import ConfigError, JobConfig, load_config
+
+
+def run(config=None, **overrides):
+    """Run this rank's share of the job (see hvd_infer.runner.run)."""
+    from hvd_infer.runner import run as _run
+
+    return _run(config, **overrides)
+
+
+__all__ = ["run", "load_config", "JobConfig", "ConfigError"]
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Command line: `python -m hvd_infer [--config FILE] [key.sub=value ...]` (or `hvd-infer`).
+
+    horovodrun -np 2 python -m hvd_infer                        # the embedded demo (conf/default.yaml)
+    horovodrun -np 4 python -m hvd_infer --config conf/example.yaml output.mode=resume
+    python -m hvd_infer --config job.yaml --print-config         # the resolved config, then exit
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
+EXIT_USER_ERROR = 2
+
+
+def _user_errors():
+    from hvd_infer.config import ConfigError
+    from hvd_infer.dataset import DataError
+    from hvd_infer.tasks.base import ModelError
+    from hvd_infer.writer import OutputError
+
+    return (ConfigError, DataError, ModelError, OutputError)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="hvd_infer", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", "-c", default=None, help="job YAML (default: conf/default.yaml, the demo)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("HOROVOD_RANK", "0")
+    try:
+        from hvd_infer.config import load_config, mask_secrets
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False), end="")
+            return 0
+        from hvd_infer.runner import run
+
+        run(cfg)
+        return 0
+    except _user_errors() as e:
+        # An error every rank raised (config, input, model checks) is printed once, by rank 0.
+        if rank == "0" or not (isinstance(e, _user_errors()[0]) or getattr(e, "all_ranks", False)):
+            print(f"hvd_infer: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""The job's configuration: typed dataclasses, built from YAML plus dotted overrides.
+
+Everything here is light (no torch, no horovod): a wrong key or value fails in
+one line that names it, before anything heavy is imported or loaded.
+
+    cfg = load_config("conf/job.yaml", ["data.batch_size=64", "model.dtype=bfloat16"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+# The embedded demo job; the package is installed editable from the repo (scripts/install.sh).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "default.yaml")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what would be right."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # a model directory (save_pretrained), or an MLflow URI: models:/name/1, runs:/id/model
+    task: str = "text-classification"  # see hvd_infer.tasks.TASKS
+    dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
+    quantize: str = "none"  # none | int8 (dynamic int8 Linear layers, CPU only)
+    deepspeed: bool = True  # wrap with deepspeed.init_inference
+    kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
+    max_length: int = 256  # tokens; longer texts are truncated and counted
+    trust_remote_code: bool = False  # run Python shipped with the model; off unless you trust it
+    allow_pickle: bool = False  # load pytorch_model.bin (weights_only) when no safetensors exist
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a Parquet file, directory or glob; local or any fsspec URL
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None  # second text, for models trained on pairs
+    id_columns: List[str] = field(default_factory=list)  # copied through to the output, first
+    label_column: Optional[str] = None  # gold labels: accuracy, macro-F1, confusion matrix
+    batch_size: int = 32  # rows per forward pass
+    max_tokens_per_batch: int = 0  # if > 0: batches sized by padded tokens instead of rows
+    sort_window: int = 4096  # rows sorted by length together, to keep padding small
+    on_null: str = "error"  # null or empty text: error | skip | empty
+
+
+@dataclass
+class OutputConfig:
+    path: str = ""  # directory of Parquet parts (+ _manifest.json, _SUCCESS)
+    mode: str = "error"  # error (refuse a non-empty dir) | overwrite | resume
+    rows_per_part: int = 50000  # each part is written atomically and is the unit of resume
+    compression: str = "snappy"
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+    experiment: str = "hvd_infer"
+    run_name: Optional[str] = None
+    artifact_location: Optional[str] = None  # for a new experiment; None = mlartifacts/ beside a sqlite store
+    log_predictions: bool = True  # log each rank's part files as artifacts (false: manifest only)
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RuntimeConfig:
+    threads: int = 0  # torch threads per rank; 0 = CPU cores // ranks on this host
+    progress: bool = True  # tqdm bar on rank 0
+    seed: int = 0
+
+
+@dataclass
+class ZeroShotConfig:
+    candidate_labels: List[str] = field(default_factory=list)
+    hypothesis_template: str = "This example is {}."
+    multi_label: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class TokenClassificationConfig:
+    aggregation: str = "simple"  # none | simple | first | average | max
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    token_classification: TokenClassificationConfig = field(default_factory=TokenClassificationConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECRET = re.compile(r"token|password|passwd|secret|key|credential|auth", re.I)
+_URL_USERINFO = re.compile(r"(\w+://)([^/@\s]+)@")
+
+
+def mask_secrets(obj: Any, key: str = "") -> Any:
+    """Copy of obj with secret-looking keys' values and URL credentials masked, for logs and MLflow."""
+    if isinstance(obj, dict):
+        return {k: mask_secrets(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mask_secrets(v, key) for v in obj]
+    if key and _SECRET.search(key.rsplit(".", 1)[-1]) and key not in _NOT_SECRET and obj not in (None, ""):
+        return "***"
+    if isinstance(obj, str):
+        return _URL_USERINFO.sub(r"\1***@", obj)
+    return obj
+
+
+# Config keys whose names look secret but are not.
+_NOT_SECRET = {"max_tokens_per_batch"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _type_name(args[0]) + " or null"
+    if origin in (list, List):
+        return "list of " + _type_name(typing.get_args(tp)[0])
+    if origin in (dict, Dict):
+        return "mapping"
+    return {str: "string", int: "integer", float: "number", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (list, List):
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys, got {values!r}")
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; valid keys{' in ' + prefix if prefix else ''} are: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value (e.g. data.batch_size=64)")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    from hvd_infer.tasks import TASKS  # a registry of names only: no heavy imports
+
+    m, d, o = cfg.model, cfg.data, cfg.output
+    if not m.path:
+        raise ConfigError("model.path is required: a model directory saved with save_pretrained, or an MLflow model URI")
+    _choice("model.task", m.task, sorted(TASKS))
+    _choice("model.dtype", m.dtype, ["auto", "float32", "float16", "bfloat16"])
+    _choice("model.quantize", m.quantize, ["none", "int8"])
+    if m.quantize == "int8" and m.dtype not in ("auto", "float32"):
+        raise ConfigError(f"model.quantize=int8 runs float32 activations; set model.dtype=float32 (got {m.dtype})")
+    if m.max_length < 1:
+        raise ConfigError(f"model.max_length must be >= 1, got {m.max_length}")
+    if not d.path:
+        raise ConfigError("data.path is required: a Parquet file, directory or glob")
+    if not d.text_column:
+        raise ConfigError("data.text_column is required: the name of the column holding the text")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+    if d.max_tokens_per_batch < 0:
+        raise ConfigError(f"data.max_tokens_per_batch must be >= 0 (0 = off), got {d.max_tokens_per_batch}")
+    if d.sort_window < 1:
+        raise ConfigError(f"data.sort_window must be >= 1, got {d.sort_window}")
+    _choice("data.on_null", d.on_null, ["error", "skip", "empty"])
+    if len(set(d.id_columns)) != len(d.id_columns):
+        raise ConfigError(f"data.id_columns has duplicates: {d.id_columns}")
+    if not o.path:
+        raise ConfigError("output.path is required: the directory the predictions are written to")
+    _choice("output.mode", o.mode, ["error", "overwrite", "resume"])
+    if o.rows_per_part < 1:
+        raise ConfigError(f"output.rows_per_part must be >= 1, got {o.rows_per_part}")
+    _choice("output.compression", o.compression, ["snappy", "zstd", "gzip", "lz4", "none"])
+    if cfg.runtime.threads < 0:
+        raise ConfigError(f"runtime.threads must be >= 0 (0 = auto), got {cfg.runtime.threads}")
+    if m.task == "zero-shot-classification" and not cfg.zero_shot.candidate_labels:
+        raise ConfigError("zero_shot.candidate_labels is required for model.task=zero-shot-classification, e.g. [sports, politics]")
+    if m.task == "zero-shot-classification" and "{}" not in cfg.zero_shot.hypothesis_template:
+        raise ConfigError(f"zero_shot.hypothesis_template must contain '{{}}' where the label goes; got {cfg.zero_shot.hypothesis_template!r}")
+    g = cfg.generation
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+    if g.temperature <= 0:
+        raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    _choice("token_classification.aggregation", cfg.token_classification.aggregation,
+            ["none", "simple", "first", "average", "max"])
+    return cfg
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path and not path.startswith(("models:/", "runs:/", "dbfs:"))
+
+
+_PATH_KEYS = (("model", "path"), ("data", "path"), ("output", "path"),
+              ("mlflow", "tracking_uri"), ("mlflow", "artifact_location"))
+
+
+def _resolve(value: Any, base: str) -> Any:
+    if not isinstance(value, str) or not value:
+        return value
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.normpath(os.path.join(base, value[len("sqlite:///"):]))
+    if _is_local(value) and value not in ("databricks",):
+        return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+    return value
+
+
+def _resolve_paths(tree: Dict[str, Any], base: str) -> None:
+    """Make local paths absolute: ranks (Spark executors, other hosts) may start elsewhere."""
+    for section, key in _PATH_KEYS:
+        sec = tree.get(section)
+        if isinstance(sec, dict) and key in sec:
+            sec[key] = _resolve(sec[key], base)
+
+
+def load_config(source: Union[str, Dict[str, Any], JobConfig, None] = None,
+                overrides: Optional[List[str]] = None, **kw_overrides: Any) -> JobConfig:
+    """Build a validated JobConfig from a YAML path, a dict or a JobConfig, plus overrides.
+
+    overrides: ["data.batch_size=64", ...]; kw_overrides: {"data.batch_size": 64} or
+    {"data": {"batch_size": 64}}.
+    """
+    if source is None:
+        source = DEFAULT_CONFIG
+    if isinstance(source, JobConfig):
+        tree = source.to_dict()
+    elif isinstance(source, dict):
+        tree = dict(source)
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...)")
+        # Relative paths in a config file are relative to that file, as in docker-compose.
+        tree = _deep_copy(tree)
+        _resolve_paths(tree, os.path.dirname(os.path.abspath(path)))
+    tree = _deep_copy(tree)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for key, value in kw_overrides.items():
+        if isinstance(value, dict) and "." not in key:
+            for sub, v in value.items():
+                _set_dotted(tree, f"{key}.{sub}", v)
+        else:
+            _set_dotted(tree, key, value)
+    _resolve_paths(tree, os.getcwd())
+    cfg = _build(JobConfig, tree, "")
+    _default_tracking(cfg.mlflow)
+    return validate(cfg)
+
+
+def _default_tracking(m: MlflowConfig) -> None:
+    """Decided on the launcher, so every rank (wherever it starts) logs to the same store."""
+    if not m.tracking_uri:
+        m.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    if not m.artifact_location and m.tracking_uri.startswith("sqlite:///"):
+        m.artifact_location = os.path.join(os.path.dirname(m.tracking_uri[len("sqlite:///"):]), "mlartifacts")
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree

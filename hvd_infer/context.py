@@ -1,0 +1,103 @@
+"""The rank context: who am I, on which device, and the few collectives the job needs.
+
+Horovod is behind it when the process was started by a Horovod launcher
+(horovodrun, horovod.spark.run, HorovodRunner); otherwise it is a world of one
+without Horovod at all.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+_LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def under_horovod_launcher() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class RankContext:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: torch.device = torch.device("cpu")
+    threads: int = 1
+    hvd: Any = None  # horovod.torch, or None in a world of one
+
+    @classmethod
+    def create(cls, threads: int = 0) -> "RankContext":
+        hvd = None
+        rank = size = local_rank = local_size = None
+        if under_horovod_launcher():
+            # Ranks finish at different times; Horovod's stall warnings would be noise.
+            os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
+            import horovod.torch as hvd
+
+            hvd.init()
+            rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
+        else:
+            rank, size, local_rank, local_size = 0, 1, 0, 1
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        # Each rank on a host gets its own slice of the cores: no oversubscription.
+        n_threads = threads or max(1, cpu_cores() // local_size)
+        torch.set_num_threads(n_threads)
+        return cls(rank, size, local_rank, local_size, device, n_threads, hvd)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.hvd is not None:
+            self.hvd.barrier()
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """obj from every rank, in rank order."""
+        if self.hvd is None:
+            return [obj]
+        return self.hvd.allgather_object(obj)
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        if self.hvd is None:
+            return obj
+        return self.hvd.broadcast_object(obj, root_rank=root)
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """Every rank raises if any rank failed, so no rank is left waiting in a collective.
+
+        The error raised is the lowest failing rank's, so every rank reports the same line.
+        """
+        errors = self.allgather_object(None if error is None else _portable(error))
+        for e in errors:
+            if e is not None:
+                e.all_ranks = True
+                raise e
+
+    def shutdown(self) -> None:
+        if self.hvd is not None:
+            self.hvd.shutdown()
+
+
+def _portable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(str(error))

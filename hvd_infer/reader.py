@@ -1,0 +1,97 @@
+"""Read a rank's parts through Petastorm, streaming, one row group at a time.
+
+Petastorm's own sharding is round robin over row groups (and raises
+NoDataAvailableError with fewer row groups than shards). Our shard plan is by
+rows, so we give a Petastorm batch reader exactly the row groups this rank
+needs, in order, and slice each into the rows the plan assigns.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from hvd_infer.dataset import DataError, ParquetInput, RowGroup
+from hvd_infer.shard_plan import Part
+
+Columns = Dict[str, np.ndarray]
+
+
+def _petastorm_reader(inp: ParquetInput, wanted: Sequence[RowGroup], columns: Sequence[str]):
+    from petastorm.arrow_reader_worker import ArrowReaderWorker
+    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.reader import Reader
+    from petastorm.workers_pool.dummy_pool import DummyPool
+
+    files = sorted({rg.file for rg in wanted})
+    urls = [inp.url(f) for f in files]
+    filesystem, paths = get_filesystem_and_path_or_paths(urls)
+    keys = [(inp.files[rg.file], rg.index) for rg in wanted]
+
+    class RowGroupReader(Reader):
+        def _filter_row_groups(self, dataset, row_groups, *args):
+            index = {(_strip(piece.path), piece.row_group): i for i, piece in enumerate(row_groups)}
+            return [index[(_strip(p), g)] for p, g in keys], None
+
+    # Only the wanted columns (exact names, as regexes anchored both ends).
+    patterns = ["^" + _regex_escape(c) + "$" for c in columns]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Reader(filesystem, paths, schema_fields=patterns, worker_class=ArrowReaderWorker,
+                      reader_pool=DummyPool(), shuffle_row_groups=False, num_epochs=1,
+                      is_batched_reader=True)
+
+
+def _strip(path: str) -> str:
+    return path.split("://", 1)[-1].rstrip("/")
+
+
+def _regex_escape(name: str) -> str:
+    import re
+    return re.escape(name)
+
+
+def read_parts(inp: ParquetInput, parts: List[Part], columns: Sequence[str]) -> Iterator[Tuple[Part, Columns]]:
+    """Yield (part, {column: array}) for each part, in order; rows in global row order."""
+    wanted: List[RowGroup] = []
+    for part in parts:
+        for piece in part.pieces:
+            if not wanted or wanted[-1] != piece.row_group:
+                wanted.append(piece.row_group)
+    if not wanted:
+        for part in parts:
+            yield part, {c: np.array([], dtype=object) for c in columns}
+        return
+    reader = _petastorm_reader(inp, wanted, columns)
+    try:
+        loaded = iter(wanted)
+        current: Tuple[RowGroup, Columns] = (None, None)
+        for part in parts:
+            slices: List[Columns] = []
+            for piece in part.pieces:
+                while current[0] != piece.row_group:
+                    rg = next(loaded)
+                    current = (rg, _next_batch(reader, inp, rg))
+                data = current[1]
+                slices.append({c: data[c][piece.lo:piece.hi] for c in columns})
+            yield part, {c: np.concatenate([s[c] for s in slices]) if slices else np.array([], dtype=object)
+                         for c in columns}
+    finally:
+        reader.stop()
+        reader.join()
+
+
+def _next_batch(reader, inp: ParquetInput, rg: RowGroup) -> Columns:
+    try:
+        batch = next(reader)
+    except StopIteration:
+        raise DataError(f"{inp.files[rg.file]}: row group {rg.index} could not be read") from None
+    except Exception as e:
+        raise DataError(f"cannot read row group {rg.index} of {inp.files[rg.file]} ({str(e).splitlines()[0]}); "
+                        "the file looks corrupt: replace it and rerun with output.mode=resume") from None
+    data = batch._asdict()
+    n = len(next(iter(data.values())))
+    if n != rg.rows:
+        raise DataError(f"{inp.files[rg.file]} row group {rg.index}: read {n} rows, its footer says {rg.rows}")
+    return data

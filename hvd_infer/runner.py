@@ -1,0 +1,208 @@
+"""One rank's share of a scoring job, top to bottom.
+
+    import hvd_infer
+    hvd_infer.run("conf/job.yaml", **{"data.batch_size": 64})        # this process = one rank
+
+The same callable runs under horovodrun, horovod.spark.run and Databricks'
+HorovodRunner; without a Horovod launcher it is a world of one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+
+from hvd_infer.config import JobConfig, load_config
+
+log = logging.getLogger("hvd_infer")
+
+
+def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides: Any) -> Dict[str, Any]:
+    """Run this rank's share of the job; returns this rank's figures (rows, seconds, ...)."""
+    t_start = time.perf_counter()
+    cfg = config if isinstance(config, JobConfig) and not overrides else load_config(config, **overrides)
+    _quiet_libraries()
+
+    # Heavy imports only once the config is known to be good.
+    from hvd_infer.context import RankContext
+    from hvd_infer.dataset import open_input
+    from hvd_infer.model import resolve_dtype
+    from hvd_infer.shard_plan import plan_parts
+    from hvd_infer.tasks import get_task
+    from hvd_infer.tracking import Tracker
+    from hvd_infer.writer import job_identity, prepare_output
+
+    ctx = RankContext.create(cfg.runtime.threads)
+    try:
+        resolve_dtype(cfg, ctx.device)  # float16 on CPU: refuse before reading anything
+
+        # Input and output are checked once, by rank 0, and the verdict shared: every rank
+        # fails the same way, or none does.
+        inp, done, error = None, None, None
+        if ctx.is_main:
+            try:
+                inp = open_input(cfg.data)
+                done = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
+            except Exception as e:
+                error = e
+        ctx.agree(error)
+        inp, done = ctx.broadcast_object((inp, done))
+        parts = plan_parts(inp.row_groups, ctx.rank, ctx.size, cfg.output.rows_per_part, done)
+
+        task = get_task(cfg.model.task)(cfg)
+        tracker = Tracker(cfg, ctx)
+        tracker.start({"world_size": ctx.size, "input_files": len(inp.files), "input_rows": inp.total_rows,
+                       "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done)})
+        try:
+            return _score(cfg, ctx, inp, parts, task, tracker, t_start)
+        except BaseException as e:
+            tracker.fail(e)
+            raise
+    finally:
+        ctx.shutdown()
+
+
+def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
+    from hvd_infer.batcher import BatchStream
+    from hvd_infer.evaluation import Evaluation
+    from hvd_infer.model import load_model
+    from hvd_infer.reader import read_parts
+    from hvd_infer.summary import RankFigures, report
+    from hvd_infer.writer import finish_output, write_empty_part, write_part
+
+    t = time.perf_counter()
+    error, model = None, None
+    try:
+        model, tokenizer, facts = load_model(cfg, task, ctx.device)
+    except Exception as e:
+        error = e
+    ctx.agree(error)
+    fig = RankFigures(rank=ctx.rank, host=os.uname().nodename, device=str(ctx.device), threads=ctx.threads,
+                      load_seconds=time.perf_counter() - t)
+
+    id_fields = [inp.schema.field(c) for c in cfg.data.id_columns]
+    schema = pa.schema(id_fields + task.output_fields())
+    columns = list(dict.fromkeys([cfg.data.text_column] + ([cfg.data.text_pair_column] if cfg.data.text_pair_column else [])
+                                 + cfg.data.id_columns + ([cfg.data.label_column] if cfg.data.label_column else [])))
+    evaluation = Evaluation(task) if cfg.data.label_column else None
+    written: List[str] = []
+    bar = _progress(cfg, ctx, sum(p.rows for p in parts))
+
+    t_loop = time.perf_counter()
+    stream = BatchStream(read_parts(inp, parts, columns), task, cfg.data, _batch_rows(cfg))
+    outputs: List[Dict[str, Any]] = []
+    rows_in_part: List[np.ndarray] = []
+    try:
+        for item in stream:
+            if isinstance(item, tuple) and item[0] == "part":
+                outputs, rows_in_part = [], []
+                continue
+            if isinstance(item, tuple) and item[0] == "end":
+                work = item[1]
+                tw = time.perf_counter()
+                table = _part_table(work, outputs, rows_in_part, schema, cfg.data.id_columns)
+                if evaluation is not None:
+                    evaluation.add(work.columns[cfg.data.label_column], table)
+                rec = write_part(cfg, ctx.rank, work.part, table, work.truncated, work.skipped)
+                written.append(os.path.join(cfg.output.path, rec.name))
+                fig.write_seconds += time.perf_counter() - tw
+                fig.rows += rec.rows
+                fig.parts += 1
+                fig.truncated += work.truncated
+                fig.skipped += len(work.skipped)
+                continue
+            batch = item
+            tf = time.perf_counter()
+            outputs.append(task.predict(model, batch.tensors))
+            fig.forward_seconds += time.perf_counter() - tf
+            rows_in_part.append(batch.rows)
+            fig.real_tokens += batch.real_tokens
+            fig.padded_tokens += batch.padded_tokens
+            fig.batches += 1
+            if bar is not None:
+                bar.update(len(batch.rows))
+    finally:
+        stream.close()
+        if bar is not None:
+            bar.close()
+    fig.seconds = time.perf_counter() - t_loop
+    fig.read_seconds, fig.tokenize_seconds, fig.wait_seconds = stream.times.read, stream.times.tokenize, stream.times.wait
+    fig.total_seconds = time.perf_counter() - t_start
+
+    tracker.log_rank_files(written)
+    figures = ctx.allgather_object(fig)  # also the barrier: every rank has finished writing
+    confusion = ctx.allgather_object(evaluation.counts if evaluation else None)
+    if ctx.is_main:
+        if inp.total_rows == 0:
+            write_empty_part(cfg, schema)
+        metrics, text, summary = report(cfg, ctx, figures, facts)
+        eval_metrics, eval_text, eval_figs = (Evaluation.report(confusion) if evaluation else ({}, "", {}))
+        metrics.update(eval_metrics)
+        summary.update(eval_metrics)
+        manifest = finish_output(cfg, summary)
+        tracker.finish(metrics, {"resolved." + k: v for k, v in facts.items()}, [manifest], eval_figs)
+        print(text + eval_text, flush=True)
+        print(f"predictions: {cfg.output.path}\nmanifest:    {manifest}", flush=True)
+        if tracker.enabled:
+            print(f"MLflow:      {tracker.run_url()}", flush=True)
+            if cfg.mlflow.tracking_uri.startswith("sqlite"):
+                print(f"             view it: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1",
+                      flush=True)
+    ctx.barrier()  # _SUCCESS exists before any rank returns
+    return fig.as_dict()
+
+
+def _batch_rows(cfg: JobConfig) -> int:
+    # With a token budget, batch_size is only an upper bound on rows.
+    return cfg.data.batch_size if cfg.data.max_tokens_per_batch <= 0 else max(cfg.data.batch_size, 1 << 16)
+
+
+def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
+    """Predictions back in input order, ids first, typed as the output schema says."""
+    arrays = {}
+    if outputs:
+        order = np.argsort(np.concatenate(rows_in_part), kind="stable")
+        for name in outputs[0]:
+            arrays[name] = pa.concat_arrays([_as_arrow(o[name]) for o in outputs]).take(pa.array(order))
+    cols = []
+    for f in schema:
+        if f.name in id_columns:
+            cols.append(pa.array(work.columns[f.name], type=f.type, from_pandas=True))
+        elif arrays:
+            cols.append(arrays[f.name].cast(f.type))
+        else:
+            cols.append(pa.array([], type=f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _as_arrow(values) -> pa.Array:
+    return values if isinstance(values, pa.Array) else pa.array(values)
+
+
+def _progress(cfg: JobConfig, ctx, rows: int):
+    if not (ctx.is_main and cfg.runtime.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", dynamic_ncols=True, mininterval=1.0)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("DeepSpeed", "deepspeed", "petastorm", "py4j", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

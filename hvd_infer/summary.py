@@ -1,0 +1,81 @@
+"""Figures each rank keeps, and the job summary rank 0 prints and logs."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Tuple
+
+
+@dataclass
+class RankFigures:
+    rank: int = 0
+    host: str = ""
+    device: str = ""
+    threads: int = 0
+    rows: int = 0
+    parts: int = 0
+    batches: int = 0
+    seconds: float = 0.0  # the scoring loop: read, tokenize, forward, write
+    total_seconds: float = 0.0  # this rank's whole run, start-up and model load included
+    load_seconds: float = 0.0
+    read_seconds: float = 0.0
+    tokenize_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    write_seconds: float = 0.0
+    wait_seconds: float = 0.0  # the model thread waiting on data
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    truncated: int = 0
+    skipped: int = 0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["rows_per_second"] = self.rows_per_second
+        return d
+
+
+def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple[Dict[str, float], str, Dict[str, Any]]:
+    """(MLflow metrics, printed summary, manifest summary) for the whole job."""
+    rows = sum(f.rows for f in figures)
+    seconds = max(f.seconds for f in figures)  # ranks run side by side
+    wall = max(f.total_seconds for f in figures)
+    forward = sum(f.forward_seconds for f in figures)
+    real, padded = sum(f.real_tokens for f in figures), sum(f.padded_tokens for f in figures)
+    m: Dict[str, float] = {
+        "rows": rows, "seconds": seconds, "rows_per_second": rows / seconds if seconds else 0.0,
+        "wall_seconds": wall, "end_to_end_rows_per_second": rows / wall if wall else 0.0,
+        "load_seconds": max(f.load_seconds for f in figures),
+        "padding_efficiency": real / padded if padded else 1.0,
+        "truncated_texts": sum(f.truncated for f in figures),
+        "skipped_texts": sum(f.skipped for f in figures),
+        "world_size": ctx.size,
+    }
+    for stage in ("read", "tokenize", "forward", "write", "wait"):
+        m[f"{stage}_seconds"] = sum(getattr(f, f"{stage}_seconds") for f in figures)
+    m["data_wait_fraction"] = m["wait_seconds"] / forward if forward else 0.0
+    for f in figures:
+        m[f"rank_{f.rank}_rows"] = f.rows
+        m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
+    lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
+             f"{', int8' if facts['quantize'] == 'int8' else ''}{', DeepSpeed' if facts['deepspeed'] else ''}"
+             f"{' + kernel injection' if facts['kernel_inject'] else ''})",
+             f"{'rank':>5} {'host':<14} {'device':<8} {'threads':>7} {'rows':>9} {'seconds':>8} {'rows/s':>9}"]
+    for f in figures:
+        lines.append(f"{f.rank:>5} {f.host[:14]:<14} {f.device:<8} {f.threads:>7} {f.rows:>9} {f.seconds:>8.2f} "
+                     f"{f.rows_per_second:>9.1f}")
+    lines.append(f"{'all':>5} {'':<14} {'':<8} {'':>7} {rows:>9} {seconds:>8.2f} {m['rows_per_second']:>9.1f}"
+                 f"   (end to end {wall:.1f} s, {m['end_to_end_rows_per_second']:.1f} rows/s; model load {m['load_seconds']:.1f} s)")
+    lines.append(f"stages, summed over ranks: read {m['read_seconds']:.2f} s, tokenize {m['tokenize_seconds']:.2f} s, "
+                 f"forward {forward:.2f} s, write {m['write_seconds']:.2f} s; model waited on data "
+                 f"{100 * m['data_wait_fraction']:.1f}% of forward time")
+    lines.append(f"padding efficiency {m['padding_efficiency']:.3f} (real tokens / padded tokens)")
+    if m["truncated_texts"]:
+        lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
+    if m["skipped_texts"]:
+        lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
+    summary = {k: v for k, v in m.items() if not k.startswith("rank_")}
+    summary["ranks"] = [f.as_dict() for f in figures]
+    return m, "\n".join(lines), summary

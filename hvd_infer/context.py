@@ -36,6 +36,13 @@ class RankContext:
     device: torch.device = torch.device("cpu")
     threads: int = 1
     hvd: Any = None  # horovod.torch, or None in a world of one
+    _calls: int = 0
+
+    def _name(self, op: str) -> str:
+        # Horovod matches collectives across ranks by name; its default name is the
+        # object's type, which differs when ranks pass different things (None vs a value).
+        self._calls += 1
+        return f"hvd_infer.{op}.{self._calls}"
 
     @classmethod
     def create(cls, threads: int = 0) -> "RankContext":
@@ -72,12 +79,12 @@ class RankContext:
         """obj from every rank, in rank order."""
         if self.hvd is None:
             return [obj]
-        return self.hvd.allgather_object(obj)
+        return self.hvd.allgather_object(obj, name=self._name("allgather"))
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         if self.hvd is None:
             return obj
-        return self.hvd.broadcast_object(obj, root_rank=root)
+        return self.hvd.broadcast_object(obj, root_rank=root, name=self._name("broadcast"))
 
     def agree(self, error: Optional[BaseException]) -> None:
         """Every rank raises if any rank failed, so no rank is left waiting in a collective.

@@ -38,9 +38,9 @@ def _petastorm_reader(inp: ParquetInput, wanted: Sequence[RowGroup], columns: Se
     patterns = ["^" + _regex_escape(c) + "$" for c in columns]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Reader(filesystem, paths, schema_fields=patterns, worker_class=ArrowReaderWorker,
-                      reader_pool=DummyPool(), shuffle_row_groups=False, num_epochs=1,
-                      is_batched_reader=True)
+        return RowGroupReader(filesystem, paths, schema_fields=patterns, worker_class=ArrowReaderWorker,
+                              reader_pool=DummyPool(), shuffle_row_groups=False, num_epochs=1,
+                              is_batched_reader=True)
 
 
 def _strip(path: str) -> str:

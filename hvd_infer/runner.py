@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -198,6 +199,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Petastorm 0.13 on pyarrow 14 warns about its own legacy calls at every read.
+    for module in ("petastorm", "pyarrow"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     for name in ("DeepSpeed", "deepspeed", "petastorm", "py4j", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -1,0 +1,59 @@
+"""Each task's post-processing against a plain transformers reference, in process."""
+import numpy as np
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+import builders
+from hvd_infer.config import load_config
+from hvd_infer.model import load_model
+from hvd_infer.tasks import get_task
+
+TEXTS = ["A short one.", "The market fell sharply today as investors worried about rates.", "Goal!"]
+
+
+def job(model_path, task):
+    return load_config({"model": {"path": model_path, "task": task}, "data": {"path": "/d"},
+                        "output": {"path": "/o"}})
+
+
+def run_task(cfg):
+    task = get_task(cfg.model.task)(cfg)
+    model, tok, facts = load_model(cfg, task, torch.device("cpu"))
+    enc = task.encode(TEXTS)
+    return task.predict(model, task.collate(enc.features)), facts
+
+
+def test_classification_matches_plain_forward(tiny_classifier):
+    out, facts = run_task(job(tiny_classifier, "text-classification"))
+    assert facts["deepspeed"] is True
+    tok = AutoTokenizer.from_pretrained(tiny_classifier)
+    ref = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    with torch.no_grad():
+        probs = torch.softmax(ref(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1).numpy()
+    np.testing.assert_allclose(np.array(out["probs"].to_pylist()), probs, atol=1e-5)
+    assert out["label"].to_pylist() == [ref.config.id2label[i] for i in probs.argmax(1)]
+    np.testing.assert_allclose(out["score"].to_numpy(), probs.max(1), atol=1e-6)
+
+
+def test_embedding_matches_sentence_transformers_math():
+    path = builders.minilm_dir()
+    out, _ = run_task(job(path, "embedding"))
+    tok = AutoTokenizer.from_pretrained(path)
+    ref = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        b = tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        h = ref(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).float()
+        e = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1).numpy()
+    got = np.array(out["embedding"].to_pylist())
+    np.testing.assert_allclose(got, e, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_truncation_is_counted(tiny_classifier):
+    cfg = job(tiny_classifier, "text-classification")
+    cfg.model.max_length = 8
+    task = get_task(cfg.model.task)(cfg)
+    load_model(cfg, task, torch.device("cpu"))
+    enc = task.encode(TEXTS)
+    assert enc.truncated == 1 and max(enc.lengths) == 8

@@ -541,6 +541,8 @@ def train_model(model_dir: str, train, test, args) -> float:
     _rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    for name in os.listdir(tmp):  # safetensors writes 0600; let other users (Spark, containers) read it
+        os.chmod(os.path.join(tmp, name), 0o644)
     _replace_dir(tmp, model_dir)
     log(f"model -> {model_dir}")
     return acc
@@ -574,6 +576,8 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
+    for stale in (data_dir + ".tmp", data_dir + ".old", model_dir + ".tmp", model_dir + ".old"):
+        _rmtree(stale)  # left by an interrupted run
     random.seed(args.seed)
     train, test = make_splits(args.train_rows, args.test_rows, args.seed)
     log(f"corpus: {len(train)} train / {len(test)} test rows, labels {LABELS} ({time.time() - t0:.1f}s)")

@@ -67,6 +67,18 @@ def check_model_dir(path: str, allow_pickle: bool) -> None:
                              "with torch's weights_only protection")
 
 
+def preflight_model(cfg: JobConfig, task) -> None:
+    """Check a local model directory against the task without loading weights (cheap, before any output)."""
+    m = cfg.model
+    if m.path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        return  # checked once downloaded, in load_model
+    from transformers import AutoConfig
+
+    check_model_dir(m.path, m.allow_pickle)
+    task.check_model_config(AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code,
+                                                       local_files_only=True), m.path)
+
+
 def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
     """Returns (model to call, tokenizer, facts for MLflow)."""
     import transformers

@@ -31,7 +31,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     # Heavy imports only once the config is known to be good.
     from hvd_infer.context import RankContext
     from hvd_infer.dataset import open_input
-    from hvd_infer.model import resolve_dtype
+    from hvd_infer.model import preflight_model, resolve_dtype
     from hvd_infer.shard_plan import plan_parts
     from hvd_infer.tasks import get_task
     from hvd_infer.tracking import Tracker
@@ -43,10 +43,12 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
         # Input and output are checked once, by rank 0, and the verdict shared: every rank
         # fails the same way, or none does.
+        task = get_task(cfg.model.task)(cfg)
         inp, done, error = None, None, None
         if ctx.is_main:
             try:
                 inp = open_input(cfg.data)
+                preflight_model(cfg, task)
                 done = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
             except Exception as e:
                 error = e
@@ -54,7 +56,6 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         inp, done = ctx.broadcast_object((inp, done))
         parts = plan_parts(inp.row_groups, ctx.rank, ctx.size, cfg.output.rows_per_part, done)
 
-        task = get_task(cfg.model.task)(cfg)
         tracker = Tracker(cfg, ctx)
         tracker.start({"world_size": ctx.size, "input_files": len(inp.files), "input_rows": inp.total_rows,
                        "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done)})
@@ -197,6 +198,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Petastorm 0.13 on pyarrow 14 warns about its own legacy calls at every read.

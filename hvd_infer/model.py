@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -40,12 +40,12 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_model_path(path: str) -> str:
-    """A local model directory for path: MLflow URIs are downloaded (once per host) first."""
+def resolve_model_path(path: str, tracking_uri: Optional[str] = None) -> str:
+    """A local model directory for path: MLflow URIs are downloaded (once per host) from tracking_uri's store."""
     if path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         from hvd_infer.tracking import download_model
 
-        return download_model(path)
+        return download_model(path, tracking_uri)
     return path
 
 
@@ -85,7 +85,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     from transformers import AutoConfig, AutoTokenizer
 
     m = cfg.model
-    path = resolve_model_path(m.path)
+    path = resolve_model_path(m.path, cfg.mlflow.tracking_uri)
     check_model_dir(path, m.allow_pickle)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, local_files_only=True)
     task.check_model_config(hf_config, m.path)

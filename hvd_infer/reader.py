@@ -40,7 +40,38 @@ def _petastorm_reader(inp: ParquetInput, wanted: Sequence[RowGroup], columns: Se
         warnings.simplefilter("ignore")
         return RowGroupReader(filesystem, paths, schema_fields=patterns, worker_class=ArrowReaderWorker,
                               reader_pool=DummyPool(), shuffle_row_groups=False, num_epochs=1,
-                              is_batched_reader=True)
+                              is_batched_reader=True, transform_spec=_strings_as_bytes(inp, columns))
+
+
+def _strings_as_bytes(inp: ParquetInput, columns: Sequence[str]):
+    """Petastorm turns string columns into fixed-width numpy unicode: nulls become 'None' and
+    one long text widens every row. As UTF-8 bytes they stay object arrays, nulls kept."""
+    from petastorm import TransformSpec
+
+    strings = [c for c in columns if _is_text(inp.schema.field(c).type)]
+    if not strings:
+        return None
+
+    def encode(df):
+        for c in strings:
+            df[c] = [None if s is None else s.encode("utf-8") for s in df[c]]
+        return df
+
+    return TransformSpec(encode, edit_fields=[(c, np.bytes_, (), True) for c in strings])
+
+
+def _is_text(t) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+    return out
 
 
 def _strip(path: str) -> str:
@@ -90,7 +121,7 @@ def _next_batch(reader, inp: ParquetInput, rg: RowGroup) -> Columns:
     except Exception as e:
         raise DataError(f"cannot read row group {rg.index} of {inp.files[rg.file]} ({str(e).splitlines()[0]}); "
                         "the file looks corrupt: replace it and rerun with output.mode=resume") from None
-    data = batch._asdict()
+    data = {c: _decode(v) if _is_text(inp.schema.field(c).type) else v for c, v in batch._asdict().items()}
     n = len(next(iter(data.values())))
     if n != rg.rows:
         raise DataError(f"{inp.files[rg.file]} row group {rg.index}: read {n} rows, its footer says {rg.rows}")

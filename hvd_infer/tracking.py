@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from hvd_infer.config import JobConfig, mask_secrets
+from hvd_infer.tasks.base import ModelError
 
 log = logging.getLogger("hvd_infer")
 
@@ -46,7 +47,9 @@ class Tracker:
         run_id, error = None, None
         if self.ctx.is_main:
             try:
-                run_id = self._create_run(extra_params)
+                run_id = self._create_run({**extra_params, **self._model_source()})
+            except ModelError as e:
+                error = e
             except Exception as e:
                 error = RuntimeError(f"MLflow: cannot start a run at mlflow.tracking_uri={self.cfg.mlflow.tracking_uri} "
                                      f"({str(e).splitlines()[0]}); fix the URI or set mlflow.enabled=false")
@@ -65,12 +68,25 @@ class Tracker:
         self.client = MlflowClient(self.cfg.mlflow.tracking_uri)
         return mlflow
 
+    def _model_source(self) -> Dict[str, str]:
+        """For a model.path that is an MLflow URI: the registered name, version and run it resolves to."""
+        uri = self.cfg.model.path
+        if not is_model_uri(uri):
+            return {}
+        try:
+            return model_source_params(uri, self.cfg.mlflow.tracking_uri)
+        except Exception as e:
+            raise ModelError(f"model.path {uri} cannot be resolved at mlflow.tracking_uri={self.cfg.mlflow.tracking_uri} "
+                             f"({str(e).splitlines()[0]}); check the name, version or alias") from None
+
     def _create_run(self, extra_params: Dict[str, Any]) -> str:
         mlflow = self._connect()
         m = self.cfg.mlflow
         exp = self.client.get_experiment_by_name(m.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(m.experiment, artifact_location=m.artifact_location)
         tags = {"hvd_infer.task": self.cfg.model.task, **m.tags}
+        if "model_source.uri" in extra_params:
+            tags["hvd_infer.model"] = extra_params["model_source.uri"]
         run = self.client.create_run(exp_id, run_name=m.run_name, tags=tags)
         params = _flatten(mask_secrets(self.cfg.to_dict()))
         params.update(extra_params)
@@ -78,6 +94,11 @@ class Tracker:
 
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         self.client.log_text(run.info.run_id, _masked_yaml(self.cfg), "config.yaml")
+        if extra_params.get("model_source.model_id"):
+            from mlflow.entities import LoggedModelInput
+
+            # The run's page lists the model as its input (MLflow 3 logged models).
+            self.client.log_inputs(run.info.run_id, models=[LoggedModelInput(extra_params["model_source.model_id"])])
         return run.info.run_id
 
     def log_rank_files(self, paths: List[str]) -> None:
@@ -126,12 +147,97 @@ def _masked_yaml(cfg: JobConfig) -> str:
     return yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False)
 
 
-def download_model(uri: str) -> str:
-    """Fetch an MLflow model's Hugging Face directory (a transformers flavor model) to a local dir."""
+MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def is_model_uri(path: str) -> bool:
+    return path.startswith(MODEL_URI_SCHEMES)
+
+
+def describe_model(uri: str, tracking_uri: Optional[str] = None) -> Dict[str, str]:
+    """Which model an MLflow URI names right now: {uri (pinned), registered_name, version, run_id, model_id}.
+
+    models:/name@alias and models:/name/latest are pinned to today's version, so the
+    download and the scoring run's params name the same model even if the alias moves.
+    The registry is the one that goes with tracking_uri (Unity Catalog for "databricks")
+    unless MLFLOW_REGISTRY_URI says otherwise.
+    """
+    _quiet()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    src = {"uri": uri, "registered_name": "", "version": "", "run_id": "", "model_id": ""}
+    if uri.startswith("runs:/"):
+        from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+        src["run_id"] = RunsArtifactRepository.parse_runs_uri(uri)[0]
+    elif uri.startswith("models:/"):
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        named = get_model_name_and_version(client, uri)
+        if len(named) == 1:  # models:/m-<id>, a logged model (MLflow 3)
+            src["model_id"] = named[0]
+            src["run_id"] = client.get_logged_model(named[0]).source_run_id or ""
+        else:
+            mv = client.get_model_version(*named)
+            src.update(uri=f"models:/{mv.name}/{mv.version}", registered_name=mv.name, version=str(mv.version),
+                       run_id=mv.run_id or "",
+                       model_id=mv.model_id or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else ""))
+    return src
+
+
+def model_source_params(uri: str, tracking_uri: Optional[str]) -> Dict[str, str]:
+    """The scoring run's record of the model it used: params model_source.* (empty values left out)."""
+    return {f"model_source.{k}": v for k, v in describe_model(uri, tracking_uri).items() if v}
+
+
+def download_model(uri: str, tracking_uri: Optional[str] = None) -> str:
+    """A local Hugging Face directory for an MLflow model URI, downloaded once per host.
+
+    For a model logged with mlflow.transformers.log_model the weights and config are under
+    model/ and the tokenizer under components/tokenizer/: they are put into one directory.
+    The copy is cached under $TMPDIR/hvd_infer-models by the pinned URI; a file lock makes
+    the other ranks on the host wait for the first one's download and reuse it.
+    """
+    import fcntl
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
     import mlflow
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    for candidate in (os.path.join(local, "model"), local, os.path.join(local, "components", "model")):
-        if os.path.exists(os.path.join(candidate, "config.json")):
-            return candidate
-    return local
+    src = describe_model(uri, tracking_uri)
+    root = os.path.join(tempfile.gettempdir(), "hvd_infer-models")
+    os.makedirs(root, exist_ok=True)
+    key = hashlib.sha256(json.dumps([tracking_uri, src], sort_keys=True).encode()).hexdigest()[:16]
+    final = os.path.join(root, key)
+    with open(final + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(final):
+            tmp = tempfile.mkdtemp(prefix=key + ".", dir=root)
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=src["uri"], dst_path=tmp,
+                                                            tracking_uri=tracking_uri)
+                os.rename(_assemble_hf_dir(local, uri), final)  # atomic: a dir under final is complete
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _assemble_hf_dir(local: str, uri: str) -> str:
+    """The downloaded directory with config.json, with the flavor's components (tokenizer, ...) moved in."""
+    import shutil
+
+    found = sorted((root.count(os.sep), root) for root, _, files in os.walk(local) if "config.json" in files)
+    if not found:
+        raise ModelError(f"model.path {uri} holds no Hugging Face model (no config.json in "
+                         f"{', '.join(sorted(os.listdir(local)))}); log it with mlflow.transformers.log_model "
+                         "(save_pretrained=True, the default) or log a save_pretrained directory")
+    hf = found[0][1]
+    components = os.path.join(local, "components")
+    for comp in sorted(os.listdir(components)) if os.path.isdir(components) else []:
+        for name in os.listdir(os.path.join(components, comp)):
+            if not os.path.exists(os.path.join(hf, name)):
+                shutil.move(os.path.join(components, comp, name), os.path.join(hf, name))
+    return hf

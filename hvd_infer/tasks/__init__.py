@@ -8,6 +8,9 @@ import importlib
 TASKS = {
     "text-classification": "hvd_infer.tasks.text_classification:TextClassification",
     "embedding": "hvd_infer.tasks.embedding:Embedding",
+    "zero-shot-classification": "hvd_infer.tasks.zero_shot:ZeroShotClassification",
+    "text-generation": "hvd_infer.tasks.generation:TextGeneration",
+    "token-classification": "hvd_infer.tasks.token_classification:TokenClassification",
 }
 
 

@@ -17,7 +17,7 @@ class ModelError(ValueError):
 
 @dataclass
 class Encoded:
-    """Token ids of a chunk of rows; `features[i]` belongs to row i."""
+    """Token ids of a chunk of rows; `features[i]` belongs to row i, in whatever form the task's collate takes."""
     features: List[Any]
     lengths: np.ndarray  # tokens per row, the cost used for length sorting and token budgets
     truncated: int = 0  # rows whose text was cut at model.max_length
@@ -41,6 +41,8 @@ class Task:
         """Called once after loading: keep what post-processing needs (labels, pad id)."""
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # BERT-style models tell the two texts of a pair apart by token type; RoBERTa-style ones do not.
+        self.token_types = "token_type_ids" in tokenizer.model_input_names
 
     # -- output ------------------------------------------------------------
     def output_fields(self) -> List[pa.Field]:
@@ -48,30 +50,56 @@ class Task:
 
     # -- data --------------------------------------------------------------
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> Encoded:
+        """A row's feature is its token ids, or {input_ids, token_type_ids} for a pair on a model that uses types."""
+        types = pairs is not None and self.token_types
         enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None,
                              truncation=True, max_length=self.max_length,
-                             return_attention_mask=False, return_token_type_ids=False)
+                             return_attention_mask=False, return_token_type_ids=types)
         ids = enc["input_ids"]
-        truncated = sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
-        return Encoded(ids, np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)), truncated)
+        features = ([{"input_ids": i, "token_type_ids": t} for i, t in zip(ids, enc["token_type_ids"])]
+                    if types else ids)
+        return Encoded(features, token_counts(ids), count_truncated(enc))
 
-    def collate(self, features: List[Any]) -> Dict[str, torch.Tensor]:
-        return pad_right(features, self.pad_id)
+    def collate(self, features: List[Any]) -> Dict[str, Any]:
+        """Tensors for the model, with "input_ids" (the batcher counts padding from it).
+
+        A task may add entries that are not tensors (offsets, texts) for its own predict to take
+        out before calling the model.
+        """
+        return pad(features, self.pad_id)
 
     # -- model run ---------------------------------------------------------
-    def predict(self, model, batch: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    def predict(self, model, batch: Dict[str, Any]) -> Dict[str, Any]:
         """Forward one batch; return {column: values for each row}. Runs under inference_mode."""
         raise NotImplementedError
 
 
-def pad_right(features: List[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
-    width = max(len(f) for f in features)
-    ids = np.full((len(features), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(features), width), dtype=np.int64)
-    for i, f in enumerate(features):
-        ids[i, :len(f)] = f
-        mask[i, :len(f)] = 1
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+def token_counts(ids: List[List[int]]) -> np.ndarray:
+    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def count_truncated(enc) -> int:
+    """Sequences a fast tokenizer cut at max_length."""
+    return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
+
+
+def pad(features: List[Any], pad_id: int, side: str = "right") -> Dict[str, torch.Tensor]:
+    """Pad token id lists (or dicts of equal-length lists, input_ids among them) to one width, with a mask.
+
+    input_ids are padded with pad_id and other keys (token_type_ids) with 0; side="left" for decoders
+    that generate from the last position.
+    """
+    rows = [f if isinstance(f, dict) else {"input_ids": f} for f in features]
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {k: np.full((len(rows), width), pad_id if k == "input_ids" else 0, dtype=np.int64) for k in rows[0]}
+    out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        cols = slice(0, n) if side == "right" else slice(width - n, width)
+        for k, v in r.items():
+            out[k][i, cols] = v
+        out["attention_mask"][i, cols] = 1
+    return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 def float_list_array(matrix: np.ndarray) -> pa.Array:

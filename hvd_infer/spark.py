@@ -1,0 +1,142 @@
+"""The same job on Spark: as Horovod ranks in Spark tasks, or as a column of a DataFrame.
+
+    from hvd_infer.spark import run_on_spark, predict_udf
+
+    # One Horovod rank per Spark task; writes output.path exactly as horovodrun does.
+    summaries = run_on_spark("conf/job.yaml", num_proc=4, **{"output.mode": "overwrite"})
+
+    # Predictions as a struct column (task.output_fields(): label, score, probs, ...).
+    scored = spark.read.parquet("/data/x").withColumn("pred", predict_udf("conf/job.yaml")("text"))
+
+On Databricks ML runtimes (<= 15.4 LTS) `HorovodRunner(np=4).run(hvd_infer.run, config=...)`
+is the same call as run_on_spark; see scripts/databricks_job.py.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+
+import hvd_infer
+from hvd_infer.config import ConfigError, load_config
+
+
+def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None, **overrides: Any) -> List[Dict[str, Any]]:
+    """Run the job as num_proc Horovod ranks inside Spark tasks; returns each rank's figures, in rank order.
+
+    The config is resolved here, on the driver: relative paths and the MLflow URI become
+    absolute, so every executor reads, writes and logs to the same places. They must be
+    places every executor can reach (shared storage, a tracking server). num_proc defaults
+    to the session's default parallelism.
+    """
+    import horovod.spark
+    from pyspark.sql import SparkSession
+
+    cfg = load_config(config, **overrides)
+    spark = spark or SparkSession.builder.getOrCreate()  # horovod.spark.run uses the active SparkContext
+    n = num_proc or spark.sparkContext.defaultParallelism
+    return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n)
+
+
+def predict_udf(config: Any = None, **overrides: Any):
+    """A `predict_batch_udf` giving the task's prediction columns as one struct column.
+
+        udf = predict_udf("conf/job.yaml")
+        df.withColumn("pred", udf("text")).select("id", "pred.*")      # label, score, probs
+        df.withColumn("pred", udf("premise", "hypothesis"))               # with data.text_pair_column
+
+    Each Python worker loads the model once (hvd_infer.model.load_model: DeepSpeed-wrapped, as
+    in the Horovod path); rows are tokenized by the task, sorted by length within each chunk of
+    data.sort_window rows, and run in batches of data.batch_size. Null or empty text follows
+    data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
+    """
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql.pandas.types import from_arrow_type
+    from pyspark.sql.types import StructField, StructType
+
+    from hvd_infer.tasks import get_task
+
+    cfg = load_config(config, **overrides)
+    if cfg.data.on_null == "skip":
+        raise ConfigError("data.on_null=skip cannot drop rows inside a UDF; filter them first "
+                          "(df.where(\"length(trim(text)) > 0\")) or use data.on_null=error or empty")
+    fields = get_task(cfg.model.task)(cfg).output_fields()
+    try:
+        return_type = StructType([StructField(f.name, from_arrow_type(f.type), True) for f in fields])
+    except TypeError as e:
+        raise ConfigError(f"model.task={cfg.model.task} has output columns Spark cannot take from a "
+                          f"predict_batch_udf ({e}); use run_on_spark") from None
+    cfg_dict = cfg.to_dict()
+
+    def make_predict_fn():
+        return _Predictor(load_config(cfg_dict)).predict_fn()
+
+    return predict_batch_udf(make_predict_fn, return_type=return_type, batch_size=cfg.data.sort_window)
+
+
+class _Predictor:
+    """What each Python worker keeps: the task and the loaded model."""
+
+    def __init__(self, cfg):
+        import torch
+
+        from hvd_infer.model import load_model
+        from hvd_infer.runner import _quiet_libraries
+        from hvd_infer.tasks import get_task
+
+        _quiet_libraries()
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.cfg = cfg
+        self.task = get_task(cfg.model.task)(cfg)
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.model, _, _ = load_model(cfg, self.task, device)
+
+    def predict_fn(self):
+        if self.cfg.data.text_pair_column:
+            return lambda texts, pairs: self.predict(texts, pairs)
+        return lambda texts: self.predict(texts, None)
+
+    def predict(self, texts: np.ndarray, pairs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+        from hvd_infer.batcher import length_sorted_batches
+
+        d = self.cfg.data
+        enc = self.task.encode(self._text(texts, d.text_column),
+                               self._text(pairs, d.text_pair_column) if pairs is not None else None)
+        outputs, order = [], []
+        for rows in length_sorted_batches(enc.lengths, d.batch_size, d.max_tokens_per_batch, d.sort_window):
+            outputs.append(self.task.predict(self.model, self.task.collate([enc.features[i] for i in rows])))
+            order.append(rows)
+        back = pa.array(np.argsort(np.concatenate(order), kind="stable"))
+        return {name: _numpy_column(pa.concat_arrays([_as_arrow(o[name]) for o in outputs]).take(back))
+                for name in outputs[0]}
+
+    def _text(self, values: np.ndarray, column: str) -> np.ndarray:
+        from hvd_infer.batcher import _null_mask
+
+        bad = _null_mask(values)
+        if bad.any():
+            if self.cfg.data.on_null == "error":
+                from hvd_infer.dataset import DataError
+
+                raise DataError(f"data.text_column '{column}' is null or empty in {int(bad.sum())} rows; clean the "
+                                "data, filter them out, or set data.on_null=empty (score them as empty text)")
+            values = values.copy()
+            values[bad] = ""
+        return values
+
+
+def _as_arrow(values) -> pa.Array:
+    return values if isinstance(values, pa.Array) else pa.array(values)
+
+
+def _numpy_column(arr: pa.Array) -> np.ndarray:
+    """An Arrow column as predict_batch_udf wants it: 1-D for scalars, 2-D (rows, k) for lists."""
+    if not pa.types.is_list(arr.type):
+        return arr.to_numpy(zero_copy_only=False)
+    width = len(arr[0]) if len(arr) else 0
+    values = arr.flatten().to_numpy(zero_copy_only=False)
+    if len(values) != width * len(arr):
+        raise ValueError("predict_udf needs list outputs of one length per batch; use run_on_spark for this task")
+    return values.reshape(len(arr), width)

@@ -1,0 +1,92 @@
+"""text-generation: a causal LM continues each row's text; `generated_text` is the continuation only.
+
+Options (generation:): max_new_tokens, do_sample (false = greedy), temperature, top_p, seed.
+Other decoding settings come from the model's own generation_config.json, as with model.generate.
+
+Prompts are left-padded in a batch (a decoder generates from the last position) and, when too
+long, cut from the LEFT to model.max_length (and to the model's context less max_new_tokens), so
+the end of the prompt, which the continuation follows, is kept. Such rows are counted as truncated.
+
+Greedy output equals model.generate on each prompt alone. Sampling is reproducible: each batch
+seeds its own random stream from generation.seed and the batch's token ids, so the same config
+and the same batch composition (data, batch_size / max_tokens_per_batch, sort_window) give the
+same text on any rank and on any rerun. A row's sample can change when it lands in another batch
+(other rows_per_part, world size with a different shard plan, or batch size), because the rows
+of a batch draw from one stream.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import torch
+
+from hvd_infer.config import ConfigError
+from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, pad, token_counts
+
+
+class TextGeneration(Task):
+    name = "text-generation"
+    auto_model = "AutoModelForCausalLM"
+    padding_side = "left"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.data.text_pair_column:
+            raise ConfigError("data.text_pair_column cannot be used with model.task=text-generation: "
+                              "the prompt is data.text_column alone")
+        self.options = cfg.generation
+
+    def check_model_config(self, hf_config, path):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(hf_config, "is_encoder_decoder", False):
+            raise ModelError(f"model.path {path} is a '{hf_config.model_type}' model, which is not a causal "
+                             "(decoder-only) language model; model.task=text-generation needs one that "
+                             "AutoModelForCausalLM loads (GPT-2, Llama, Mistral, Qwen, ...)")
+
+    def setup(self, model, tokenizer):
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ModelError("the tokenizer has neither a pad nor an eos token; model.task=text-generation "
+                                 "needs one of them to pad a batch of prompts")
+            tokenizer.pad_token = tokenizer.eos_token
+        super().setup(model, tokenizer)
+        tokenizer.truncation_side = "left"
+        context = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(self.max_length, context - self.options.max_new_tokens) if context else self.max_length
+        if self.max_length < 1:
+            raise ConfigError(f"generation.max_new_tokens={self.options.max_new_tokens} leaves no room for a prompt "
+                              f"in the model's context of {context} tokens")
+
+    def output_fields(self):
+        return [pa.field("generated_text", pa.string())]
+
+    def encode(self, texts, pairs=None):
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                             return_attention_mask=False, return_token_type_ids=False)
+        ids = enc["input_ids"]
+        return Encoded(ids, token_counts(ids), count_truncated(enc))
+
+    def collate(self, features):
+        return pad(features, self.pad_id, side="left")
+
+    def predict(self, model, batch):
+        g = self.options
+        kwargs = dict(batch, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, pad_token_id=self.pad_id)
+        if g.do_sample:
+            kwargs.update(temperature=g.temperature, top_p=g.top_p)
+            device = torch.device(model.device)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(self._batch_seed(batch["input_ids"]))
+                out = model.generate(**kwargs)
+        else:
+            out = model.generate(**kwargs)
+        new_tokens = out[:, batch["input_ids"].shape[1]:].cpu()
+        return {"generated_text": pa.array(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
+                                           type=pa.string())}
+
+    def _batch_seed(self, input_ids: torch.Tensor) -> int:
+        digest = hashlib.blake2b(input_ids.cpu().numpy().tobytes(), digest_size=8,
+                                 key=str(self.options.seed).encode()).digest()
+        return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,89 @@
+"""token-classification (NER): `entities`, a list of {entity_group, score, start, end, word} per row.
+
+token_classification.aggregation is the pipeline's aggregation_strategy: none | simple | first |
+average | max. Entities are exactly those of transformers' TokenClassificationPipeline with that
+strategy (its own post-processing runs on our batched logits), "O" tokens left out. `start` and
+`end` are character offsets into the row's text. With aggregation=none there is one entity per
+token and `entity_group` holds that token's own label (B-PER, I-LOC, ...), which the pipeline
+calls `entity`.
+
+Texts longer than model.max_length tokens are cut there (and counted): entities past the cut are
+not found. The pipeline's `stride` (overlapping windows) is not supported.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from hvd_infer.config import ConfigError
+from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, pad, token_counts
+
+ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
+                    pa.field("start", pa.int64()), pa.field("end", pa.int64()), pa.field("word", pa.string())])
+
+
+class TokenClassification(Task):
+    name = "token-classification"
+    auto_model = "AutoModelForTokenClassification"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.data.text_pair_column:
+            raise ConfigError("data.text_pair_column cannot be used with model.task=token-classification: "
+                              "entities are found in data.text_column alone")
+
+    def check_model_config(self, hf_config, path):
+        archs = getattr(hf_config, "architectures", None) or []
+        if not any(a.endswith("ForTokenClassification") for a in archs):
+            raise ModelError(f"model.path {path} has no token classification head (architectures: "
+                             f"{archs or 'none'}); model.task=token-classification needs a model saved from "
+                             "AutoModelForTokenClassification (an NER model)")
+
+    def setup(self, model, tokenizer):
+        super().setup(model, tokenizer)
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelError("model.task=token-classification needs a fast (Rust) tokenizer for character "
+                             "offsets; save the model with its tokenizer.json")
+        from transformers import pipeline
+        from transformers.pipelines.token_classification import AggregationStrategy
+
+        # Only its post-processing is used: the model runs here, in batches.
+        self.pipeline = pipeline("token-classification", model=model, tokenizer=tokenizer, device=model.device)
+        self.strategy = AggregationStrategy[self.cfg.token_classification.aggregation.upper()]
+
+    def output_fields(self):
+        return [pa.field("entities", pa.list_(ENTITY))]
+
+    def encode(self, texts, pairs=None):
+        texts = list(texts)
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
+                             return_special_tokens_mask=True, return_attention_mask=False,
+                             return_token_type_ids=False)
+        ids = enc["input_ids"]
+        features = list(zip(ids, enc["offset_mapping"], enc["special_tokens_mask"], texts))
+        return Encoded(features, token_counts(ids), count_truncated(enc))
+
+    def collate(self, features):
+        batch = pad([f[0] for f in features], self.pad_id)
+        batch["rows"] = features  # offsets, special tokens and text, for predict
+        return batch
+
+    def predict(self, model, batch):
+        rows = batch["rows"]
+        logits = model(**{k: v for k, v in batch.items() if k != "rows"}).logits.float().cpu().numpy()
+        # The pipeline's own softmax, so scores match it to the last bit.
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        scores = shifted / shifted.sum(axis=-1, keepdims=True)
+        pipe, entities = self.pipeline, []
+        for i, (ids, offsets, special, text) in enumerate(rows):
+            n = len(ids)
+            pre = pipe.gather_pre_entities(text, np.asarray(ids), scores[i, :n], offsets, np.asarray(special),
+                                           self.strategy)
+            found = []
+            for e in pipe.aggregate(pre, self.strategy):
+                group = e.get("entity_group", e.get("entity"))
+                if group != "O":
+                    found.append({"entity_group": group, "score": float(e["score"]), "start": e["start"],
+                                  "end": e["end"], "word": e["word"]})
+            entities.append(found)
+        return {"entities": pa.array(entities, type=pa.list_(ENTITY))}

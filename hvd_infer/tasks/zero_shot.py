@@ -1,0 +1,106 @@
+"""zero-shot-classification: an NLI model scores each row against zero_shot.candidate_labels.
+
+Output: `labels` (list<string>, best first), `scores` (list<float32>, same order), `label` and
+`score` (the best). The math is transformers' ZeroShotClassificationPipeline: every label becomes
+the hypothesis `hypothesis_template.format(label)` of a (premise=text, hypothesis) pair; with one
+label per row being true, the entailment logits are softmaxed across labels; with
+multi_label=true (or a single candidate label), each label gets its own softmax over
+[contradiction, entailment].
+
+A row's pairs are encoded and batched together, so a batch of R rows is ONE forward pass over
+R * len(candidate_labels) sequences; a row's cost for token budgets is the sum of its pairs' tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from hvd_infer.config import ConfigError
+from hvd_infer.tasks.base import Encoded, ModelError, Task, float_list_array, pad
+
+
+def _label_id(id2label, prefix: str):
+    for i, name in id2label.items():
+        if str(name).lower().startswith(prefix):
+            return int(i)
+    return None
+
+
+class ZeroShotClassification(Task):
+    name = "zero-shot-classification"
+    auto_model = "AutoModelForSequenceClassification"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.data.text_pair_column:
+            raise ConfigError("data.text_pair_column cannot be used with model.task=zero-shot-classification: "
+                              "the text is the NLI premise and each candidate label makes the hypothesis")
+        z = cfg.zero_shot
+        self.labels = list(z.candidate_labels)
+        self.hypotheses = [z.hypothesis_template.format(label) for label in self.labels]
+        self.per_label = z.multi_label or len(self.labels) == 1
+
+    def check_model_config(self, hf_config, path):
+        archs = getattr(hf_config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelError(f"model.path {path} has no sequence classification head (architectures: "
+                             f"{archs or 'none'}); model.task=zero-shot-classification needs an NLI model "
+                             "(e.g. one fine-tuned on MNLI) saved from AutoModelForSequenceClassification")
+        if _label_id(hf_config.id2label, "entail") is None:
+            raise ModelError(f"model.path {path} is not an NLI model: none of its labels "
+                             f"({', '.join(map(str, hf_config.id2label.values()))}) is 'entailment'; "
+                             "model.task=zero-shot-classification needs one (set id2label in its config.json "
+                             "if it is an NLI model with generic LABEL_n names)")
+
+    def setup(self, model, tokenizer):
+        super().setup(model, tokenizer)
+        id2label = model.config.id2label
+        self.entailment = _label_id(id2label, "entail")
+        # As the pipeline, when no label says contradiction: the first label, or the last if entailment is first.
+        contradiction = _label_id(id2label, "contradict")
+        self.contradiction = contradiction if contradiction is not None else (
+            model.config.num_labels - 1 if self.entailment == 0 else 0)
+        # Only the premise is ever cut, so every hypothesis must fit with room to spare.
+        longest = max(len(tokenizer(h, add_special_tokens=False)["input_ids"]) for h in self.hypotheses)
+        if longest + tokenizer.num_special_tokens_to_add(pair=True) >= self.max_length:
+            raise ConfigError(f"zero_shot: the longest hypothesis is {longest} tokens, which leaves no room for "
+                              f"the text within model.max_length={self.max_length}; shorten "
+                              "zero_shot.hypothesis_template or the candidate labels, or raise model.max_length")
+
+    def output_fields(self):
+        return [pa.field("labels", pa.list_(pa.string())), pa.field("scores", pa.list_(pa.float32())),
+                pa.field("label", pa.string()), pa.field("score", pa.float32())]
+
+    def encode(self, texts, pairs=None):
+        k = len(self.labels)
+        enc = self.tokenizer([t for t in texts for _ in range(k)], self.hypotheses * len(texts),
+                             truncation="only_first", max_length=self.max_length,
+                             return_attention_mask=False, return_token_type_ids=self.token_types)
+        ids = enc["input_ids"]
+        pairs_of = ([{"input_ids": i, "token_type_ids": t} for i, t in zip(ids, enc["token_type_ids"])]
+                    if self.token_types else ids)
+        features = [pairs_of[r * k:(r + 1) * k] for r in range(len(texts))]
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)).reshape(-1, k)
+        cut = np.fromiter((bool(e.overflowing) for e in enc.encodings), dtype=bool, count=len(ids)).reshape(-1, k)
+        return Encoded(features, lengths.sum(axis=1), int(cut.any(axis=1).sum()))
+
+    def collate(self, features):
+        return pad([pair for row in features for pair in row], self.pad_id)
+
+    def predict(self, model, batch):
+        k = len(self.labels)
+        logits = model(**batch).logits.float().reshape(-1, k, model.config.num_labels)
+        if self.per_label:
+            scores = torch.softmax(logits[..., [self.contradiction, self.entailment]], dim=-1)[..., 1]
+        else:
+            scores = torch.softmax(logits[..., self.entailment], dim=-1)
+        scores = scores.cpu().numpy()
+        order = np.argsort(scores, axis=1)[:, ::-1]  # as the pipeline breaks ties
+        ranked = np.take_along_axis(scores, order, axis=1)
+        names = np.array(self.labels, dtype=object)[order]
+        offsets = pa.array(np.arange(0, names.size + 1, k, dtype=np.int32))
+        return {"labels": pa.ListArray.from_arrays(offsets, pa.array(names.reshape(-1), type=pa.string())),
+                "scores": float_list_array(ranked),
+                "label": pa.array(names[:, 0], type=pa.string()),
+                "score": pa.array(ranked[:, 0], type=pa.float32())}

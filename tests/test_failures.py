@@ -1,0 +1,267 @@
+"""Nothing lost, nothing twice: bad input, dead ranks, resume, edge-sized inputs."""
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+import builders
+from conftest import horovodrun, python_m
+
+
+def base(model, data, out, tmp, *extra):
+    return ["--config", "/dev/null", f"model.path={model}", f"data.path={data}", "data.id_columns=[id]",
+            f"output.path={out}", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "runtime.progress=false",
+            *extra]
+
+
+def ids(out):
+    return sorted(pads.dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist())
+
+
+def assert_user_error(r, *fragments):
+    assert r.returncode == 2, (r.returncode, r.stdout[-1500:], r.stderr[-3000:])
+    lines = [l for l in r.stderr.splitlines() if "hvd_infer: error:" in l]
+    assert len(lines) == 1, r.stderr[-3000:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+
+
+# -- bad input: one line, exit 2, nothing written -------------------------------------------
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
+    (["data.batchsize=8"], ["unknown config key 'data.batchsize'"]),
+    (["data.batch_size=many"], ["data.batch_size must be an integer, got 'many'"]),
+    (["model.dtype=float16"], ["model.dtype=float16 needs a CUDA GPU", "bfloat16"]),
+    (["data.text_column=body"], ["data.text_column 'body' not found in", "columns are: id, doc, text, label"]),
+    (["data.id_columns=[key]"], ["data.id_columns 'key' not found"]),
+    (["data.text_column=id"], ["data.text_column 'id'", "must be a string column"]),
+])
+def test_bad_config_and_columns(extra, fragments, tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    r = python_m(base(tiny_classifier, dataset[0], out, tmp_path, *extra))
+    assert_user_error(r, *fragments)
+    assert not out.exists()
+
+
+def test_bad_paths(tiny_classifier, tiny_encoder, dataset, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "weights.txt").write_text("x")
+    cases = [
+        (base(tiny_classifier, tmp_path / "nope", out, tmp_path), ["does not exist"]),
+        (base(tiny_classifier, tmp_path / "empty", out, tmp_path), ["no Parquet files"]),
+        (base(tmp_path / "missing-model", dataset[0], out, tmp_path), ["is not a directory"]),
+        (base(tmp_path / "notamodel", dataset[0], out, tmp_path), ["has no config.json", "weights.txt"]),
+        (base(tiny_encoder, dataset[0], out, tmp_path), ["no sequence classification head", "model.task=embedding"]),
+    ]
+    for a, fragments in cases:
+        assert_user_error(python_m(a), *fragments)
+        assert not out.exists()
+
+
+def test_corrupt_parquet_named(tiny_classifier, tmp_path):
+    data = tmp_path / "data"
+    builders.write_dataset(str(data), 40, files=2)
+    f = data / "part-001.parquet"
+    f.write_bytes(f.read_bytes()[:100])
+    out = tmp_path / "out"
+    assert_user_error(python_m(base(tiny_classifier, data, out, tmp_path)), "part-001.parquet", "truncated")
+    assert not out.exists()
+
+
+def test_pickle_weights_refused_unless_allowed(tmp_path, dataset):
+    from transformers import AutoModelForSequenceClassification
+
+    src = builders.tiny_bert(str(tmp_path / "src"))
+    import torch
+
+    model = AutoModelForSequenceClassification.from_pretrained(src)
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    model.config.save_pretrained(pick)
+    torch.save(model.state_dict(), pick / "pytorch_model.bin")  # transformers 5 only writes safetensors
+    for name in os.listdir(src):
+        if name.startswith("tokenizer") or name in ("vocab.txt", "special_tokens_map.json"):
+            (pick / name).write_bytes((tmp_path / "src" / name).read_bytes())
+    assert not any(n.endswith(".safetensors") for n in os.listdir(pick))
+    out = tmp_path / "out"
+    assert_user_error(python_m(base(pick, dataset[0], out, tmp_path)), "only pickle weights", "model.allow_pickle=true")
+    r = python_m(base(pick, dataset[0], out, tmp_path, "model.allow_pickle=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ids(out) == sorted(dataset[1].column("id").to_pylist())
+
+
+def test_output_modes(tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert python_m(base(tiny_classifier, dataset[0], out, tmp_path)).returncode == 0
+    assert_user_error(python_m(base(tiny_classifier, dataset[0], out, tmp_path)), "is not empty", "output.mode=overwrite")
+    r = python_m(base(tiny_classifier, dataset[0], out, tmp_path, "output.mode=overwrite"))
+    assert r.returncode == 0 and ids(out) == sorted(dataset[1].column("id").to_pylist())
+    # A directory hvd_infer did not write is never deleted.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    assert_user_error(python_m(base(tiny_classifier, dataset[0], foreign, tmp_path, "output.mode=overwrite")),
+                      "was not written by hvd_infer")
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    # Resume refuses when the model changed.
+    other = builders.tiny_bert(str(tmp_path / "other"), seed=1)
+    assert_user_error(python_m(base(other, dataset[0], out, tmp_path, "output.mode=resume")), "model_path changed")
+
+
+# -- null texts and truncation ----------------------------------------------------------------
+
+def test_null_texts(tiny_classifier, tmp_path):
+    texts = builders.texts(30)
+    texts[4], texts[11], texts[20] = None, "", "   "
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), 30, files=2, text=texts)
+    all_ids = table.column("id").to_pylist()
+    out = tmp_path / "out"
+    assert_user_error(python_m(base(tiny_classifier, data, out, tmp_path)), "null or empty at id 43",
+                      "data.on_null=skip")
+    assert not (out / "_SUCCESS").exists()
+    r = python_m(base(tiny_classifier, data, out, tmp_path, "data.on_null=skip", "output.mode=overwrite"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ids(out) == sorted(set(all_ids) - {43, 113, 203})
+    assert sorted(json.loads((out / "_manifest.json").read_text())["skipped_ids"]) == [43, 113, 203]
+    assert "skipped 3 null/empty texts" in r.stdout
+    r = python_m(base(tiny_classifier, data, out, tmp_path, "data.on_null=empty", "output.mode=overwrite",
+                      "model.max_length=16"))
+    assert r.returncode == 0 and ids(out) == sorted(all_ids)
+    assert "truncated" in r.stdout and "model.max_length=16" in r.stdout
+
+
+# -- multi-rank edge cases --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_fewer_row_groups_than_ranks_and_empty_input(tiny_classifier, tmp_path):
+    one = tmp_path / "one"
+    builders.write_dataset(str(one), 9, files=1, row_group_size=100)
+    assert pq.ParquetFile(one / "part-000.parquet").metadata.num_row_groups == 1
+    out = tmp_path / "out"
+    r = horovodrun(4, base(tiny_classifier, one, out, tmp_path, "data.id_columns=[id,doc]"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert ids(out) == list(np.arange(9) * 10 + 3)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert {p["rank"] for p in manifest["parts"]} == {0, 1, 2, 3}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    pq.write_table(schema.empty_table(), empty / "a.parquet")
+    pq.write_table(schema.empty_table(), empty / "b.parquet")
+    out2 = tmp_path / "out2"
+    r = horovodrun(2, base(tiny_classifier, empty, out2, tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert (out2 / "_SUCCESS").exists()
+    t = pads.dataset(str(out2)).to_table()
+    assert t.num_rows == 0 and t.schema.names == ["id", "label", "score", "probs"]
+
+
+@pytest.mark.slow
+def test_error_on_one_rank_fails_the_job(tiny_classifier, tmp_path):
+    texts = builders.texts(40)
+    texts[-1] = None  # only the last rank's shard has it
+    data = tmp_path / "data"
+    builders.write_dataset(str(data), 40, files=2, text=texts)
+    out = tmp_path / "out"
+    t = time.time()
+    r = horovodrun(2, base(tiny_classifier, data, out, tmp_path))
+    assert r.returncode != 0 and time.time() - t < 120
+    assert "null or empty at id 393" in r.stdout + r.stderr
+    assert not (out / "_SUCCESS").exists()
+
+
+def _classifier_from_minilm(path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3)
+    m.save_pretrained(path)
+    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
+    return path
+
+
+def _rank_pid(rank, marker):
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []) and p.environ().get("HOROVOD_RANK") == str(rank) \
+                    and "hvd_infer" in " ".join(p.info["cmdline"]) and "sh" != p.name():
+                return p.pid
+        except Exception:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_killed_rank_fails_fast_then_resume_computes_only_the_rest(tmp_path):
+    import subprocess
+    import sys
+
+    model = _classifier_from_minilm(str(tmp_path / "model"))
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), 480, files=3, row_group_size=16)
+    out = tmp_path / "out"
+    exe = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    args = base(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8")
+    proc = subprocess.Popen([exe, "-np", "2", "-H", "localhost:2", sys.executable, "-m", "hvd_infer"] + args,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if len([n for n in os.listdir(out) if n.startswith("part-r00001")] if out.exists() else []) >= 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        pid = _rank_pid(1, str(out))
+        assert pid, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        rc = proc.wait(timeout=90)
+        assert rc != 0 and time.time() - killed < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "_SUCCESS").exists()
+    before = {n: os.stat(out / n) for n in os.listdir(out) if n.startswith("part-")}
+    done_rows = sum(pq.ParquetFile(out / n).metadata.num_rows for n in before)
+    assert 0 < done_rows < table.num_rows
+
+    r = horovodrun(2, args + ["output.mode=resume"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert ids(out) == sorted(table.column("id").to_pylist())  # every id exactly once
+    for n, st in before.items():  # no finished part was recomputed
+        now = os.stat(out / n)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
+    summary = json.loads((out / "_manifest.json").read_text())["summary"]
+    assert summary["rows"] == table.num_rows - done_rows
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size(tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    args = base(tiny_classifier, dataset[0], out, tmp_path, "output.rows_per_part=10")
+    assert horovodrun(2, args).returncode == 0
+    reference = pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
+    parts = sorted(n for n in os.listdir(out) if n.startswith("part-"))
+    for n in parts[1::3]:  # as if those parts had never been written
+        os.remove(out / n)
+    os.remove(out / "_SUCCESS")
+    r = python_m(args + ["output.mode=resume"])  # a world of one finishes a 2-rank job
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
+    assert got["id"].tolist() == reference["id"].tolist()
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(reference["probs"]), atol=1e-6)

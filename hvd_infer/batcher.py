@@ -87,9 +87,11 @@ def _null_mask(texts: np.ndarray) -> np.ndarray:
 class BatchStream:
     """Iterate Batch objects for a rank's parts; the work runs in a background thread."""
 
-    def __init__(self, parts: Iterator, task, cfg: DataConfig, max_batch_size: int, queue_batches: int = 8):
+    def __init__(self, parts: Iterator, task, cfg: DataConfig, max_batch_size: int, queue_batches: int = 8,
+                 pin_memory: bool = False):
         self.parts, self.task, self.cfg = parts, task, cfg
         self.batch_size = max_batch_size
+        self.pin_memory = pin_memory  # page-locked host tensors: the copy to the GPU overlaps compute
         self.times = StageTimes()
         self.queue: "queue.Queue" = queue.Queue(maxsize=queue_batches)
         self._stop = threading.Event()
@@ -122,6 +124,8 @@ class BatchStream:
                     for rows in length_sorted_batches(enc.lengths, self.batch_size, cfg.max_tokens_per_batch,
                                                       cfg.sort_window):
                         tensors = task.collate([enc.features[i] for i in rows])
+                        if self.pin_memory:
+                            tensors = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in tensors.items()}
                         real = int(enc.lengths[rows].sum())
                         padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
                         self.times.tokenize += time.perf_counter() - t

@@ -81,7 +81,6 @@ def preflight_model(cfg: JobConfig, task) -> None:
 
 def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
     """Returns (model to call, tokenizer, facts for MLflow)."""
-    import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     m = cfg.model
@@ -94,8 +93,38 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
                                               padding_side=getattr(task, "padding_side", "right"))
     if not getattr(tokenizer, "is_fast", False):
         log.warning("tokenizer in %s is not a fast (Rust) tokenizer: tokenization will be slow", path)
+    model, autocast = _load_weights(path, cfg, task, dtype, device)
+    use_ds = m.deepspeed and m.quantize != "int8"
+    kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
+    if use_ds:
+        ds_dtype = dtype if not autocast else torch.float32
+        try:
+            model = wrap_deepspeed(model, ds_dtype, kernel_inject)
+        except Exception as e:
+            if m.kernel_inject is not None or not kernel_inject:
+                raise
+            # Injection was only our default: keep DeepSpeed without it, on a fresh copy
+            # (a failed injection may have replaced some layers already).
+            log.warning("DeepSpeed kernel injection does not support %s (%s); running without it "
+                        "(set model.kernel_inject=false to silence this)", type(model).__name__, str(e).splitlines()[0])
+            kernel_inject = False
+            model = wrap_deepspeed(_load_weights(path, cfg, task, dtype, device)[0], ds_dtype, False)
+    task.setup(_unwrap(model), tokenizer)
+    facts = {"model_path": path, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
+             "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
+             "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
+             "device": str(device), "autocast_bf16": autocast}
+    return Predictor(model, device, autocast), tokenizer, facts
+
+
+def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device):
+    """The model in eval mode, typed and on its device; returns (model, uses CPU bf16 autocast)."""
+    import transformers
+
+    m = cfg.model
     auto = getattr(transformers, task.auto_model)
     has_safetensors = any(n.endswith(".safetensors") for n in os.listdir(path))
+    # Without safetensors (allow_pickle=true), transformers loads .bin with torch.load(weights_only=True).
     model, info = auto.from_pretrained(path, trust_remote_code=m.trust_remote_code, local_files_only=True,
                                        use_safetensors=has_safetensors, output_loading_info=True,
                                        dtype=torch.float32)
@@ -116,17 +145,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
                         "here; use model.dtype=float32 or model.quantize=int8")
     else:
         model = model.to(dtype)
-    model = model.to(device)
-    use_ds = m.deepspeed and m.quantize != "int8"
-    kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
-    if use_ds:
-        model = wrap_deepspeed(model, dtype if not autocast else torch.float32, kernel_inject)
-    task.setup(_unwrap(model), tokenizer)
-    facts = {"model_path": path, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
-             "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
-             "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
-             "device": str(device), "autocast_bf16": autocast}
-    return Predictor(model, device, autocast), tokenizer, facts
+    return model.to(device), autocast
 
 
 def wrap_deepspeed(model, dtype: torch.dtype, kernel_inject: bool):

@@ -95,7 +95,8 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     bar = _progress(cfg, ctx, sum(p.rows for p in parts))
 
     t_loop = time.perf_counter()
-    stream = BatchStream(read_parts(inp, parts, columns), task, cfg.data, _batch_rows(cfg))
+    stream = BatchStream(read_parts(inp, parts, columns), task, cfg.data, _batch_rows(cfg),
+                         pin_memory=ctx.device.type == "cuda")
     outputs: List[Dict[str, Any]] = []
     rows_in_part: List[np.ndarray] = []
     try:

@@ -180,9 +180,11 @@ def describe_model(uri: str, tracking_uri: Optional[str] = None) -> Dict[str, st
             src["run_id"] = client.get_logged_model(named[0]).source_run_id or ""
         else:
             mv = client.get_model_version(*named)
+            model_id = getattr(mv, "model_id", None) or ""  # MLflow 3 only
+            if not model_id and (mv.source or "").startswith("models:/m-"):
+                model_id = mv.source[len("models:/"):]
             src.update(uri=f"models:/{mv.name}/{mv.version}", registered_name=mv.name, version=str(mv.version),
-                       run_id=mv.run_id or "",
-                       model_id=mv.model_id or (mv.source[len("models:/"):] if mv.source.startswith("models:/m-") else ""))
+                       run_id=mv.run_id or "", model_id=model_id)
     return src
 
 

@@ -124,13 +124,13 @@ def assert_entities_equal(got, ref):
         np.testing.assert_allclose([e["score"] for e in g], [x[4] for x in r], atol=1e-4)
 
 
-def generate_alone(model_path, prompts, max_new_tokens, max_length=10**9):
+def generate_alone(model_path, prompts, max_new_tokens, max_length=None):
     """model.generate on each prompt by itself, greedy; prompts cut from the left as the task does."""
-    tok = AutoTokenizer.from_pretrained(model_path)
+    tok = AutoTokenizer.from_pretrained(model_path, truncation_side="left")
     lm = AutoModelForCausalLM.from_pretrained(model_path).eval()
     out = []
     for p in prompts:
-        ids = tok(p)["input_ids"][-max_length:]
+        ids = tok(p, truncation=max_length is not None, max_length=max_length)["input_ids"]
         x = torch.tensor([ids])
         with torch.no_grad():
             y = lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
@@ -252,6 +252,8 @@ def test_generation_cuts_long_prompts_from_the_left(models):
     cfg = job(models["lm"], "text-generation", generation={"max_new_tokens": 100})
     task, enc, batch, out = predict_one_batch(cfg, prompts)
     assert enc.truncated == 1 and enc.lengths.tolist()[0] == 28
+    kept = task.tokenizer.decode(enc.features[0], skip_special_tokens=True)
+    assert prompts[0].endswith(kept) and len(kept.split()) == 26  # the end, next to what is generated
     assert out["generated_text"].to_pylist() == generate_alone(models["lm"], prompts, 100, max_length=28)
 
 

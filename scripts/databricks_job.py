@@ -1,0 +1,58 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # hvd_infer on Databricks: HorovodRunner
+# MAGIC
+# MAGIC Scores a Parquet dataset on a Unity Catalog Volume with a model from the registry, one
+# MAGIC Horovod rank per GPU (or per worker), tracked in this workspace's MLflow.
+# MAGIC
+# MAGIC * Cluster: a Databricks Runtime **ML** that still ships HorovodRunner (`sparkdl`), i.e.
+# MAGIC   15.4 LTS ML or older, GPU or CPU, in *single user* (dedicated) access mode. Torch,
+# MAGIC   horovod, petastorm, pyspark and (on GPU runtimes) DeepSpeed come with the runtime.
+# MAGIC * Data: read through the `/Volumes/...` FUSE path that every node mounts.
+# MAGIC * Output: the writer renames its part files into place, so it needs a mounted local path
+# MAGIC   too: a Volume (`/Volumes/...`) or DBFS through `/dbfs/...`, never a `dbfs:/` URL.
+# MAGIC * MLflow: `tracking_uri: databricks`; with MLflow 3 the registry is Unity Catalog, so
+# MAGIC   `models:/catalog.schema.name@alias` works as `model.path`. If the ranks cannot reach
+# MAGIC   MLflow, give the cluster the environment variables `DATABRICKS_HOST` and
+# MAGIC   `DATABRICKS_TOKEN={{secrets/<scope>/<key>}}` (Advanced options, Spark, Environment variables).
+# MAGIC
+# MAGIC The same call runs on any Spark cluster without Databricks:
+# MAGIC `hvd_infer.spark.run_on_spark(config, num_proc=4)`, which is
+# MAGIC `horovod.spark.run(hvd_infer.run, kwargs={"config": config}, num_proc=4)`.
+
+# COMMAND ----------
+
+# MAGIC %pip install --no-deps /Workspace/Users/you@example.com/hvd_infer
+# MAGIC %pip install "transformers>=4.56,<6" "mlflow>=3"
+
+# COMMAND ----------
+
+dbutils.library.restartPython()  # noqa: F821 (a Databricks notebook global)
+
+# COMMAND ----------
+
+import hvd_infer
+
+# Resolved here, on the driver: every rank gets the same absolute paths and MLflow URI.
+config = hvd_infer.load_config({
+    "model": {"path": "models:/main.default.ticket_classifier@champion", "task": "text-classification"},
+    "data": {"path": "/Volumes/main/default/tickets/test/", "text_column": "text", "id_columns": ["id"],
+             "batch_size": 64},
+    "output": {"path": "/Volumes/main/default/tickets/predictions/", "mode": "resume"},
+    "mlflow": {"tracking_uri": "databricks", "experiment": "/Users/you@example.com/hvd_infer"},
+    "runtime": {"progress": False},
+}).to_dict()
+
+# COMMAND ----------
+
+from sparkdl import HorovodRunner
+
+# np=4: four ranks on the workers (one per GPU); np=-4 would run four ranks on the driver.
+# HorovodRunner returns rank 0's result: its figures (rows, seconds, ...).
+summary = HorovodRunner(np=4).run(hvd_infer.run, config=config)
+print(summary)
+
+# COMMAND ----------
+
+predictions = spark.read.parquet("/Volumes/main/default/tickets/predictions/")  # noqa: F821
+display(predictions.groupBy("label").count())  # noqa: F821

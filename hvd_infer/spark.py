@@ -22,13 +22,15 @@ import hvd_infer
 from hvd_infer.config import ConfigError, load_config
 
 
-def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None, **overrides: Any) -> List[Dict[str, Any]]:
+def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
+                 nics: Optional[List[str]] = None, **overrides: Any) -> List[Dict[str, Any]]:
     """Run the job as num_proc Horovod ranks inside Spark tasks; returns each rank's figures, in rank order.
 
     The config is resolved here, on the driver: relative paths and the MLflow URI become
     absolute, so every executor reads, writes and logs to the same places. They must be
     places every executor can reach (shared storage, a tracking server). num_proc defaults
-    to the session's default parallelism.
+    to the session's default parallelism; give each rank its own executor core (or GPU).
+    nics: the network interfaces the ranks talk over (e.g. ["eth0"]); default, all they share.
     """
     import horovod.spark
     from pyspark.sql import SparkSession
@@ -36,7 +38,7 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     cfg = load_config(config, **overrides)
     spark = spark or SparkSession.builder.getOrCreate()  # horovod.spark.run uses the active SparkContext
     n = num_proc or spark.sparkContext.defaultParallelism
-    return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n)
+    return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n, nics=nics)
 
 
 def predict_udf(config: Any = None, **overrides: Any):
@@ -51,9 +53,9 @@ def predict_udf(config: Any = None, **overrides: Any):
     data.sort_window rows, and run in batches of data.batch_size. Null or empty text follows
     data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
     """
-    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.ml.functions import predict_batch_udf, supported_scalar_types
     from pyspark.sql.pandas.types import from_arrow_type
-    from pyspark.sql.types import StructField, StructType
+    from pyspark.sql.types import ArrayType, StructField, StructType
 
     from hvd_infer.tasks import get_task
 
@@ -61,12 +63,14 @@ def predict_udf(config: Any = None, **overrides: Any):
     if cfg.data.on_null == "skip":
         raise ConfigError("data.on_null=skip cannot drop rows inside a UDF; filter them first "
                           "(df.where(\"length(trim(text)) > 0\")) or use data.on_null=error or empty")
-    fields = get_task(cfg.model.task)(cfg).output_fields()
-    try:
-        return_type = StructType([StructField(f.name, from_arrow_type(f.type), True) for f in fields])
-    except TypeError as e:
-        raise ConfigError(f"model.task={cfg.model.task} has output columns Spark cannot take from a "
-                          f"predict_batch_udf ({e}); use run_on_spark") from None
+    return_type = StructType([StructField(f.name, from_arrow_type(f.type), True)
+                              for f in get_task(cfg.model.task)(cfg).output_fields()])
+    for f in return_type.fields:
+        t = f.dataType.elementType if isinstance(f.dataType, ArrayType) else f.dataType
+        if not isinstance(t, supported_scalar_types):
+            raise ConfigError(f"model.task={cfg.model.task} gives column '{f.name}' of type {f.dataType.simpleString()}, "
+                              "which predict_batch_udf cannot return (only numbers, strings and arrays of them); "
+                              "use run_on_spark for this task")
     cfg_dict = cfg.to_dict()
 
     def make_predict_fn():
@@ -90,8 +94,7 @@ class _Predictor:
             torch.set_num_threads(cfg.runtime.threads)
         self.cfg = cfg
         self.task = get_task(cfg.model.task)(cfg)
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        self.model, _, _ = load_model(cfg, self.task, device)
+        self.model, _, _ = load_model(cfg, self.task, _task_device())
 
     def predict_fn(self):
         if self.cfg.data.text_pair_column:
@@ -120,11 +123,22 @@ class _Predictor:
             if self.cfg.data.on_null == "error":
                 from hvd_infer.dataset import DataError
 
-                raise DataError(f"data.text_column '{column}' is null or empty in {int(bad.sum())} rows; clean the "
-                                "data, filter them out, or set data.on_null=empty (score them as empty text)")
+                raise DataError(f"column '{column}' is null or empty in {int(bad.sum())} rows; clean the data, "
+                                "filter them out, or set data.on_null=empty (score them as empty text)")
             values = values.copy()
             values[bad] = ""
         return values
+
+
+def _task_device():
+    """The GPU Spark gave this task (spark.task.resource.gpu.amount), else the first one, else the CPU."""
+    import torch
+    from pyspark import TaskContext
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = TaskContext.get().resources().get("gpu") if TaskContext.get() else None
+    return torch.device("cuda", int(gpus.addresses[0]) if gpus else 0)
 
 
 def _as_arrow(values) -> pa.Array:

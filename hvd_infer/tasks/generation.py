@@ -40,10 +40,18 @@ class TextGeneration(Task):
     def check_model_config(self, hf_config, path):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(hf_config, "is_encoder_decoder", False):
-            raise ModelError(f"model.path {path} is a '{hf_config.model_type}' model, which is not a causal "
-                             "(decoder-only) language model; model.task=text-generation needs one that "
-                             "AutoModelForCausalLM loads (GPT-2, Llama, Mistral, Qwen, ...)")
+        archs = getattr(hf_config, "architectures", None) or []
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if (hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                or getattr(hf_config, "is_encoder_decoder", False)
+                or (archs and not any(a in causal or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs))):
+            raise ModelError(f"model.path {path} is not a causal language model (model type "
+                             f"'{hf_config.model_type}', architectures: {archs or 'none'}); model.task=text-generation "
+                             "needs a decoder-only model saved from AutoModelForCausalLM (GPT-2, Llama, Mistral, Qwen, ...)")
+        context = getattr(hf_config, "max_position_embeddings", None)
+        if context and self.options.max_new_tokens >= context:
+            raise ModelError(f"generation.max_new_tokens={self.options.max_new_tokens} leaves no room for a prompt "
+                             f"in the context of model.path {path}, {context} tokens")
 
     def setup(self, model, tokenizer):
         if tokenizer.pad_token is None:
@@ -54,10 +62,8 @@ class TextGeneration(Task):
         super().setup(model, tokenizer)
         tokenizer.truncation_side = "left"
         context = getattr(model.config, "max_position_embeddings", None)
-        self.max_length = min(self.max_length, context - self.options.max_new_tokens) if context else self.max_length
-        if self.max_length < 1:
-            raise ConfigError(f"generation.max_new_tokens={self.options.max_new_tokens} leaves no room for a prompt "
-                              f"in the model's context of {context} tokens")
+        if context:  # the prompt and what is generated share the model's context
+            self.max_length = min(self.max_length, context - self.options.max_new_tokens)
 
     def output_fields(self):
         return [pa.field("generated_text", pa.string())]
@@ -66,6 +72,9 @@ class TextGeneration(Task):
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
                              return_attention_mask=False, return_token_type_ids=False)
         ids = enc["input_ids"]
+        if not all(ids):  # an empty prompt (data.on_null=empty) starts from bos, as unconditional generation does
+            start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
+            ids = [x or start for x in ids]
         return Encoded(ids, token_counts(ids), count_truncated(enc))
 
     def collate(self, features):

@@ -1,0 +1,281 @@
+"""Beyond one machine: the job on Spark (local[2] and a standalone cluster), as a UDF, and from MLflow models.
+
+Everything listens and connects on 127.0.0.1 only: Spark's driver, master, workers and
+executors, and Horovod's services (nics=["lo"]).
+"""
+import json
+import os
+import pickle
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+import hvd_infer
+from conftest import horovodrun, python_m
+from hvd_infer.config import ConfigError
+
+slow = pytest.mark.slow
+LOOPBACK = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+
+
+def job(model, data_path, out, tmp, **sections):
+    """A job config file scoring data_path with model into out; returns its path."""
+    cfg = {"model": {"path": str(model)},
+           "data": {"path": str(data_path), "id_columns": ["id", "doc"], "batch_size": 8},
+           "output": {"path": str(out), "rows_per_part": 40},
+           "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+           "runtime": {"progress": False}}
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = os.path.join(str(tmp), f"job-{os.path.basename(str(out))}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def read_output(out):
+    return pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def assert_same_predictions(got, ref):
+    assert got["id"].tolist() == ref["id"].tolist()  # every id exactly once
+    assert got["doc"].tolist() == ref["doc"].tolist()
+    assert got["label"].tolist() == ref["label"].tolist()
+    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(ref["probs"]), atol=1e-5)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def loopback_env():
+    saved = {k: os.environ.get(k) for k in LOOPBACK}
+    os.environ.update(LOOPBACK)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def session(master, **conf):
+    from pyspark.sql import SparkSession
+
+    b = (SparkSession.builder.master(master).appName("hvd_infer-tests")
+         .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+         .config("spark.pyspark.python", sys.executable).config("spark.sql.shuffle.partitions", "2"))
+    for k, v in conf.items():
+        b = b.config(k, v)
+    return b.getOrCreate()
+
+
+@pytest.fixture(scope="module")
+def local_spark(loopback_env):
+    spark = session("local[2]", **{"spark.ui.enabled": "false"})
+    yield spark
+    spark.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_classifier, dataset):
+    """The Horovod path in a world of one: python -m hvd_infer on the model directory."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = tmp / "out"
+    r = python_m(["--config", job(tiny_classifier, dataset[0], out, tmp)])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return read_output(out)
+
+
+def test_run_is_picklable_by_reference():
+    import cloudpickle
+
+    assert pickle.loads(pickle.dumps(hvd_infer.run)) is hvd_infer.run
+    assert b"hvd_infer" in cloudpickle.dumps(hvd_infer.run)  # by name, not by value
+
+
+def test_udf_refuses_on_null_skip(tmp_path):
+    from hvd_infer.spark import predict_udf
+
+    with pytest.raises(ConfigError, match="cannot drop rows inside a UDF"):
+        predict_udf(job(tmp_path / "model", tmp_path, tmp_path / "out", tmp_path, data={"on_null": "skip"}))
+
+
+def test_transformers_flavor_layout_becomes_one_model_dir(tmp_path):
+    """mlflow.transformers keeps weights in model/ and the tokenizer in components/tokenizer/."""
+    from hvd_infer.tracking import _assemble_hf_dir
+
+    for rel in ["MLmodel", "model/config.json", "model/model.safetensors",
+                "components/tokenizer/tokenizer.json", "components/tokenizer/tokenizer_config.json"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    hf = _assemble_hf_dir(str(tmp_path), "models:/x/1")
+    assert hf == str(tmp_path / "model")
+    assert sorted(os.listdir(hf)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_udf_columns_in_input_order():
+    import pyarrow as pa
+
+    from hvd_infer.spark import _numpy_column
+    from hvd_infer.tasks.base import float_list_array
+
+    probs = _numpy_column(float_list_array(np.array([[0.1, 0.9], [0.7, 0.3]])).take(pa.array([1, 0])))
+    np.testing.assert_allclose(probs, [[0.7, 0.3], [0.1, 0.9]], atol=1e-7)
+    assert _numpy_column(pa.array(["a", "b"])).tolist() == ["a", "b"]
+
+
+@slow
+def test_run_on_spark_local_equals_horovod_path(local_spark, reference, tiny_classifier, dataset, tmp_path):
+    from hvd_infer.spark import run_on_spark
+
+    out = tmp_path / "out"
+    summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, nics=["lo"])
+    assert [s["rank"] for s in summaries] == [0, 1]
+    assert sum(s["rows"] for s in summaries) == dataset[1].num_rows
+    assert_same_predictions(read_output(out), reference)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert {p["rank"] for p in manifest["parts"]} == {0, 1} and (out / "_SUCCESS").exists()
+
+
+@slow
+def test_predict_udf_equals_horovod_path(local_spark, reference, tiny_classifier, dataset, tmp_path):
+    from hvd_infer.spark import predict_udf
+
+    udf = predict_udf(job(tiny_classifier, dataset[0], tmp_path / "unused", tmp_path))
+    scored = local_spark.read.parquet(dataset[0]).withColumn("pred", udf("text"))
+    assert scored.schema["pred"].dataType.simpleString() == "struct<label:string,score:float,probs:array<float>>"
+    got = scored.select("id", "doc", "pred.*").toPandas().sort_values("id").reset_index(drop=True)
+    assert_same_predictions(got, reference)
+
+
+@slow
+def test_mlflow_model_uris(reference, tiny_classifier, dataset, tmp_path):
+    """A model logged with mlflow.transformers.log_model, scored by version (2 ranks) and by alias."""
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    log = subprocess.run([sys.executable, "-c", f"""
+import mlflow, transformers
+from mlflow import MlflowClient
+mlflow.set_tracking_uri({db!r})
+model = transformers.AutoModelForSequenceClassification.from_pretrained({tiny_classifier!r})
+tok = transformers.AutoTokenizer.from_pretrained({tiny_classifier!r})
+with mlflow.start_run() as run:
+    mlflow.transformers.log_model(transformers_model={{"model": model, "tokenizer": tok}}, name="model",
+                                  task="text-classification", registered_model_name="tiny-cls",
+                                  pip_requirements=["transformers", "torch"])
+MlflowClient().set_registered_model_alias("tiny-cls", "champion", "1")
+print(run.info.run_id)
+"""], capture_output=True, text=True, timeout=300)
+    assert log.returncode == 0, log.stderr[-3000:]
+    logged_run = log.stdout.split()[-1]
+
+    # A fresh per-host cache: the two ranks of the first job race for it, the second job reuses it.
+    env = {"TMPDIR": str(tmp_path)}
+    r = horovodrun(2, ["--config", job("models:/tiny-cls/1", dataset[0], tmp_path / "by_version", tmp_path)], env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = python_m(["--config", job("models:/tiny-cls@champion", dataset[0], tmp_path / "by_alias", tmp_path)], env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_predictions(read_output(tmp_path / "by_version"), reference)
+    assert_same_predictions(read_output(tmp_path / "by_alias"), reference)
+    cached = os.listdir(tmp_path / "hvd_infer-models")
+    assert len([n for n in cached if not n.endswith(".lock")]) == 1, cached  # downloaded once
+
+    con = sqlite3.connect(tmp_path / "mlflow.db")
+    runs = con.execute("select r.run_uuid from runs r join experiments e on r.experiment_id = e.experiment_id "
+                       "where e.name = 'hvd_infer' order by r.start_time").fetchall()
+    assert len(runs) == 2
+    for (run_id,), given in zip(runs, ["models:/tiny-cls/1", "models:/tiny-cls@champion"]):
+        params = dict(con.execute("select key, value from params where run_uuid = ?", (run_id,)))
+        tags = dict(con.execute("select key, value from tags where run_uuid = ?", (run_id,)))
+        assert params["model.path"] == given
+        assert params["model_source.registered_name"] == "tiny-cls" and params["model_source.version"] == "1"
+        assert params["model_source.run_id"] == logged_run and params["model_source.uri"] == "models:/tiny-cls/1"
+        assert tags["hvd_infer.model"] == "models:/tiny-cls/1"
+
+
+@slow
+def test_standalone_cluster_one_rank_per_executor(loopback_env, reference, tiny_classifier, dataset, tmp_path):
+    """A real Spark master and two 1-core workers on 127.0.0.1; runs last (one SparkContext per process)."""
+    from pyspark.sql import SparkSession
+
+    from hvd_infer.spark import run_on_spark
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    spark_home = os.path.dirname(os.path.abspath(__import__("pyspark").__file__))
+    spark_class = os.path.join(spark_home, "bin", "spark-class")
+    env = dict(os.environ, SPARK_HOME=spark_home)
+    port, master_ui = free_port(), free_port()
+    url = f"spark://127.0.0.1:{port}"
+    cmds = [[spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+             "--webui-port", str(master_ui)]]
+    for i in range(2):
+        cmds.append([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1",
+                     "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / f"work{i}"), url])
+    daemons, spark = [], None
+    try:
+        for i, cmd in enumerate(cmds):
+            with open(tmp_path / f"daemon{i}.log", "w") as log:
+                daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
+            if i == 0:
+                wait_for(lambda: _master_state(master_ui) is not None, "the master's web UI")
+        wait_for(lambda: len([w for w in _master_state(master_ui)["workers"] if w["state"] == "ALIVE"]) == 2,
+                 "two workers to register")
+
+        ui = free_port()
+        spark = session(url, **{"spark.executor.cores": "1", "spark.task.cpus": "1", "spark.executor.memory": "1g",
+                                "spark.ui.enabled": "true", "spark.ui.port": str(ui)})
+        out = tmp_path / "out"
+        summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, spark=spark,
+                                 nics=["lo"])
+        assert [s["rank"] for s in summaries] == [0, 1] and all(s["rows"] > 0 for s in summaries)
+        assert_same_predictions(read_output(out), reference)
+        app = spark.sparkContext.applicationId
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui}/api/v1/applications/{app}/executors") as resp:
+            executors = [e for e in json.load(resp) if e["id"] != "driver"]
+        assert sorted(e["totalTasks"] for e in executors) == [1, 1], executors  # one rank on each executor
+    finally:
+        if spark is not None:
+            spark.stop()
+        for p in reversed(daemons):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in daemons:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def _master_state(ui_port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=2) as resp:
+            return json.load(resp)
+    except OSError:
+        return None
+
+
+def wait_for(check, what, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except (TypeError, KeyError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

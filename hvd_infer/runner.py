@@ -189,9 +189,31 @@ def _as_arrow(values) -> pa.Array:
 def _progress(cfg: JobConfig, ctx, rows: int):
     if not (ctx.is_main and cfg.runtime.progress):
         return None
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", dynamic_ncols=True, mininterval=1.0)
+    if sys.stderr.isatty():
+        return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", dynamic_ncols=True, mininterval=1.0)
+    # Under horovodrun, Spark or a scheduler stderr is a pipe read line by line: a bar redrawn
+    # with carriage returns becomes one endless line there, so print a line every 10 s instead.
+    return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", file=_LineWriter(sys.stderr), ncols=100,
+                mininterval=10.0, maxinterval=10.0)
+
+
+class _LineWriter:
+    """A file for tqdm that turns each redraw into one plain line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").replace("\x1b[A", "").strip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def _quiet_libraries() -> None:

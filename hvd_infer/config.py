@@ -47,6 +47,7 @@ class DataConfig:
     batch_size: int = 32  # rows per forward pass
     max_tokens_per_batch: int = 0  # if > 0: batches sized by padded tokens instead of rows
     sort_window: int = 4096  # rows sorted by length together, to keep padding small
+    pad_to_multiple_of: int = 8  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
     on_null: str = "error"  # null or empty text: error | skip | empty
 
 
@@ -257,6 +258,8 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"data.max_tokens_per_batch must be >= 0 (0 = off), got {d.max_tokens_per_batch}")
     if d.sort_window < 1:
         raise ConfigError(f"data.sort_window must be >= 1, got {d.sort_window}")
+    if d.pad_to_multiple_of < 1:
+        raise ConfigError(f"data.pad_to_multiple_of must be >= 1 (1 = no rounding), got {d.pad_to_multiple_of}")
     _choice("data.on_null", d.on_null, ["error", "skip", "empty"])
     if len(set(d.id_columns)) != len(d.id_columns):
         raise ConfigError(f"data.id_columns has duplicates: {d.id_columns}")

@@ -70,6 +70,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
 def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
     from hvd_infer.batcher import BatchStream
+    from hvd_infer.context import release_free_memory
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.model import load_model
     from hvd_infer.reader import read_parts
@@ -126,6 +127,8 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
             fig.real_tokens += batch.real_tokens
             fig.padded_tokens += batch.padded_tokens
             fig.batches += 1
+            if ctx.device.type == "cpu" and fig.batches % 64 == 0:
+                release_free_memory()
             if bar is not None:
                 bar.update(len(batch.rows))
     finally:

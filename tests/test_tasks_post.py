@@ -57,3 +57,15 @@ def test_truncation_is_counted(tiny_classifier):
     load_model(cfg, task, torch.device("cpu"))
     enc = task.encode(TEXTS)
     assert enc.truncated == 1 and max(enc.lengths) == 8
+
+
+def test_pad_rounds_width_up_and_masks_only_real_tokens():
+    from hvd_infer.tasks.base import pad
+
+    right = pad([[5, 6, 7], [8]], pad_id=0, multiple=8)
+    assert right["input_ids"].shape == (2, 8)
+    assert right["input_ids"][0].tolist() == [5, 6, 7, 0, 0, 0, 0, 0]
+    assert right["attention_mask"].sum(1).tolist() == [3, 1]
+    left = pad([[5, 6, 7], [8]], pad_id=0, side="left", multiple=4)
+    assert left["input_ids"][1].tolist() == [0, 0, 0, 8] and left["attention_mask"][0].tolist() == [0, 1, 1, 1]
+    assert pad([[1] * 8], pad_id=0, multiple=8)["input_ids"].shape == (1, 8)  # already a multiple: unchanged

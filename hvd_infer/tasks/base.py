@@ -32,6 +32,7 @@ class Task:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.max_length = cfg.model.max_length
+        self.pad_multiple = cfg.data.pad_to_multiple_of
 
     # -- model -------------------------------------------------------------
     def check_model_config(self, hf_config, path: str) -> None:
@@ -66,7 +67,7 @@ class Task:
         A task may add entries that are not tensors (offsets, texts) for its own predict to take
         out before calling the model.
         """
-        return pad(features, self.pad_id)
+        return pad(features, self.pad_id, multiple=self.pad_multiple)
 
     # -- model run ---------------------------------------------------------
     def predict(self, model, batch: Dict[str, Any]) -> Dict[str, Any]:
@@ -83,14 +84,18 @@ def count_truncated(enc) -> int:
     return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
 
 
-def pad(features: List[Any], pad_id: int, side: str = "right") -> Dict[str, torch.Tensor]:
+def pad(features: List[Any], pad_id: int, side: str = "right", multiple: int = 1) -> Dict[str, torch.Tensor]:
     """Pad token id lists (or dicts of equal-length lists, input_ids among them) to one width, with a mask.
 
     input_ids are padded with pad_id and other keys (token_type_ids) with 0; side="left" for decoders
-    that generate from the last position.
+    that generate from the last position. The width is rounded up to `multiple`: every distinct
+    (rows, width) shape makes the CPU allocator and oneDNN keep buffers of its own, so with one
+    width per token count a rank's memory grew ~2x over a long job (measured, MiniLM); with
+    multiples of 8 it stays flat, and the kernels get aligned shapes.
     """
     rows = [f if isinstance(f, dict) else {"input_ids": f} for f in features]
     width = max(len(r["input_ids"]) for r in rows)
+    width = -(-width // multiple) * multiple
     out = {k: np.full((len(rows), width), pad_id if k == "input_ids" else 0, dtype=np.int64) for k in rows[0]}
     out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):

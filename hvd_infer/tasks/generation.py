@@ -78,7 +78,7 @@ class TextGeneration(Task):
         return Encoded(ids, token_counts(ids), count_truncated(enc))
 
     def collate(self, features):
-        return pad(features, self.pad_id, side="left")
+        return pad(features, self.pad_id, side="left", multiple=self.pad_multiple)
 
     def predict(self, model, batch):
         g = self.options

@@ -64,7 +64,7 @@ class TokenClassification(Task):
         return Encoded(features, token_counts(ids), count_truncated(enc))
 
     def collate(self, features):
-        batch = pad([f[0] for f in features], self.pad_id)
+        batch = pad([f[0] for f in features], self.pad_id, multiple=self.pad_multiple)
         batch["rows"] = features  # offsets, special tokens and text, for predict
         return batch
 

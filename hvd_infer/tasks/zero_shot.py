@@ -86,7 +86,7 @@ class ZeroShotClassification(Task):
         return Encoded(features, lengths.sum(axis=1), int(cut.any(axis=1).sum()))
 
     def collate(self, features):
-        return pad([pair for row in features for pair in row], self.pad_id)
+        return pad([pair for row in features for pair in row], self.pad_id, multiple=self.pad_multiple)
 
     def predict(self, model, batch):
         k = len(self.labels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Union
@@ -192,8 +193,6 @@ def _as_arrow(values) -> pa.Array:
 def _progress(cfg: JobConfig, ctx, rows: int):
     if not (ctx.is_main and cfg.runtime.progress):
         return None
-    import sys
-
     from tqdm import tqdm
 
     if sys.stderr.isatty():

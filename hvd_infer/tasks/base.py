@@ -67,7 +67,11 @@ class Task:
         A task may add entries that are not tensors (offsets, texts) for its own predict to take
         out before calling the model.
         """
-        return pad(features, self.pad_id, multiple=self.pad_multiple)
+        return self.pad_batch(features)
+
+    def pad_batch(self, features: List[Any], side: str = "right") -> Dict[str, torch.Tensor]:
+        """pad() with this job's pad id and data.pad_to_multiple_of: every task's collate uses it."""
+        return pad(features, self.pad_id, side=side, multiple=self.pad_multiple)
 
     # -- model run ---------------------------------------------------------
     def predict(self, model, batch: Dict[str, Any]) -> Dict[str, Any]:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, pad, token_counts
+from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, token_counts
 
 
 class TextGeneration(Task):
@@ -78,7 +78,7 @@ class TextGeneration(Task):
         return Encoded(ids, token_counts(ids), count_truncated(enc))
 
     def collate(self, features):
-        return pad(features, self.pad_id, side="left", multiple=self.pad_multiple)
+        return self.pad_batch(features, side="left")
 
     def predict(self, model, batch):
         g = self.options

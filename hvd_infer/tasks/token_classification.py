@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, pad, token_counts
+from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, token_counts
 
 ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
                     pa.field("start", pa.int64()), pa.field("end", pa.int64()), pa.field("word", pa.string())])
@@ -64,7 +64,7 @@ class TokenClassification(Task):
         return Encoded(features, token_counts(ids), count_truncated(enc))
 
     def collate(self, features):
-        batch = pad([f[0] for f in features], self.pad_id, multiple=self.pad_multiple)
+        batch = self.pad_batch([f[0] for f in features])
         batch["rows"] = features  # offsets, special tokens and text, for predict
         return batch
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, float_list_array, pad
+from hvd_infer.tasks.base import Encoded, ModelError, Task, float_list_array
 
 
 def _label_id(id2label, prefix: str):
@@ -86,7 +86,7 @@ class ZeroShotClassification(Task):
         return Encoded(features, lengths.sum(axis=1), int(cut.any(axis=1).sum()))
 
     def collate(self, features):
-        return pad([pair for row in features for pair in row], self.pad_id, multiple=self.pad_multiple)
+        return self.pad_batch([pair for row in features for pair in row])
 
     def predict(self, model, batch):
         k = len(self.labels)

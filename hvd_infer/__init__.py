@@ -3,7 +3,8 @@
     horovodrun -np 4 python -m hvd_infer --config conf/job.yaml data.batch_size=64
     hvd_infer.run("conf/job.yaml")           # one rank's share; picklable for Spark launchers
 """
-from hvd_infer.config import ConfigError, JobConfig, load_config
+from hvd_infer.config import JobConfig, load_config
+from hvd_infer.errors import ConfigError, UserError
 
 
 def run(config=None, **overrides):
@@ -13,5 +14,5 @@ def run(config=None, **overrides):
     return _run(config, **overrides)
 
 
-__all__ = ["run", "load_config", "JobConfig", "ConfigError"]
+__all__ = ["run", "load_config", "JobConfig", "ConfigError", "UserError"]
 __version__ = "0.1.0"

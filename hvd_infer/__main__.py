@@ -10,17 +10,10 @@ import argparse
 import os
 import sys
 
+from hvd_infer.errors import UserError
+
 # User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
 EXIT_USER_ERROR = 2
-
-
-def _user_errors():
-    from hvd_infer.config import ConfigError
-    from hvd_infer.dataset import DataError
-    from hvd_infer.tasks.base import ModelError
-    from hvd_infer.writer import OutputError
-
-    return (ConfigError, DataError, ModelError, OutputError)
 
 
 def main(argv=None) -> int:
@@ -44,9 +37,9 @@ def main(argv=None) -> int:
 
         run(cfg)
         return 0
-    except _user_errors() as e:
+    except UserError as e:
         # An error every rank raised (config, input, model checks) is printed once, by rank 0.
-        if rank == "0" or not (isinstance(e, _user_errors()[0]) or getattr(e, "all_ranks", False)):
+        if rank == "0" or not e.all_ranks:
             print(f"hvd_infer: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import numpy as np
 
 from hvd_infer.config import DataConfig
-from hvd_infer.dataset import DataError
+from hvd_infer.errors import DataError
 from hvd_infer.reader import Columns
 from hvd_infer.shard_plan import Part
 

@@ -12,27 +12,43 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
+
+from hvd_infer.errors import ConfigError
 
 # The embedded demo job; the package is installed editable from the repo (scripts/install.sh).
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "default.yaml")
 
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it and what would be right."""
+def bounded(default: Any, lo: Any = None, hi: Any = None, lo_open: bool = False, note: str = "") -> Any:
+    """A numeric field whose range is declared with it and checked when the config is built."""
+    return field(default=default, metadata={"range": (lo, hi, lo_open, note)})
+
+
+def _check_range(key: str, value: Any, spec) -> None:
+    lo, hi, lo_open, note = spec
+    if value is None:
+        return
+    low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+    if low_bad or (hi is not None and value > hi):
+        if hi is None:
+            want = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            want = f"in {'(' if lo_open else '['}{lo}, {hi}]"
+        raise ConfigError(f"{key} must be {want}{note}, got {value}")
 
 
 @dataclass
 class ModelConfig:
     path: str = ""  # a model directory (save_pretrained), or an MLflow URI: models:/name/1, runs:/id/model
     task: str = "text-classification"  # see hvd_infer.tasks.TASKS
-    dtype: str = "auto"  # auto (float16 on CUDA, float32 on CPU) | float32 | float16 | bfloat16
-    quantize: str = "none"  # none | int8 (dynamic int8 Linear layers, CPU only)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
+    quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 Linear layers, CPU only
     deepspeed: bool = True  # wrap with deepspeed.init_inference
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
-    max_length: int = 256  # tokens; longer texts are truncated and counted
+    max_length: int = bounded(256, 1)  # tokens; longer texts are truncated and counted
     trust_remote_code: bool = False  # run Python shipped with the model; off unless you trust it
     allow_pickle: bool = False  # load pytorch_model.bin (weights_only) when no safetensors exist
 
@@ -44,19 +60,19 @@ class DataConfig:
     text_pair_column: Optional[str] = None  # second text, for models trained on pairs
     id_columns: List[str] = field(default_factory=list)  # copied through to the output, first
     label_column: Optional[str] = None  # gold labels: accuracy, macro-F1, confusion matrix
-    batch_size: int = 32  # rows per forward pass
-    max_tokens_per_batch: int = 0  # if > 0: batches sized by padded tokens instead of rows
-    sort_window: int = 4096  # rows sorted by length together, to keep padding small
-    pad_to_multiple_of: int = 8  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
-    on_null: str = "error"  # null or empty text: error | skip | empty
+    batch_size: int = bounded(32, 1)  # rows per forward pass
+    max_tokens_per_batch: int = bounded(0, 0, note=" (0 = off)")  # if > 0: batches sized by padded tokens instead of rows
+    sort_window: int = bounded(4096, 1)  # rows sorted by length together, to keep padding small
+    pad_to_multiple_of: int = bounded(8, 1, note=" (1 = no rounding)")  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
+    on_null: Literal["error", "skip", "empty"] = "error"  # null or empty text: fail, drop (ids in the manifest), or score ""
 
 
 @dataclass
 class OutputConfig:
     path: str = ""  # directory of Parquet parts (+ _manifest.json, _SUCCESS)
-    mode: str = "error"  # error (refuse a non-empty dir) | overwrite | resume
-    rows_per_part: int = 50000  # each part is written atomically and is the unit of resume
-    compression: str = "snappy"
+    mode: Literal["error", "overwrite", "resume"] = "error"  # error: refuse a non-empty dir
+    rows_per_part: int = bounded(50000, 1)  # each part is written atomically and is the unit of resume
+    compression: Literal["snappy", "zstd", "gzip", "lz4", "none"] = "snappy"
 
 
 @dataclass
@@ -72,7 +88,7 @@ class MlflowConfig:
 
 @dataclass
 class RuntimeConfig:
-    threads: int = 0  # torch threads per rank; 0 = CPU cores // ranks on this host
+    threads: int = bounded(0, 0, note=" (0 = auto)")  # torch threads per rank; 0 = CPU cores // ranks on this host
     progress: bool = True  # tqdm bar on rank 0
     seed: int = 0
 
@@ -86,16 +102,16 @@ class ZeroShotConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int = bounded(32, 1)
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = bounded(1.0, 0, lo_open=True)
+    top_p: float = bounded(1.0, 0, 1, lo_open=True)
     seed: int = 0
 
 
 @dataclass
 class TokenClassificationConfig:
-    aggregation: str = "simple"  # none | simple | first | average | max
+    aggregation: Literal["none", "simple", "first", "average", "max"] = "simple"
 
 
 @dataclass
@@ -139,6 +155,8 @@ _NOT_SECRET = {"max_tokens_per_batch"}
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _type_name(args[0]) + " or null"
@@ -151,6 +169,11 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -194,6 +217,7 @@ def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys, got {values!r}")
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
@@ -203,6 +227,8 @@ def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(tp, value or {}, full)
         else:
             kwargs[key] = _coerce(value, tp, full)
+            if "range" in fields[key].metadata:
+                _check_range(full, kwargs[key], fields[key].metadata["range"])
     return cls(**kwargs)
 
 
@@ -242,53 +268,33 @@ def validate(cfg: JobConfig) -> JobConfig:
     if not m.path:
         raise ConfigError("model.path is required: a model directory saved with save_pretrained, or an MLflow model URI")
     _choice("model.task", m.task, sorted(TASKS))
-    _choice("model.dtype", m.dtype, ["auto", "float32", "float16", "bfloat16"])
-    _choice("model.quantize", m.quantize, ["none", "int8"])
     if m.quantize == "int8" and m.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantize=int8 runs float32 activations; set model.dtype=float32 (got {m.dtype})")
-    if m.max_length < 1:
-        raise ConfigError(f"model.max_length must be >= 1, got {m.max_length}")
     if not d.path:
         raise ConfigError("data.path is required: a Parquet file, directory or glob")
     if not d.text_column:
         raise ConfigError("data.text_column is required: the name of the column holding the text")
-    if d.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
-    if d.max_tokens_per_batch < 0:
-        raise ConfigError(f"data.max_tokens_per_batch must be >= 0 (0 = off), got {d.max_tokens_per_batch}")
-    if d.sort_window < 1:
-        raise ConfigError(f"data.sort_window must be >= 1, got {d.sort_window}")
-    if d.pad_to_multiple_of < 1:
-        raise ConfigError(f"data.pad_to_multiple_of must be >= 1 (1 = no rounding), got {d.pad_to_multiple_of}")
-    _choice("data.on_null", d.on_null, ["error", "skip", "empty"])
     if len(set(d.id_columns)) != len(d.id_columns):
         raise ConfigError(f"data.id_columns has duplicates: {d.id_columns}")
     if not o.path:
         raise ConfigError("output.path is required: the directory the predictions are written to")
-    _choice("output.mode", o.mode, ["error", "overwrite", "resume"])
-    if o.rows_per_part < 1:
-        raise ConfigError(f"output.rows_per_part must be >= 1, got {o.rows_per_part}")
-    _choice("output.compression", o.compression, ["snappy", "zstd", "gzip", "lz4", "none"])
-    if cfg.runtime.threads < 0:
-        raise ConfigError(f"runtime.threads must be >= 0 (0 = auto), got {cfg.runtime.threads}")
     if m.task == "zero-shot-classification" and not cfg.zero_shot.candidate_labels:
         raise ConfigError("zero_shot.candidate_labels is required for model.task=zero-shot-classification, e.g. [sports, politics]")
     if m.task == "zero-shot-classification" and "{}" not in cfg.zero_shot.hypothesis_template:
         raise ConfigError(f"zero_shot.hypothesis_template must contain '{{}}' where the label goes; got {cfg.zero_shot.hypothesis_template!r}")
-    g = cfg.generation
-    if g.max_new_tokens < 1:
-        raise ConfigError(f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
-    if g.temperature <= 0:
-        raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
-    if not 0 < g.top_p <= 1:
-        raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
-    _choice("token_classification.aggregation", cfg.token_classification.aggregation,
-            ["none", "simple", "first", "average", "max"])
     return cfg
 
 
+# model.path values that name a model in an MLflow store rather than a directory.
+MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def is_model_uri(path: str) -> bool:
+    return path.startswith(MODEL_URI_SCHEMES)
+
+
 def _is_local(path: str) -> bool:
-    return "://" not in path and not path.startswith(("models:/", "runs:/", "dbfs:"))
+    return "://" not in path and not is_model_uri(path) and not path.startswith("dbfs:")
 
 
 _PATH_KEYS = (("model", "path"), ("data", "path"), ("output", "path"),

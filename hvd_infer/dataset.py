@@ -15,10 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hvd_infer.config import DataConfig
-
-
-class DataError(ValueError):
-    """The input data is not what the config says; the message names the file or column."""
+from hvd_infer.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -112,7 +109,8 @@ def open_input(cfg: DataConfig) -> ParquetInput:
     return ParquetInput(protocol, files, sizes, row_groups, schema)
 
 
-def _is_string(t: pa.DataType) -> bool:
+def is_string(t: pa.DataType) -> bool:
+    """A text column: string, large_string, or a dictionary of them."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     return pa.types.is_string(t) or pa.types.is_large_string(t)
@@ -130,5 +128,5 @@ def _check_columns(cfg: DataConfig, path: str, schema: pa.Schema) -> None:
         if col not in names:
             raise DataError(f"{key} '{col}' not found in {path}; columns are: {', '.join(names)}")
     for key, col in wanted[:2]:
-        if key.startswith("data.text") and not _is_string(schema.field(col).type):
+        if key.startswith("data.text") and not is_string(schema.field(col).type):
             raise DataError(f"{key} '{col}' in {path} has type {schema.field(col).type}; it must be a string column")

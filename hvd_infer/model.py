@@ -10,8 +10,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from hvd_infer.config import ConfigError, JobConfig
-from hvd_infer.tasks.base import ModelError
+from hvd_infer.config import JobConfig, is_model_uri
+from hvd_infer.errors import ConfigError, ModelError
 
 log = logging.getLogger("hvd_infer")
 
@@ -42,7 +42,7 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_model_path(path: str, tracking_uri: Optional[str] = None) -> str:
     """A local model directory for path: MLflow URIs are downloaded (once per host) from tracking_uri's store."""
-    if path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if is_model_uri(path):
         from hvd_infer.tracking import download_model
 
         return download_model(path, tracking_uri)
@@ -70,7 +70,7 @@ def check_model_dir(path: str, allow_pickle: bool) -> None:
 def preflight_model(cfg: JobConfig, task) -> None:
     """Check a local model directory against the task without loading weights (cheap, before any output)."""
     m = cfg.model
-    if m.path.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if is_model_uri(m.path):
         return  # checked once downloaded, in load_model
     from transformers import AutoConfig
 

@@ -12,7 +12,8 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from hvd_infer.dataset import DataError, ParquetInput, RowGroup
+from hvd_infer.dataset import ParquetInput, RowGroup, is_string
+from hvd_infer.errors import DataError
 from hvd_infer.shard_plan import Part
 
 Columns = Dict[str, np.ndarray]
@@ -48,7 +49,7 @@ def _strings_as_bytes(inp: ParquetInput, columns: Sequence[str]):
     one long text widens every row. As UTF-8 bytes they stay object arrays, nulls kept."""
     from petastorm import TransformSpec
 
-    strings = [c for c in columns if _is_text(inp.schema.field(c).type)]
+    strings = [c for c in columns if is_string(inp.schema.field(c).type)]
     if not strings:
         return None
 
@@ -58,14 +59,6 @@ def _strings_as_bytes(inp: ParquetInput, columns: Sequence[str]):
         return df
 
     return TransformSpec(encode, edit_fields=[(c, np.bytes_, (), True) for c in strings])
-
-
-def _is_text(t) -> bool:
-    import pyarrow as pa
-
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
 def _decode(values: np.ndarray) -> np.ndarray:
@@ -121,7 +114,7 @@ def _next_batch(reader, inp: ParquetInput, rg: RowGroup) -> Columns:
     except Exception as e:
         raise DataError(f"cannot read row group {rg.index} of {inp.files[rg.file]} ({str(e).splitlines()[0]}); "
                         "the file looks corrupt: replace it and rerun with output.mode=resume") from None
-    data = {c: _decode(v) if _is_text(inp.schema.field(c).type) else v for c, v in batch._asdict().items()}
+    data = {c: _decode(v) if is_string(inp.schema.field(c).type) else v for c, v in batch._asdict().items()}
     n = len(next(iter(data.values())))
     if n != rg.rows:
         raise DataError(f"{inp.files[rg.file]} row group {rg.index}: read {n} rows, its footer says {rg.rows}")

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 import hvd_infer
-from hvd_infer.config import ConfigError, load_config
+from hvd_infer.config import load_config
+from hvd_infer.errors import ConfigError
 
 
 def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
@@ -121,7 +122,7 @@ class _Predictor:
         bad = _null_mask(values)
         if bad.any():
             if self.cfg.data.on_null == "error":
-                from hvd_infer.dataset import DataError
+                from hvd_infer.errors import DataError
 
                 raise DataError(f"column '{column}' is null or empty in {int(bad.sum())} rows; clean the data, "
                                 "filter them out, or set data.on_null=empty (score them as empty text)")

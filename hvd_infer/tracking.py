@@ -9,8 +9,8 @@ import logging
 import os
 from typing import Any, Dict, List, Optional
 
-from hvd_infer.config import JobConfig, mask_secrets
-from hvd_infer.tasks.base import ModelError
+from hvd_infer.config import JobConfig, is_model_uri, mask_secrets
+from hvd_infer.errors import ModelError
 
 log = logging.getLogger("hvd_infer")
 
@@ -145,13 +145,6 @@ def _masked_yaml(cfg: JobConfig) -> str:
     import yaml
 
     return yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False)
-
-
-MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-
-
-def is_model_uri(path: str) -> bool:
-    return path.startswith(MODEL_URI_SCHEMES)
 
 
 def describe_model(uri: str, tracking_uri: Optional[str] = None) -> Dict[str, str]:

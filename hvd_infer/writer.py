@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hvd_infer.config import JobConfig
+from hvd_infer.errors import OutputError
 from hvd_infer.shard_plan import Interval, Part
 
 JOB_FILE = "_hvd_infer_job.json"
@@ -32,10 +33,6 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 PARTS_DIR = "_parts"
 _PART_RE = re.compile(r"^part-r(\d{5})-(\d{12})-(\d{12})\.parquet$")
-
-
-class OutputError(ValueError):
-    """The output directory cannot be used as asked; the message says what to do."""
 
 
 def part_name(rank: int, start: int, stop: int) -> str:

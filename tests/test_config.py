@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from hvd_infer.config import ConfigError, load_config, mask_secrets
+from hvd_infer.config import load_config, mask_secrets
+from hvd_infer.errors import ConfigError
 
 BASE = {"model": {"path": "/m"}, "data": {"path": "/d"}, "output": {"path": "/o"}}
 

@@ -8,7 +8,8 @@ import pytest
 
 import builders
 from hvd_infer.config import DataConfig
-from hvd_infer.dataset import DataError, open_input
+from hvd_infer.dataset import open_input
+from hvd_infer.errors import DataError
 from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import plan_parts
 

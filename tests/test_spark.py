@@ -21,7 +21,7 @@ import yaml
 
 import hvd_infer
 from conftest import horovodrun, python_m
-from hvd_infer.config import ConfigError
+from hvd_infer.errors import ConfigError
 
 slow = pytest.mark.slow
 LOOPBACK = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}

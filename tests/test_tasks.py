@@ -19,11 +19,12 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 import builders
 from conftest import horovodrun, python_m
-from hvd_infer.config import ConfigError, load_config
+from hvd_infer.config import load_config
+from hvd_infer.errors import ConfigError
 from hvd_infer.evaluation import Evaluation
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
-from hvd_infer.tasks.base import ModelError
+from hvd_infer.errors import ModelError
 
 LABELS = ["pos", "neg", "neutral"]  # zero-shot candidates; also the gold labels builders.write_dataset uses
 NER_WORDS = ("Horovod Petastorm Zürich McAllister Ouagadougou Kathmandu Schwarzenegger O'Neill's e-mail "

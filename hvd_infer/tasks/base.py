@@ -11,10 +11,6 @@ import torch
 from hvd_infer.config import JobConfig
 
 
-class ModelError(ValueError):
-    """The model directory cannot do what the config asks; the message says why."""
-
-
 @dataclass
 class Encoded:
     """Token ids of a chunk of rows; `features[i]` belongs to row i, in whatever form the task's collate takes."""

@@ -21,8 +21,8 @@ import hashlib
 import pyarrow as pa
 import torch
 
-from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, token_counts
+from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.tasks.base import Encoded, Task, count_truncated, token_counts
 
 
 class TextGeneration(Task):

@@ -5,7 +5,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hvd_infer.tasks.base import ModelError, Task, float_list_array
+from hvd_infer.errors import ModelError
+from hvd_infer.tasks.base import Task, float_list_array
 
 
 class TextClassification(Task):

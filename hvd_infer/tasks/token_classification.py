@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, count_truncated, token_counts
+from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.tasks.base import Encoded, Task, count_truncated, token_counts
 
 ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
                     pa.field("start", pa.int64()), pa.field("end", pa.int64()), pa.field("word", pa.string())])

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hvd_infer.config import ConfigError
-from hvd_infer.tasks.base import Encoded, ModelError, Task, float_list_array
+from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.tasks.base import Encoded, Task, float_list_array
 
 
 def _label_id(id2label, prefix: str):

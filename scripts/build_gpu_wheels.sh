@@ -7,11 +7,14 @@
 #
 # Versions are the ones in $VENV (the stack tested here). deepspeed is built as a pure-Python wheel
 # (DS_BUILD_OPS=0): its ops are JIT-built by nvcc on the GPU host. petastorm needs pyarrow < 15
-# and so numpy < 2, older than such a host's; gpu_check.py installs all of this into its own
-# --target folder, first on PYTHONPATH for the jobs only, so the host's torch is left alone.
-# pyarrow is slimmed (no Flight, Substrait, headers, sources, tests: petastorm and hvd_infer use
-# none) so that the whole folder, MiniLM's tokenizer files included, stays under 60 MiB: the
-# device tool carries 64 MiB per call, the repository included.
+# and so numpy < 2, older than such a host's, and then a pandas built for numpy 1.x (the host's,
+# built for numpy 2, does not import): gpu_check.py installs all of this into its own --target
+# folder, first on PYTHONPATH for the jobs only, so the host's torch is left alone.
+# numpy, pandas and pyarrow are slimmed (no tests, headers, sources, Flight, Substrait; debug
+# symbols stripped) so the folder, MiniLM's tokenizer files included, stays under 60 MiB: the
+# device tool carries 64 MiB per call, the repository included. mlflow is not carried: importing
+# mlflow-skinny 3.x pulls fastapi, uvicorn and databricks-sdk (with google-auth), which would not
+# fit, and the GPU check's jobs run with mlflow.enabled=false.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$here/.venv}
@@ -21,10 +24,8 @@ LIMIT_MIB=${LIMIT_MIB:-60}
 py="$VENV/bin/python"
 
 # Compiled: the host's Python tag. Pure: any. None of these is on such a host (or too new there).
-compiled=(numpy pyarrow pydantic_core pyzmq)
-pure=(petastorm dill diskcache future hjson pydantic annotated-types typing-inspection
-      mlflow-skinny cachetools gitpython gitdb smmap importlib-metadata opentelemetry-api opentelemetry-sdk
-      opentelemetry-proto opentelemetry-semantic-conventions python-dotenv sqlparse)
+compiled=(numpy pyarrow pandas pydantic_core pyzmq)
+pure=(petastorm dill diskcache future hjson pydantic annotated-types typing-inspection pytz tzdata)
 
 pin() {  # NAME==VERSION as installed in $VENV
   local v
@@ -48,28 +49,58 @@ echo "[gpu-wheels] pure: ${specs[*]}"
 "${pip_dl[@]}" "${specs[@]}"
 
 ds=$(pin deepspeed)
-echo "[gpu-wheels] $ds as a pure-Python wheel (DS_BUILD_OPS=0)"
-# setup.py imports torch: build against $VENV's; the ops it would compile are left to the JIT.
-DS_BUILD_OPS=0 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-  --no-binary deepspeed "$ds" -w "$OUT.tmp"
+built=$(ls "$OUT/deepspeed-${ds#*==}-py3-none-any.whl" 2>/dev/null || true)
+if [ -n "$built" ]; then
+  cp "$built" "$OUT.tmp/"
+else
+  echo "[gpu-wheels] $ds as a pure-Python wheel (DS_BUILD_OPS=0), a few minutes"
+  # setup.py imports torch: build against $VENV's; the ops it would compile are left to the JIT.
+  DS_BUILD_OPS=0 "$py" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+    --no-binary deepspeed "$ds" -w "$OUT.tmp"
+fi
 
 "$py" - "$OUT.tmp" <<'EOF'
-"""Slim pyarrow's wheel: drop what neither petastorm nor hvd_infer imports, and its RECORD lines."""
-import glob, os, sys, zipfile
+"""Slim numpy, pandas and pyarrow: drop what no job imports, strip debug symbols, rewrite RECORD."""
+import base64, glob, hashlib, os, shutil, subprocess, sys, tempfile, zipfile
 
-DROP = ("/include/", "/src/", "/tests/", "/includes/", "flight", "substrait", ".pyx", ".pxd", ".pxi")
-for whl in glob.glob(os.path.join(sys.argv[1], "pyarrow-*.whl")):
+DROP = ("/tests/", "/include/", "/src/", "/includes/", ".pyx", ".pxd", ".pxi")
+DROP_PYARROW = ("flight", "substrait")  # Arrow Flight RPC and Substrait plans: 20 MB unpacked, unused
+strip = shutil.which("strip")
+
+
+def dropped(name: str) -> bool:
+    return any(d in name for d in DROP) or (name.startswith("pyarrow/") and any(d in name for d in DROP_PYARROW))
+
+
+def without_debug_info(data: bytes) -> bytes:
+    with tempfile.NamedTemporaryFile(suffix=".so") as f:
+        f.write(data)
+        f.flush()
+        subprocess.run([strip, "--strip-debug", f.name], check=True)
+        with open(f.name, "rb") as g:
+            return g.read()
+
+
+for whl in sorted(glob.glob(os.path.join(sys.argv[1], "*.whl"))):
+    if not os.path.basename(whl).startswith(("numpy-", "pandas-", "pyarrow-")):
+        continue
     tmp = whl + ".slim"
+    record, lines = None, []
     with zipfile.ZipFile(whl) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
         for item in src.infolist():
-            if item.filename.startswith("pyarrow/") and any(d in item.filename for d in DROP):
+            if item.filename.endswith(".dist-info/RECORD"):
+                record = item
+                continue
+            if dropped(item.filename):
                 continue
             data = src.read(item.filename)
-            if item.filename.endswith(".dist-info/RECORD"):
-                keep = [ln for ln in data.decode().splitlines()
-                        if not (ln.startswith("pyarrow/") and any(d in ln.split(",")[0] for d in DROP))]
-                data = ("\n".join(keep) + "\n").encode()
+            if strip and data[:4] == b"\x7fELF":
+                data = without_debug_info(data)
             dst.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            lines.append(f"{item.filename},sha256={digest},{len(data)}")
+        lines.append(f"{record.filename},,")
+        dst.writestr(record, "\n".join(lines) + "\n", compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     before, after = os.path.getsize(whl), os.path.getsize(tmp)
     os.replace(tmp, whl)
     print(f"[gpu-wheels] {os.path.basename(whl)}: {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")

@@ -16,10 +16,11 @@ nvidia-smi during the first job's steady phase, and the null-model feed rate for
 4, 8, 15 (scripts/bench_feed.py). --cpu-smoke runs the same code with tiny sizes in float32 on CPU,
 without kernel injection (CUDA only) or nvidia-smi.
 
-A GPU host may lack deepspeed, petastorm and mlflow and have no network: when they do not import,
-the wheels that scripts/build_gpu_wheels.sh made (gpu_wheels/, carried along) are installed with
+A GPU host may lack deepspeed and petastorm and have no network: when they do not import, the
+wheels that scripts/build_gpu_wheels.sh made (gpu_wheels/, carried along) are installed with
 --no-deps into a folder of their own that only the jobs see, first on their PYTHONPATH: it holds
-numpy 1.26 and pyarrow 14 for petastorm, and the host's own torch stays as it is.
+numpy 1.26, pyarrow 14 and pandas 2.2 for petastorm, and the host's own torch stays as it is.
+The jobs run with mlflow.enabled=false (mlflow is not carried: see build_gpu_wheels.sh).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from feed_inputs import bert_classifier, corpus, cpu_facts, run_job, write_corpu
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEELS = os.path.join(REPO, "gpu_wheels")
 MAX_LENGTH = 256
-NEEDED = ("deepspeed", "petastorm", "mlflow")
+NEEDED = ("deepspeed", "petastorm", "pandas", "pyarrow.parquet")  # what a job imports that such a host may lack or break
 
 
 def gpu_check(rows: int = 200_000, cpu_smoke: bool = False, work: str = os.path.join(REPO, "bench_out", "gpu_check"),
@@ -51,8 +52,7 @@ def gpu_check(rows: int = 200_000, cpu_smoke: bool = False, work: str = os.path.
               wheels: str = WHEELS) -> Dict[str, Any]:
     """Run every check; prints as it goes and returns the report (ok: every job ran).
 
-    wheels: scripts/build_gpu_wheels.sh's folder, installed from when deepspeed, petastorm or mlflow
-    do not import."""
+    wheels: scripts/build_gpu_wheels.sh's folder, installed from when a job's packages do not import."""
     import torch
 
     cuda = torch.cuda.is_available() and not cpu_smoke

@@ -170,14 +170,21 @@ def quantize_int8(model, per_channel: bool):
     Per-tensor scales and a quantized head changed 7% of a fine-tuned MiniLM classifier's labels
     (issue 11); the head is a few thousand weights that decide the label, so keeping it costs nothing.
     """
+    import warnings
+
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    if not per_channel:
-        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    head = head_modules(model)
-    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and not any(name == h or name.startswith(h + ".") for h in head)}
-    return quantize_dynamic(model, spec, dtype=torch.qint8) if spec else model
+    if per_channel:
+        head = head_modules(model)
+        spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and not any(name == h or name.startswith(h + ".") for h in head)}
+    else:
+        spec = {torch.nn.Linear}
+    # torch.ao's deprecation notices (it still works on the pinned torch) would print on every rank's load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return quantize_dynamic(model, spec, dtype=torch.qint8) if spec else model
 
 
 def head_modules(model) -> List[str]:

@@ -17,6 +17,7 @@ from sentence_transformers import SentenceTransformer
 
 import builders
 from conftest import horovodrun, python_m
+from test_spark import loopback_env  # noqa: F401  (a fixture)
 from hvd_infer.config import load_config
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
@@ -184,3 +185,21 @@ def test_spark_udf_column_from_fixed_size_list():
 
     m = np.arange(6, dtype=np.float32).reshape(3, 2)
     np.testing.assert_array_equal(_numpy_column(fixed_size_list_array(m).take(pa.array([2, 0, 1]))), m[[2, 0, 1]])
+
+
+@pytest.mark.slow
+def test_spark_predict_udf_equals_sentence_transformers(st_models, loopback_env):
+    """predict_udf returns the vectors as an array column (Spark has no fixed-size lists)."""
+    from hvd_infer.spark import predict_udf
+    from test_spark import session
+
+    spark = session("local[1]", **{"spark.ui.enabled": "false"})
+    try:
+        df = spark.createDataFrame(list(enumerate(TEXTS)), "id long, text string")
+        udf = predict_udf({"model": {"path": st_models["cls-prompts"], "task": "embedding"}, "data": {"path": "/d"},
+                           "output": {"path": "/o"}, "embedding": {"prompt_name": "query", "dimensions": 16}})
+        rows = df.withColumn("pred", udf("text")).select("id", "pred.embedding").orderBy("id").collect()
+    finally:
+        spark.stop()
+    ref = reference(st_models["cls-prompts"], TEXTS, prompt_name="query", dimensions=16)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), ref, atol=1e-5)

@@ -117,6 +117,8 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     # Null and empty texts are left out of the sample, whatever data.on_null does with them.
     for column in columns:
         text = sample.column(column)
+        if pa.types.is_dictionary(text.type):
+            text = text.cast(text.type.value_type)
         sample = sample.filter(pc.and_kleene(pc.is_valid(text), pc.not_equal(pc.utf8_trim_whitespace(text), "")))
     decision = Decision(rows=sample.num_rows)
     if not sample.num_rows:

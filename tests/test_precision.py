@@ -84,6 +84,15 @@ def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
         load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
 
 
+def test_sample_is_the_inputs_first_rows(dataset):
+    from hvd_infer.dataset import open_input, read_head
+
+    path, table = dataset  # 3 files, row groups of 7 rows
+    inp = open_input(load_config({"model": {"path": "/m"}, "data": {"path": path}, "output": {"path": "/o"}}).data)
+    assert read_head(inp, ["text", "id"], 60).to_pydict() == table.select(["text", "id"]).slice(0, 60).to_pydict()
+    assert read_head(inp, ["id"], 10_000).num_rows == table.num_rows
+
+
 def test_agreement_per_task_output():
     labels = lambda *x: {"label": pa.array(list(x))}  # noqa: E731
     assert agreement(labels("a", "b", "c", "d"), labels("a", "b", "x", "d")) == 0.75

@@ -36,6 +36,7 @@ MODELS = {
     "meansqrt-default-prompt": dict(pooling="mean_sqrt_len_tokens", prompts=PROMPTS, default_prompt_name="query"),
     "cls-prompt-excluded": dict(pooling="cls", prompts=PROMPTS, include_prompt=False),
     "mean-prompt-excluded": dict(pooling="mean", prompts=PROMPTS, include_prompt=False),
+    "decoder-lasttoken": dict(pooling="lasttoken", decoder=True, prompts=PROMPTS),
 }
 
 
@@ -75,6 +76,7 @@ TEXTS = builders.texts(24, seed=5, long_every=9)  # rows 0, 9, 18: 300-500 words
     ("meansqrt-default-prompt", {}), ("meansqrt-default-prompt", {"prompt_name": "passage"}),
     ("cls-prompt-excluded", {"prompt_name": "query"}), ("mean-prompt-excluded", {"prompt": "passage: "}),
     ("cls", {"dimensions": 12}), ("mean-raw", {"dimensions": 20}),
+    ("decoder-lasttoken", {}), ("decoder-lasttoken", {"prompt_name": "query"}),
 ])
 def test_one_batch_equals_sentence_transformers(st_models, name, options):
     got, facts = task_vectors(job(st_models[name], **options), TEXTS)
@@ -113,6 +115,7 @@ def data(tmp_path_factory):
     ("mean-raw", {}),
     ("lasttoken-raw-prompts", {"prompt": "passage: "}),
     ("meansqrt-default-prompt", {}),
+    ("decoder-lasttoken", {"prompt_name": "passage"}),
 ])
 def test_two_ranks_equal_sentence_transformers(st_models, data, tmp_path, name, options):
     path, texts = data

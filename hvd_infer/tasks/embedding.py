@@ -9,8 +9,9 @@ recipe), and the job's summary says that this was assumed.
 
 Options (embedding:): `prompt`, literal text put before every row ("query: "), or `prompt_name`,
 one of the model's named prompts; `dimensions`, keep the first k dimensions (Matryoshka models),
-then normalise if the model does. Rows are padded on the right, so the last real token of a row
-(lasttoken pooling, decoder embedders) is found from the attention mask.
+then normalise if the model does. Rows are padded on the right, also for decoder embedders: under
+causal attention a real token never sees the pads after it and keeps positions 0..n-1, so its state
+is the unpadded one; lasttoken pooling takes each row's last real token from the attention mask.
 """
 from __future__ import annotations
 

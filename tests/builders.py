@@ -92,7 +92,8 @@ def sentence_model(path: str, pooling: str = "mean", normalize: bool = True, pro
     else:
         BertModel(BertConfig(**shape)).save_pretrained(base)
     tokenizer.save_pretrained(base)
-    modules = [Transformer(base, max_seq_length=128), Pooling(hidden, pooling_mode=pooling, include_prompt=include_prompt)]
+    modules = [Transformer(base, max_seq_length=128),
+               Pooling(hidden, pooling_mode=pooling, include_prompt=include_prompt)]
     if normalize:
         modules.append(Normalize())
     model = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name=default_prompt_name, device="cpu")

@@ -43,7 +43,8 @@ MODELS = {
 @pytest.fixture(scope="module")
 def st_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("st-models")
-    return {name: builders.sentence_model(str(root / name), seed=i, **kw) for i, (name, kw) in enumerate(MODELS.items())}
+    return {name: builders.sentence_model(str(root / name), seed=i, **kw)
+            for i, (name, kw) in enumerate(MODELS.items())}
 
 
 def job(path, **embedding):
@@ -82,7 +83,7 @@ def test_one_batch_equals_sentence_transformers(st_models, name, options):
     got, facts = task_vectors(job(st_models[name], **options), TEXTS)
     width = options.get("dimensions") or 32
     assert got.type == pa.list_(pa.float32(), width)
-    ref = reference(st_models[name], TEXTS, options.get("prompt"), options.get("prompt_name"), options.get("dimensions"))
+    ref = reference(st_models[name], TEXTS, **options)
     np.testing.assert_allclose(np.stack(got.to_numpy(zero_copy_only=False)), ref, atol=1e-5)
     assert facts["embedding_layout"] == "sentence-transformers" and facts["embedding_dimensions"] == width
     assert facts["embedding_normalize"] == (name not in ("mean-raw", "lasttoken-raw-prompts"))
@@ -129,7 +130,7 @@ def test_two_ranks_equal_sentence_transformers(st_models, data, tmp_path, name, 
     assert got.schema.field("embedding").type == pa.list_(pa.float32(), width)
     got = got.to_pandas().sort_values("id")
     assert got["id"].tolist() == [i * 10 + 3 for i in range(len(texts))]
-    ref = reference(st_models[name], texts, options.get("prompt"), options.get("prompt_name"), options.get("dimensions"))
+    ref = reference(st_models[name], texts, **options)
     np.testing.assert_allclose(np.stack(got["embedding"].to_numpy()), ref, atol=1e-5)
     assert "as its sentence-transformers layout says" in r.stdout
 

@@ -87,8 +87,9 @@ class Embedding(Task):
                   "assumed: no sentence-transformers layout (modules.json) in the model directory")
         note = (f"embedding: {pooling} pooling, {'L2-normalised' if layout.normalize else 'not normalised'}, "
                 f"{self.width} dims{f', prompt {self.prompt!r}' if self.prompt else ''} ({source})")
-        return {"embedding_pooling": pooling, "embedding_normalize": layout.normalize, "embedding_dimensions": self.width,
-                "embedding_prompt": self.prompt, "embedding_layout": "sentence-transformers" if layout.found else "none",
+        return {"embedding_pooling": pooling, "embedding_normalize": layout.normalize,
+                "embedding_dimensions": self.width, "embedding_prompt": self.prompt,
+                "embedding_layout": "sentence-transformers" if layout.found else "none",
                 "notes": [note]}
 
     def output_fields(self):
@@ -125,7 +126,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "max":
         return hidden.masked_fill(weights == 0, float("-inf")).max(dim=1).values
     if mode == "weightedmean":  # later tokens weigh more: position 1, 2, ... from the first column
-        weights = weights * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+        positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+        weights = weights * positions.view(1, -1, 1)
     total = (hidden * weights).sum(dim=1)
     count = weights.sum(dim=1).clamp(min=1e-9)
     return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)

@@ -44,8 +44,15 @@ def _check_range(key: str, value: Any, spec) -> None:
 class ModelConfig:
     path: str = ""  # a model directory (save_pretrained), or an MLflow URI: models:/name/1, runs:/id/model
     task: str = "text-classification"  # see hvd_infer.tasks.TASKS
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on CUDA, float32 on CPU
-    quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 Linear layers, CPU only
+    # auto: float16 on CUDA, float32 on CPU; auto-check: rank 0 times float32 and each faster precision the
+    # device runs natively on model.check_rows of the job's rows and every rank uses the fastest that agrees
+    dtype: Literal["auto", "auto-check", "float32", "float16", "bfloat16"] = "auto"
+    # int8: dynamic int8 Linear layers, per-tensor weight scales; int8-per-channel: per-channel weight
+    # scales, the task head left in float32 (keeps more of a classifier's labels). CPU only
+    quantize: Literal["none", "int8", "int8-per-channel"] = "none"
+    allow_slow_bf16: bool = False  # run model.dtype=bfloat16 on a CPU without AVX512-BF16/AMX (many times slower)
+    check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision
+    check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
     deepspeed: bool = True  # wrap with deepspeed.init_inference
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
     max_length: int = bounded(256, 1)  # tokens; longer texts are truncated and counted
@@ -115,6 +122,15 @@ class TokenClassificationConfig:
 
 
 @dataclass
+class EmbeddingConfig:
+    # Text put before every row, e.g. "query: " (E5/BGE-style models); null: the model's default prompt, if any
+    prompt: Optional[str] = None
+    # A prompt the model defines by name in config_sentence_transformers.json (e.g. query, passage); null: none
+    prompt_name: Optional[str] = None
+    dimensions: int = bounded(0, 0, note=" (0 = all of the model's)")  # keep the first k dims (Matryoshka models)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,6 +140,7 @@ class JobConfig:
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     token_classification: TokenClassificationConfig = field(default_factory=TokenClassificationConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,8 +285,11 @@ def validate(cfg: JobConfig) -> JobConfig:
     if not m.path:
         raise ConfigError("model.path is required: a model directory saved with save_pretrained, or an MLflow model URI")
     _choice("model.task", m.task, sorted(TASKS))
-    if m.quantize == "int8" and m.dtype not in ("auto", "float32"):
-        raise ConfigError(f"model.quantize=int8 runs float32 activations; set model.dtype=float32 (got {m.dtype})")
+    if m.quantize != "none" and m.dtype == "auto-check":
+        raise ConfigError(f"model.dtype=auto-check chooses the quantization itself; set model.quantize=none "
+                          f"(got {m.quantize}) or pick model.dtype=float32 with model.quantize={m.quantize}")
+    if m.quantize != "none" and m.dtype not in ("auto", "float32"):
+        raise ConfigError(f"model.quantize={m.quantize} runs float32 activations; set model.dtype=float32 (got {m.dtype})")
     if not d.path:
         raise ConfigError("data.path is required: a Parquet file, directory or glob")
     if not d.text_column:

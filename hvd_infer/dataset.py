@@ -175,3 +175,16 @@ def _check_columns(cfg: DataConfig, path: str, schema: pa.Schema) -> None:
     for key, col in wanted[:2]:
         if key.startswith("data.text") and not is_string(schema.field(col).type):
             raise DataError(f"{key} '{col}' in {path} has type {schema.field(col).type}; it must be a string column")
+
+
+def read_head(inp: ParquetInput, columns: List[str], rows: int) -> pa.Table:
+    """The input's first `rows` rows (file, then row group order), only `columns`: a sample the job checks on."""
+    fs, tables, left = inp.filesystem(), [], rows
+    for rg in inp.row_groups:
+        if left <= 0:
+            break
+        with fs.open(inp.files[rg.file], "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(rg.index, columns=columns)
+        tables.append(table.slice(0, left))
+        left -= table.num_rows
+    return pa.concat_tables(tables) if tables else inp.schema.empty_table().select(columns)

@@ -73,7 +73,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     from hvd_infer.batcher import BatchStream
     from hvd_infer.context import release_free_memory
     from hvd_infer.evaluation import Evaluation
-    from hvd_infer.model import load_model
+    from hvd_infer.precision import load_checked_model
     from hvd_infer.reader import read_parts
     from hvd_infer.summary import RankFigures, report
     from hvd_infer.writer import finish_output, write_empty_part, write_part
@@ -81,7 +81,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     t = time.perf_counter()
     error, model = None, None
     try:
-        model, tokenizer, facts = load_model(cfg, task, ctx.device)
+        model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp)  # model.dtype=auto-check measured first
     except Exception as e:
         error = e
     ctx.agree(error)

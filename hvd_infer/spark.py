@@ -148,7 +148,7 @@ def _as_arrow(values) -> pa.Array:
 
 def _numpy_column(arr: pa.Array) -> np.ndarray:
     """An Arrow column as predict_batch_udf wants it: 1-D for scalars, 2-D (rows, k) for lists."""
-    if not pa.types.is_list(arr.type):
+    if not (pa.types.is_list(arr.type) or pa.types.is_fixed_size_list(arr.type)):
         return arr.to_numpy(zero_copy_only=False)
     width = len(arr[0]) if len(arr) else 0
     values = arr.flatten().to_numpy(zero_copy_only=False)

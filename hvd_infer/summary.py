@@ -60,8 +60,9 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
         m[f"rank_{f.rank}_rows"] = f.rows
         m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
-             f"{', int8' if facts['quantize'] == 'int8' else ''}{', DeepSpeed' if facts['deepspeed'] else ''}"
+             f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}{', DeepSpeed' if facts['deepspeed'] else ''}"
              f"{' + kernel injection' if facts['kernel_inject'] else ''})",
+             *facts.get("notes", []),
              f"{'rank':>5} {'host':<14} {'device':<8} {'threads':>7} {'rows':>9} {'seconds':>8} {'rows/s':>9}"]
     for f in figures:
         lines.append(f"{f.rank:>5} {f.host[:14]:<14} {f.device:<8} {f.threads:>7} {f.rows:>9} {f.seconds:>8.2f} "

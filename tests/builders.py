@@ -60,3 +60,48 @@ def tiny_bert(path: str, task: str = "classification", num_labels: int = 3, seed
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
     return path
+
+
+def sentence_model(path: str, pooling: str = "mean", normalize: bool = True, prompts: Optional[dict] = None,
+                   default_prompt_name: Optional[str] = None, include_prompt: bool = True, hidden: int = 32,
+                   decoder: bool = False, seed: int = 0) -> str:
+    """A tiny random BERT (decoder=True: Llama) saved as sentence-transformers saves a model.
+
+    Transformer -> Pooling [-> Normalize], built with sentence-transformers' own modules and save(), so
+    the layout on disk is the real one. The decoder stands for Qwen3-Embedding-style lasttoken models.
+    """
+    import warnings
+
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    torch.manual_seed(seed)
+    base = os.path.join(path, "_base")
+    # initializer_range 0.3: at BERT's 0.02 a random model's vectors hardly depend on the text.
+    shape = dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=512, initializer_range=0.3)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    if decoder:
+        LlamaModel(LlamaConfig(num_key_value_heads=2, **shape)).save_pretrained(base)
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a decoder takes no token types
+    else:
+        BertModel(BertConfig(**shape)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    modules = [Transformer(base, max_seq_length=128),
+               Pooling(hidden, pooling_mode=pooling, include_prompt=include_prompt)]
+    if normalize:
+        modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name=default_prompt_name, device="cpu")
+    model.save(path)
+    shutil.rmtree(base)
+    vectors = model.encode(["stocks fell as investors worried", "bake bread with butter and garlic"],
+                           convert_to_numpy=True, normalize_embeddings=True)
+    # Random models share a large common direction (cosines of 0.8-0.99 between any texts), so "reacts to its
+    # input" is measured against the tests' tolerance: unrelated texts must differ 1000x more than 1e-5.
+    assert np.abs(vectors[0] - vectors[1]).max() > 1e-2, f"the tiny {pooling} model hardly reacts to its input"
+    return path

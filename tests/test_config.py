@@ -26,7 +26,7 @@ def test_defaults_and_overrides():
     ("data.batch_size=0", "data.batch_size must be >= 1, got 0"),
     ("data.batch_size=abc", "data.batch_size must be an integer, got 'abc'"),
     ("model.deepspeed=maybe", "model.deepspeed must be true or false"),
-    ("model.dtype=float64", "model.dtype must be one of auto, float32, float16, bfloat16; got 'float64'"),
+    ("model.dtype=float64", "model.dtype must be one of auto, auto-check, float32, float16, bfloat16; got 'float64'"),
     ("model.task=summarize", "model.task must be one of"),
     ("output.mode=append", "output.mode must be one of error, overwrite, resume"),
     ("data.on_null=drop", "data.on_null must be one of error, skip, empty"),

@@ -34,6 +34,16 @@ class Task:
     def check_model_config(self, hf_config, path: str) -> None:
         """Raise ModelError when the model cannot do this task (before weights load)."""
 
+    def read_model_dir(self, hf_config, local_dir: str, path: str) -> None:
+        """Read what the task needs from the model's files besides config.json (before weights load).
+
+        local_dir holds the files; path is model.path as the user gave it (an MLflow URI, maybe), for messages.
+        """
+
+    def facts(self) -> Dict[str, Any]:
+        """What the task decided from the model (for MLflow params); "notes": lines for the job summary."""
+        return {}
+
     def setup(self, model, tokenizer) -> None:
         """Called once after loading: keep what post-processing needs (labels, pad id)."""
         self.tokenizer = tokenizer

@@ -1,0 +1,146 @@
+"""Precision chosen by measurement (model.dtype=auto-check), bfloat16 refused where it would crawl.
+
+HVD_INFER_CPU_BF16 stands in for the CPU's flags, so these tests behave the same on a CPU with
+AVX512-BF16/AMX and on one with AVX2 only. Timings decide the auto-check's choice, so the tests
+assert what holds whatever it chose: every rank scored with the choice, and it is reported.
+"""
+import sqlite3
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+import builders
+from conftest import horovodrun, python_m
+from hvd_infer.config import load_config
+from hvd_infer.errors import ConfigError
+from hvd_infer.model import NATIVE_BF16_ENV, load_model
+from hvd_infer.precision import agreement
+from hvd_infer.tasks import get_task
+from test_failures import assert_user_error, base
+
+NO_BF16 = {NATIVE_BF16_ENV: "0"}
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A tiny BERT classifier whose outputs depend on the text (BERT's 0.02 init hardly does), so int8 shows."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "cls"
+    BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=3, initializer_range=0.3)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
+    return str(path)
+
+
+def job(model, data=None, **model_options):
+    return load_config({"model": {"path": model, **model_options}, "data": {"path": "/d", **(data or {})},
+                        "output": {"path": "/o"}})
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["model.dtype=bfloat16"], ["model.dtype=bfloat16 on this CPU, which has no AVX512-BF16/AMX", "auto-check",
+                                "model.allow_slow_bf16=true"]),
+    (["model.dtype=auto-check", "model.check_rows=0"], ["model.check_rows must be in [8, 100000], got 0"]),
+    (["model.dtype=auto-check", "model.check_agreement=1.5"], ["model.check_agreement must be in (0, 1], got 1.5"]),
+    (["model.dtype=auto-check", "model.check_agreement=0"], ["model.check_agreement must be in (0, 1], got 0"]),
+    (["model.dtype=auto-check", "model.quantize=int8"], ["model.dtype=auto-check chooses the quantization itself"]),
+    (["model.dtype=fast"], ["model.dtype must be one of auto, auto-check, float32, float16, bfloat16"]),
+])
+def test_bad_precision_options_fail_in_one_line(extra, fragments, tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(python_m(base(tiny_classifier, dataset[0], out, tmp_path, *extra), env=NO_BF16), *fragments)
+    assert not out.exists()
+
+
+def test_slow_bf16_runs_when_forced(tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    r = python_m(base(tiny_classifier, dataset[0], out, tmp_path, "model.dtype=bfloat16", "model.allow_slow_bf16=true",
+                      "mlflow.enabled=false"), env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(bfloat16" in r.stdout
+
+
+def test_per_channel_int8_keeps_the_head_in_float32(classifier):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    cfg = job(classifier, quantize="int8-per-channel")
+    model, _, facts = load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
+    module = model.module
+    assert type(module.classifier) is torch.nn.Linear and type(module.bert.pooler.dense) is torch.nn.Linear
+    query = module.bert.encoder.layer[0].attention.self.query
+    assert isinstance(query, DynamicLinear) and query.weight().qscheme() == torch.per_channel_affine
+    assert facts["quantize"] == "int8-per-channel" and not facts["deepspeed"]
+
+
+def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
+    cfg = job(tiny_classifier, dtype="auto-check")
+    with pytest.raises(ConfigError, match="auto-check is decided by the job"):
+        load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
+
+
+def test_sample_is_the_inputs_first_rows(dataset):
+    from hvd_infer.dataset import open_input, read_head
+
+    path, table = dataset  # 3 files, row groups of 7 rows
+    inp = open_input(load_config({"model": {"path": "/m"}, "data": {"path": path}, "output": {"path": "/o"}}).data)
+    assert read_head(inp, ["text", "id"], 60).to_pydict() == table.select(["text", "id"]).slice(0, 60).to_pydict()
+    assert read_head(inp, ["id"], 10_000).num_rows == table.num_rows
+
+
+def test_agreement_per_task_output():
+    labels = lambda *x: {"label": pa.array(list(x))}  # noqa: E731
+    assert agreement(labels("a", "b", "c", "d"), labels("a", "b", "x", "d")) == 0.75
+    texts = lambda *x: {"generated_text": pa.array(list(x))}  # noqa: E731
+    assert agreement(texts("the cat", "a dog"), texts("the cat", "a dog.")) == 0.5
+    ent = lambda g, s, e, score: {"entity_group": g, "score": score, "start": s, "end": e, "word": "w"}  # noqa: E731
+    ref = {"entities": pa.array([[ent("PER", 0, 5, 0.9)], [], [ent("LOC", 3, 9, 0.8)]])}
+    got = {"entities": pa.array([[ent("PER", 0, 5, 0.7)], [], [ent("LOC", 3, 8, 0.8)]])}  # scores may move, spans not
+    assert agreement(ref, got) == pytest.approx(2 / 3)
+    vectors = np.array([[1.0, 0.0], [0.6, 0.8]], dtype=np.float32)
+    turned = np.array([[0.0, 1.0], [0.6, 0.8]], dtype=np.float32)  # first row orthogonal: cosine 0
+    emb = lambda m: {"embedding": pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), 2)}  # noqa: E731
+    assert agreement(emb(vectors), emb(turned)) == pytest.approx(0.5)
+
+
+# Dynamic int8 scales activations per batch, so a row's output depends on its batch: rows one at a time,
+# unpadded, make the job's outputs reproducible here.
+ONE_ROW = {"batch_size": 1, "pad_to_multiple_of": 1}
+
+
+def reference_probs(texts, cfg):
+    """The task's probs for every text with cfg's precision, in process, one row at a time."""
+    task = get_task(cfg.model.task)(cfg)
+    loaded, _, _ = load_model(cfg, task, torch.device("cpu"))
+    return np.concatenate([np.stack(task.predict(loaded, task.collate(task.encode([t]).features))["probs"]
+                                    .to_numpy(zero_copy_only=False)) for t in texts])
+
+
+@pytest.mark.slow
+def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, dataset, tmp_path):
+    path, table = dataset
+    out = tmp_path / "out"
+    r = horovodrun(2, base(classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
+                           "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40"), env=NO_BF16)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
+    choice = params["resolved.precision_choice"]
+    assert choice in ("float32", "int8", "int8-per-channel")  # bfloat16 is no candidate on a CPU without it
+    for name in ("float32", "int8", "int8-per-channel"):
+        assert float(params[f"resolved.precision_{name}_seconds"]) > 0
+    for name in ("int8", "int8-per-channel"):
+        assert 0 <= float(params[f"resolved.precision_{name}_agreement"]) <= 1
+    assert params["resolved.precision_check_rows"] == "64"
+    assert f"model.dtype=auto-check on 64 rows chose {choice}" in r.stdout
+    # Every rank scored with the choice: all rows equal the chosen precision's reference.
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
+    texts = table.column("text").to_pylist()
+    ref = reference_probs(texts, job(classifier, ONE_ROW, quantize="none" if choice == "float32" else choice))
+    np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
+    if choice != "float32":  # and it is not float32's, so the check above tells them apart
+        assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5

@@ -1,7 +1,6 @@
 """Our launcher, `hvd-infer -np N` / `python -m hvd_infer -np N`: check once, then horovodrun, fail in one line."""
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,15 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import builders
-from conftest import REPO, assert_same_predictions, hvd_infer_np, job_args, read_output
+from conftest import (REPO, assert_same_predictions, hvd_infer_np, job_args, minilm_classifier, read_output,
+                      start_and_kill_rank_1)
 
 slow = pytest.mark.slow
-
-
-def base(model, data, out, tmp, *extra):
-    return ["--config", "/dev/null", f"model.path={model}", f"data.path={data}", "data.id_columns=[id]",
-            f"output.path={out}", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "runtime.progress=false",
-            *extra]
 
 
 def assert_one_line_error(r, *fragments):
@@ -47,24 +41,24 @@ def bad_inputs(tmp_path_factory, tiny_classifier, tiny_encoder, dataset):
     (full / "a.txt").write_text("x")
     data = dataset[0]
     return tmp, out, [
-        ("missing data.path", base(tiny_classifier, tmp / "nope", out, tmp), ["data.path", "does not exist"]),
-        ("no Parquet files", base(tiny_classifier, tmp / "empty", out, tmp), ["no Parquet files"]),
-        ("column not in the data", base(tiny_classifier, data, out, tmp, "data.text_column=body"),
+        ("missing data.path", job_args(tiny_classifier, tmp / "nope", out, tmp), ["data.path", "does not exist"]),
+        ("no Parquet files", job_args(tiny_classifier, tmp / "empty", out, tmp), ["no Parquet files"]),
+        ("column not in the data", job_args(tiny_classifier, data, out, tmp, "data.text_column=body"),
          ["data.text_column 'body' not found in", "columns are: id, doc, text, label"]),
-        ("text column not a string", base(tiny_classifier, data, out, tmp, "data.text_column=id"),
+        ("text column not a string", job_args(tiny_classifier, data, out, tmp, "data.text_column=id"),
          ["data.text_column 'id'", "must be a string column"]),
-        ("corrupt file", base(tiny_classifier, corrupt, out, tmp), ["part-001.parquet", "truncated"]),
-        ("model dir missing", base(tmp / "missing-model", data, out, tmp), ["model.path", "is not a directory"]),
-        ("not a model", base(tmp / "notamodel", data, out, tmp), ["has no config.json", "weights.txt"]),
-        ("task the model cannot do", base(tiny_encoder, data, out, tmp),
+        ("corrupt file", job_args(tiny_classifier, corrupt, out, tmp), ["part-001.parquet", "truncated"]),
+        ("model dir missing", job_args(tmp / "missing-model", data, out, tmp), ["model.path", "is not a directory"]),
+        ("not a model", job_args(tmp / "notamodel", data, out, tmp), ["has no config.json", "weights.txt"]),
+        ("task the model cannot do", job_args(tiny_encoder, data, out, tmp),
          ["no sequence classification head", "model.task=embedding"]),
-        ("unknown key", base(tiny_classifier, data, out, tmp, "data.batchsize=8"), ["unknown config key 'data.batchsize'"]),
-        ("wrong type", base(tiny_classifier, data, out, tmp, "data.batch_size=many"),
+        ("unknown key", job_args(tiny_classifier, data, out, tmp, "data.batchsize=8"), ["unknown config key 'data.batchsize'"]),
+        ("wrong type", job_args(tiny_classifier, data, out, tmp, "data.batch_size=many"),
          ["data.batch_size must be an integer, got 'many'"]),
-        ("out of range", base(tiny_classifier, data, out, tmp, "data.batch_size=0"), ["data.batch_size must be >= 1, got 0"]),
-        ("float16 on CPU", base(tiny_classifier, data, out, tmp, "model.dtype=float16"),
+        ("out of range", job_args(tiny_classifier, data, out, tmp, "data.batch_size=0"), ["data.batch_size must be >= 1, got 0"]),
+        ("float16 on CPU", job_args(tiny_classifier, data, out, tmp, "model.dtype=float16"),
          ["model.dtype=float16 needs a CUDA GPU"]),
-        ("non-empty output", base(tiny_classifier, data, full, tmp), [f"output.path {full} is not empty", "output.mode"]),
+        ("non-empty output", job_args(tiny_classifier, data, full, tmp), [f"output.path {full} is not empty", "output.mode"]),
     ]
 
 
@@ -87,7 +81,7 @@ def test_bad_input_fails_in_one_line_before_any_rank_starts(bad_inputs):
 @slow
 def test_console_script_checks_too(tiny_classifier, dataset, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "hvd-infer")
-    r = subprocess.run([exe, "-np", "2", "-H", "localhost:2"] + base(tiny_classifier, dataset[0], tmp_path / "out",
+    r = subprocess.run([exe, "-np", "2", "-H", "localhost:2"] + job_args(tiny_classifier, dataset[0], tmp_path / "out",
                                                                     tmp_path, "data.text_column=body"),
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert_one_line_error(r, "data.text_column 'body' not found")
@@ -111,7 +105,7 @@ def test_error_on_one_rank_after_start_is_one_line(tiny_classifier, tmp_path):
     data = tmp_path / "data"
     builders.write_dataset(str(data), 40, files=2, text=texts)
     out = tmp_path / "out"
-    r = hvd_infer_np(2, base(tiny_classifier, data, out, tmp_path))
+    r = hvd_infer_np(2, job_args(tiny_classifier, data, out, tmp_path))
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert r.returncode == 2, lines[-40:]
     assert lines == [l for l in lines if "hvd_infer: error: " in l] and len(lines) == 1, lines[-40:]
@@ -119,61 +113,13 @@ def test_error_on_one_rank_after_start_is_one_line(tiny_classifier, tmp_path):
     assert not (out / "_SUCCESS").exists()
 
 
-def _classifier_from_minilm(path):
-    """A real-sized model, so that a job runs long enough to be killed midway."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3)
-    m.save_pretrained(path)
-    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
-    return path
-
-
-def rank_pid(rank, marker, rank_var):
-    """The pid of the rank whose environment has rank_var=rank and whose command line names marker."""
-    import psutil
-
-    for p in psutil.process_iter(["cmdline", "name"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if marker in cmd and "hvd_infer" in cmd and p.info["name"] not in ("sh", "bash", "dash") \
-                    and "horovod.runner" not in cmd and p.environ().get(rank_var) == str(rank):
-                return p.pid
-        except Exception:
-            continue
-    return None
-
-
-def start_and_kill_rank_1(cmd, out, rank_var):
-    """Start cmd, SIGKILL rank 1 once it wrote 3 parts; returns (exit code, seconds from kill to exit, output)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            if out.exists() and len([n for n in os.listdir(out) if n.startswith("part-r00001")]) >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        pid = rank_pid(1, str(out), rank_var)
-        assert pid, "rank 1 not found"
-        os.kill(pid, signal.SIGKILL)
-        killed = time.time()
-        output, _ = proc.communicate(timeout=120)
-        return proc.returncode, time.time() - killed, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 @slow
 def test_killed_rank_one_line_naming_it_then_resume(tmp_path):
-    model = _classifier_from_minilm(str(tmp_path / "model"))
+    model = minilm_classifier(str(tmp_path / "model"))
     data = tmp_path / "data"
     table = builders.write_dataset(str(data), 480, files=3, row_group_size=16)
     out = tmp_path / "out"
-    args = base(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8")
+    args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8")
     code, seconds, output = start_and_kill_rank_1([sys.executable, "-m", "hvd_infer", "-np", "2"] + args, out,
                                                   "HOROVOD_RANK")
     assert code == 1 and seconds < 60, (code, seconds, output[-3000:])

@@ -58,7 +58,7 @@ def test_workers_without_the_stack_fail_in_one_line(tiny_classifier, dataset, tm
 
         spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
                  .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-                 .config("spark.pyspark.python", {BARE_PYTHON!r}).getOrCreate())
+                 .getOrCreate())
         for call in (lambda: run_on_spark({config!r}, num_proc=2, nics=["lo"]),
                      lambda: run_on_spark({config!r}, num_proc=2, launcher="torch"),
                      lambda: predict_udf({config!r})):
@@ -69,9 +69,9 @@ def test_workers_without_the_stack_fail_in_one_line(tiny_classifier, dataset, tm
                 print(f"hvd_infer: error: {{e}}")
         spark.stop()
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYSPARK_PYTHON")}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
-                       env=dict(env, SPARK_LOCAL_IP="127.0.0.1"))
+                       env=dict(env, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=BARE_PYTHON))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
     assert len(lines) == 3, r.stdout + r.stderr[-3000:]

@@ -102,7 +102,9 @@ class _TorchDistributed:
         import torch.distributed as dist
 
         self.dist = dist
-        if not dist.is_initialized():
+        # A caller that set up torch.distributed itself keeps its process group.
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
             dist.init_process_group("gloo", timeout=_RENDEZVOUS_TIMEOUT)
         self.group = dist.new_group(backend="gloo", timeout=_COLLECTIVE_TIMEOUT)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
@@ -123,7 +125,9 @@ class _TorchDistributed:
         return box[0]
 
     def shutdown(self) -> None:
-        self.dist.destroy_process_group()
+        self.dist.destroy_process_group(self.group)
+        if self.owns_process_group:
+            self.dist.destroy_process_group()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 
 import pyarrow.parquet as pq
@@ -76,3 +77,34 @@ def test_killed_rank_ends_the_job_then_horovod_resumes_it(tmp_path):
         now = os.stat(out / n)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
     assert json.loads((out / "_manifest.json").read_text())["summary"]["rows"] == table.num_rows - done_rows
+
+
+def test_rank_context_collectives_over_gloo(tmp_path):
+    """The context's collectives under torchrun; a process group the caller made is left to it."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys\n"
+        "import torch.distributed as dist\n"
+        "from hvd_infer.context import RankContext\n"
+        "from hvd_infer.errors import DataError\n"
+        "if sys.argv[1] == 'caller-made':\n"
+        "    dist.init_process_group('gloo')\n"
+        "ctx = RankContext.create()\n"
+        "assert (ctx.size, ctx.local_size, ctx.device.type) == (2, 2, 'cpu'), ctx\n"
+        "assert ctx.allgather_object({'rank': ctx.rank}) == [{'rank': 0}, {'rank': 1}]\n"
+        "assert ctx.broadcast_object('from 0' if ctx.is_main else None) == 'from 0'\n"
+        "try:\n"
+        "    ctx.agree(DataError('bad row on rank 1') if ctx.rank == 1 else None)\n"
+        "    raise AssertionError('agree did not raise')\n"
+        "except DataError as e:\n"
+        "    assert e.all_ranks and str(e) == 'bad row on rank 1'\n"
+        "ctx.barrier()\n"
+        "ctx.shutdown()\n"
+        "assert dist.is_initialized() == (sys.argv[1] == 'caller-made')\n"
+        "print('rank', ctx.rank, 'ok')\n")
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    for group in ("ours", "caller-made"):
+        r = subprocess.run([exe, "--nproc-per-node", "2", str(script), group], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert sorted(r.stdout.split()) == sorted("rank 0 ok rank 1 ok".split()), r.stdout

@@ -109,7 +109,7 @@ def test_error_on_one_rank_after_start_is_one_line(tiny_classifier, tmp_path):
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert r.returncode == 2, lines[-40:]
     assert lines == [l for l in lines if "hvd_infer: error: " in l] and len(lines) == 1, lines[-40:]
-    assert "null or empty at id 393" in lines[0] and "data.on_null=skip" in lines[0]
+    assert "null or empty at id [393, " in lines[0] and "data.on_null=skip" in lines[0]
     assert not (out / "_SUCCESS").exists()
 
 

@@ -101,6 +101,8 @@ def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
         return worker_sys.executable, socket.gethostname(), missing[0] if missing else None
 
+    fix = (f"set PYSPARK_PYTHON before starting Spark (on a cluster: spark.pyspark.python) to {sys.executable}, "
+           "the Python that has hvd_infer, or activate its venv first")
     rdd = spark.sparkContext.parallelize(range(tasks), tasks)
     try:
         found = rdd.map(probe).collect()
@@ -108,18 +110,11 @@ def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
         text = str(e)
         if "different version" not in text and "No module named" not in text:
             raise
-        raise ConfigError(f"Spark's Python workers cannot run this job ({_first_line_with(text, 'version', 'No module')}); "
-                          f"set PYSPARK_PYTHON (or spark.pyspark.python) to {sys.executable}, the Python "
-                          "that has hvd_infer, or activate its venv before starting Spark") from None
+        cause = next(l.strip() for l in text.splitlines() if "different version" in l or "No module named" in l)
+        raise ConfigError(f"Spark's Python workers cannot run this job ({cause}); {fix}") from None
     for executable, host, missing in found:
         if missing:
-            raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; "
-                              f"set PYSPARK_PYTHON (or spark.pyspark.python) to {sys.executable}, the Python "
-                              "that has hvd_infer, or activate its venv before starting Spark")
-
-
-def _first_line_with(text: str, *words: str) -> str:
-    return next((l.strip() for l in text.splitlines() if any(w in l for w in words)), text.splitlines()[0])
+            raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; {fix}")
 
 
 def predict_udf(config: Any = None, **overrides: Any):

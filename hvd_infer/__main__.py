@@ -1,29 +1,32 @@
-"""Command line: `python -m hvd_infer [--config FILE] [key.sub=value ...]` (or `hvd-infer`).
+"""Command line: `hvd-infer [-np N] [--config FILE] [key.sub=value ...]` (or `python -m hvd_infer`).
 
-    horovodrun -np 2 python -m hvd_infer                        # the embedded demo (conf/default.yaml)
-    horovodrun -np 4 python -m hvd_infer --config conf/example.yaml output.mode=resume
-    python -m hvd_infer --config job.yaml --print-config         # the resolved config, then exit
+    hvd-infer -np 4 --config job.yaml                         # checks the job, then 4 ranks via horovodrun
+    hvd-infer -np 8 -H host1:4,host2:4 --config job.yaml      # horovodrun's host and network options pass through
+    horovodrun -np 4 python -m hvd_infer --config job.yaml    # the same ranks, started by horovodrun directly
+    torchrun --nproc-per-node 4 -m hvd_infer --config job.yaml
+    python -m hvd_infer                                       # a world of one: the embedded demo (conf/default.yaml)
+    python -m hvd_infer --config job.yaml --print-config      # the resolved config, then exit
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from hvd_infer.errors import UserError
 
-# User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
-EXIT_USER_ERROR = 2
-
 
 def main(argv=None) -> int:
+    from hvd_infer import launcher
+
     parser = argparse.ArgumentParser(prog="hvd_infer", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", "-c", default=None, help="job YAML (default: conf/default.yaml, the demo)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
+    launcher.add_arguments(parser)
     args = parser.parse_args(argv)
-    rank = os.environ.get("HOROVOD_RANK", "0")
+    from hvd_infer.context import launcher_rank, started_as_rank
+
     try:
         from hvd_infer.config import load_config, mask_secrets
 
@@ -33,15 +36,17 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False), end="")
             return 0
+        if args.np and not started_as_rank():
+            return launcher.launch(cfg, args, (["--config", args.config] if args.config else []) + args.overrides)
         from hvd_infer.runner import run
 
         run(cfg)
         return 0
     except UserError as e:
         # An error every rank raised (config, input, model checks) is printed once, by rank 0.
-        if rank == "0" or not e.all_ranks:
-            print(f"hvd_infer: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        if launcher_rank() == 0 or not e.all_ranks:
+            print(f"{launcher.ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return launcher.EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,23 +1,52 @@
 """The rank context: who am I, on which device, and the few collectives the job needs.
 
-Horovod is behind it when the process was started by a Horovod launcher
-(horovodrun, horovod.spark.run, HorovodRunner); otherwise it is a world of one
-without Horovod at all.
+Two backends, chosen from how the process was started; no other module knows which runs:
+
+- Horovod, when a Horovod launcher started it (horovodrun, hvd-infer -np N, horovod.spark.run,
+  HorovodRunner);
+- torch.distributed over Gloo, when torchrun started it (RANK, WORLD_SIZE, LOCAL_RANK set; also
+  TorchDistributor, which runs torchrun);
+
+otherwise it is a world of one without either.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-import torch
+_HOROVOD_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
-_LAUNCHER_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# Gloo's rendezvous: ranks that do not all arrive within this fail instead of waiting forever.
+_RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
+# Gloo's collectives time out after this; the job's last gather waits for the slowest rank to
+# finish its whole shard, so it is long. A rank that dies closes its connections and the others
+# fail at once; torchrun and Spark's barrier stage also end the survivors.
+_COLLECTIVE_TIMEOUT = datetime.timedelta(days=1)
 
 
 def under_horovod_launcher() -> bool:
-    return any(v in os.environ for v in _LAUNCHER_VARS)
+    return any(v in os.environ for v in _HOROVOD_VARS)
+
+
+def under_torchrun() -> bool:
+    return all(v in os.environ for v in _TORCHRUN_VARS) and not under_horovod_launcher()
+
+
+def started_as_rank() -> bool:
+    """True in a process a launcher started as one rank of a job (Horovod or torchrun)."""
+    return under_horovod_launcher() or under_torchrun()
+
+
+def launcher_rank() -> int:
+    """This process's rank as its launcher set it, read without starting any backend (0 in a world of one)."""
+    for name in _HOROVOD_VARS if under_horovod_launcher() else ("RANK",):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def cpu_cores() -> int:
@@ -27,16 +56,24 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass
-class RankContext:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
-    device: torch.device = torch.device("cpu")
-    threads: int = 1
-    hvd: Any = None  # horovod.torch, or None in a world of one
-    _calls: int = 0
+class _Horovod:
+    """Collectives over horovod.torch."""
+
+    def __init__(self):
+        # Ranks finish at different times; Horovod's stall warnings would be noise.
+        os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
+        # Horovod's background thread negotiates with the other ranks every cycle, even with
+        # nothing to reduce: at its default cycle an idle rank burns half a core (measured,
+        # Gloo, 2 ranks). The job runs a handful of collectives, none per batch, so a 20 ms
+        # cycle costs well under a second per job and gives those cycles back to the model.
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+        self.local_rank, self.local_size = hvd.local_rank(), hvd.local_size()
+        self._calls = 0
 
     def _name(self, op: str) -> str:
         # Horovod matches collectives across ranks by name; its default name is the
@@ -44,24 +81,72 @@ class RankContext:
         self._calls += 1
         return f"hvd_infer.{op}.{self._calls}"
 
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        return self.hvd.allgather_object(obj, name=self._name("allgather"))
+
+    def broadcast_object(self, obj: Any, root: int) -> Any:
+        return self.hvd.broadcast_object(obj, root_rank=root, name=self._name("broadcast"))
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+
+class _TorchDistributed:
+    """Collectives over torch.distributed with Gloo: the job only moves small Python objects,
+    and Gloo does that on CPU whatever the devices are (NCCL would need them on the GPU)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        # A caller that set up torch.distributed itself keeps its process group.
+        self.owns_process_group = not dist.is_initialized()
+        if self.owns_process_group:
+            dist.init_process_group("gloo", timeout=_RENDEZVOUS_TIMEOUT)
+        self.group = dist.new_group(backend="gloo", timeout=_COLLECTIVE_TIMEOUT)
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+
+    def barrier(self) -> None:
+        self.dist.barrier(group=self.group)
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        out: List[Any] = [None] * self.size
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any, root: int) -> Any:
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=root, group=self.group)
+        return box[0]
+
+    def shutdown(self) -> None:
+        self.dist.destroy_process_group(self.group)
+        if self.owns_process_group:
+            self.dist.destroy_process_group()
+
+
+@dataclass
+class RankContext:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    device: Any = None  # torch.device
+    threads: int = 1
+    comm: Any = field(default=None, repr=False)  # _Horovod, _TorchDistributed, or None in a world of one
+
     @classmethod
     def create(cls, threads: int = 0) -> "RankContext":
-        hvd = None
-        rank = size = local_rank = local_size = None
-        if under_horovod_launcher():
-            # Ranks finish at different times; Horovod's stall warnings would be noise.
-            os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
-            # Horovod's background thread negotiates with the other ranks every cycle, even with
-            # nothing to reduce: at its default cycle an idle rank burns half a core (measured,
-            # Gloo, 2 ranks). The job runs a handful of collectives, none per batch, so a 20 ms
-            # cycle costs well under a second per job and gives those cycles back to the model.
-            os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
-            import horovod.torch as hvd
+        import torch
 
-            hvd.init()
-            rank, size, local_rank, local_size = hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size()
-        else:
-            rank, size, local_rank, local_size = 0, 1, 0, 1
+        comm = _Horovod() if under_horovod_launcher() else _TorchDistributed() if under_torchrun() else None
+        rank, size, local_rank, local_size = (comm.rank, comm.size, comm.local_rank, comm.local_size) if comm \
+            else (0, 1, 0, 1)
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -70,26 +155,26 @@ class RankContext:
         # Each rank on a host gets its own slice of the cores: no oversubscription.
         n_threads = threads or max(1, cpu_cores() // local_size)
         torch.set_num_threads(n_threads)
-        return cls(rank, size, local_rank, local_size, device, n_threads, hvd)
+        return cls(rank, size, local_rank, local_size, device, n_threads, comm)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def barrier(self) -> None:
-        if self.hvd is not None:
-            self.hvd.barrier()
+        if self.comm is not None:
+            self.comm.barrier()
 
     def allgather_object(self, obj: Any) -> List[Any]:
         """obj from every rank, in rank order."""
-        if self.hvd is None:
+        if self.comm is None:
             return [obj]
-        return self.hvd.allgather_object(obj, name=self._name("allgather"))
+        return self.comm.allgather_object(obj)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        if self.hvd is None:
+        if self.comm is None:
             return obj
-        return self.hvd.broadcast_object(obj, root_rank=root, name=self._name("broadcast"))
+        return self.comm.broadcast_object(obj, root)
 
     def agree(self, error: Optional[BaseException]) -> None:
         """Every rank raises if any rank failed, so no rank is left waiting in a collective.
@@ -103,8 +188,8 @@ class RankContext:
                 raise e
 
     def shutdown(self) -> None:
-        if self.hvd is not None:
-            self.hvd.shutdown()
+        if self.comm is not None:
+            self.comm.shutdown()
 
 
 def release_free_memory() -> None:

@@ -1,19 +1,24 @@
-"""The same job on Spark: as Horovod ranks in Spark tasks, or as a column of a DataFrame.
+"""The same job on Spark: as ranks in Spark tasks (Horovod or torch.distributed), or as a column of a DataFrame.
 
     from hvd_infer.spark import run_on_spark, predict_udf
 
     # One Horovod rank per Spark task; writes output.path exactly as horovodrun does.
     summaries = run_on_spark("conf/job.yaml", num_proc=4, **{"output.mode": "overwrite"})
+    # The same ranks on torch.distributed, started by Spark's TorchDistributor (torchrun).
+    summaries = run_on_spark("conf/job.yaml", num_proc=4, launcher="torch")
 
     # Predictions as a struct column (task.output_fields(): label, score, probs, ...).
     scored = spark.read.parquet("/data/x").withColumn("pred", predict_udf("conf/job.yaml")("text"))
 
 On Databricks ML runtimes (<= 15.4 LTS) `HorovodRunner(np=4).run(hvd_infer.run, config=...)`
-is the same call as run_on_spark; see scripts/databricks_job.py.
+is the same call as run_on_spark; on later ML runtimes, without Horovod, launcher="torch" is.
+See scripts/databricks_job.py.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+import os
+from typing import Any, Dict, List, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -22,24 +27,94 @@ import hvd_infer
 from hvd_infer.config import load_config
 from hvd_infer.errors import ConfigError
 
+# What a Spark Python worker must be able to import to run a rank or the UDF (found, not imported: cheap).
+_WORKER_MODULES = ("hvd_infer", "yaml", "pyarrow", "torch", "transformers")
+
 
 def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
-                 nics: Optional[List[str]] = None, **overrides: Any) -> List[Dict[str, Any]]:
-    """Run the job as num_proc Horovod ranks inside Spark tasks; returns each rank's figures, in rank order.
+                 nics: Optional[List[str]] = None, launcher: Literal["horovod", "torch"] = "horovod",
+                 local_mode: bool = False, use_gpu: Optional[bool] = None,
+                 **overrides: Any) -> List[Dict[str, Any]]:
+    """Run the job as num_proc ranks inside Spark tasks; returns each rank's figures, in rank order.
 
     The config is resolved here, on the driver: relative paths and the MLflow URI become
     absolute, so every executor reads, writes and logs to the same places. They must be
     places every executor can reach (shared storage, a tracking server). num_proc defaults
     to the session's default parallelism; give each rank its own executor core (or GPU).
+
+    launcher="horovod": horovod.spark.run, one Horovod rank per Spark task.
     nics: the network interfaces the ranks talk over (e.g. ["eth0"]); default, all they share.
+
+    launcher="torch": pyspark's TorchDistributor, for clusters without Horovod (Databricks ML
+    runtimes after 15.4 LTS): torchrun starts the ranks, on torch.distributed with Gloo.
+    local_mode: all ranks on the driver (its GPUs) instead of in Spark tasks. use_gpu: one GPU
+    per rank; default, when spark.task.resource.gpu.amount is set (local_mode: when the driver
+    has CUDA). The figures are read from the output's manifest, so the driver must see output.path.
     """
-    import horovod.spark
     from pyspark.sql import SparkSession
 
     cfg = load_config(config, **overrides)
-    spark = spark or SparkSession.builder.getOrCreate()  # horovod.spark.run uses the active SparkContext
+    spark = spark or SparkSession.builder.getOrCreate()  # both launchers use the active SparkContext
     n = num_proc or spark.sparkContext.defaultParallelism
-    return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n, nics=nics)
+    if launcher == "horovod":
+        import horovod.spark
+
+        check_spark_workers(spark, n, _WORKER_MODULES + ("horovod",))
+        return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n, nics=nics)
+    if launcher != "torch":
+        raise ConfigError(f"launcher={launcher!r}: give launcher='horovod' (horovod.spark.run) or 'torch' "
+                          "(pyspark's TorchDistributor)")
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    from hvd_infer.writer import MANIFEST
+
+    if not local_mode:
+        check_spark_workers(spark, n, _WORKER_MODULES)
+    if use_gpu is None:
+        if local_mode:
+            import torch
+
+            use_gpu = torch.cuda.is_available()
+        else:
+            use_gpu = spark.sparkContext.getConf().get("spark.task.resource.gpu.amount") is not None
+    TorchDistributor(num_processes=n, local_mode=local_mode, use_gpu=use_gpu).run(hvd_infer.run, config=cfg.to_dict())
+    # TorchDistributor returns one rank's result; the manifest has every rank's.
+    with open(os.path.join(cfg.output.path, MANIFEST)) as f:
+        return json.load(f)["summary"]["ranks"]
+
+
+def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
+    """Fail in one line when Spark's Python workers cannot import the stack (a cheap Spark job first).
+
+    Spark starts its workers with `python3` from PATH, or PYSPARK_PYTHON / spark.pyspark.python,
+    not with the driver's interpreter: a venv that is not activated gives a bare Python there,
+    and the job would fail much later with a ModuleNotFoundError buried in the executor logs.
+    """
+    import sys
+
+    def probe(_):
+        # Defined here so that cloudpickle ships it by value: the worker needs nothing to run it.
+        import importlib.util
+        import socket
+        import sys as worker_sys
+
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        return worker_sys.executable, socket.gethostname(), missing[0] if missing else None
+
+    fix = (f"set PYSPARK_PYTHON before starting Spark (on a cluster: spark.pyspark.python) to {sys.executable}, "
+           "the Python that has hvd_infer, or activate its venv first")
+    rdd = spark.sparkContext.parallelize(range(tasks), tasks)
+    try:
+        found = rdd.map(probe).collect()
+    except Exception as e:  # a worker that cannot even start (another Python version)
+        text = str(e)
+        if "different version" not in text and "No module named" not in text:
+            raise
+        cause = next(l.strip() for l in text.splitlines() if "different version" in l or "No module named" in l)
+        raise ConfigError(f"Spark's Python workers cannot run this job ({cause}); {fix}") from None
+    for executable, host, missing in found:
+        if missing:
+            raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; {fix}")
 
 
 def predict_udf(config: Any = None, **overrides: Any):
@@ -55,6 +130,7 @@ def predict_udf(config: Any = None, **overrides: Any):
     data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
     """
     from pyspark.ml.functions import predict_batch_udf, supported_scalar_types
+    from pyspark.sql import SparkSession
     from pyspark.sql.pandas.types import from_arrow_type
     from pyspark.sql.types import ArrayType, StructField, StructType
 
@@ -72,6 +148,9 @@ def predict_udf(config: Any = None, **overrides: Any):
             raise ConfigError(f"model.task={cfg.model.task} gives column '{f.name}' of type {f.dataType.simpleString()}, "
                               "which predict_batch_udf cannot return (only numbers, strings and arrays of them); "
                               "use run_on_spark for this task")
+    spark = SparkSession.getActiveSession()
+    if spark is not None:
+        check_spark_workers(spark, spark.sparkContext.defaultParallelism)
     cfg_dict = cfg.to_dict()
 
     def make_predict_fn():

@@ -61,41 +61,49 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> List[Interval]:
-    """Rank 0, before any rank writes: apply output.mode; return the row ranges already done."""
+def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> None:
+    """Whether output.mode allows using output.path for this job; raises OutputError. Read-only."""
     path, mode = cfg.output.path, cfg.output.mode
     if "://" in path:
         raise OutputError(f"output.path {path}: only local or mounted paths (e.g. /dbfs/..., NFS) are supported")
-    entries = os.listdir(path) if os.path.isdir(path) else []
     if os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"output.path {path} is a file; give a directory")
-    ours = JOB_FILE in entries
+    entries = os.listdir(path) if os.path.isdir(path) else []
+    if not entries:
+        return
+    if mode == "error":
+        raise OutputError(f"output.path {path} is not empty ({len(entries)} entries); set output.mode=overwrite "
+                          "to replace it, or output.mode=resume to finish an interrupted run")
+    if JOB_FILE not in entries:
+        raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer (no {JOB_FILE}); "
+                          "refusing to delete or mix with it: choose an empty or new directory")
+    if mode == "resume":
+        with open(os.path.join(path, JOB_FILE)) as f:
+            before = json.load(f).get("identity", {})
+        changed = [k for k in identity if before.get(k) != identity[k]]
+        if changed:
+            raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
+                              "rerun with the same input and model, or use output.mode=overwrite")
+
+
+def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> List[Interval]:
+    """Rank 0, before any rank writes: apply output.mode; return the row ranges already done."""
+    check_output(cfg, identity)
+    path, mode = cfg.output.path, cfg.output.mode
+    entries = os.listdir(path) if os.path.isdir(path) else []
     done: List[Interval] = []
-    if entries:
-        if mode == "error":
-            raise OutputError(f"output.path {path} is not empty ({len(entries)} entries); set output.mode=overwrite "
-                              "to replace it, or output.mode=resume to finish an interrupted run")
-        if not ours:
-            raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer (no {JOB_FILE}); "
-                              "refusing to delete or mix with it: choose an empty or new directory")
-        if mode == "overwrite":
-            shutil.rmtree(path)
-        else:  # resume
-            with open(os.path.join(path, JOB_FILE)) as f:
-                before = json.load(f).get("identity", {})
-            changed = [k for k in identity if before.get(k) != identity[k]]
-            if changed:
-                raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
-                                  "rerun with the same input and model, or use output.mode=overwrite")
-            for name in entries:
-                if name.startswith(".") and ".tmp" in name:
-                    os.remove(os.path.join(path, name))  # an interrupted write: never a finished part
-                parsed = parse_part_name(name)
-                if parsed:
-                    done.append(parsed[1:])
-            for name in (SUCCESS, MANIFEST):
-                if os.path.exists(os.path.join(path, name)):
-                    os.remove(os.path.join(path, name))
+    if entries and mode == "overwrite":
+        shutil.rmtree(path)
+    elif entries:  # resume
+        for name in entries:
+            if name.startswith(".") and ".tmp" in name:
+                os.remove(os.path.join(path, name))  # an interrupted write: never a finished part
+            parsed = parse_part_name(name)
+            if parsed:
+                done.append(parsed[1:])
+        for name in (SUCCESS, MANIFEST):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
     os.makedirs(os.path.join(path, PARTS_DIR), exist_ok=True)
     _atomic_write_text(os.path.join(path, JOB_FILE), json.dumps({"identity": identity, "config": cfg.to_dict()},
                                                                 indent=1, default=str))

@@ -1,13 +1,16 @@
 # Databricks notebook source
 # MAGIC %md
-# MAGIC # hvd_infer on Databricks: HorovodRunner
+# MAGIC # hvd_infer on Databricks: HorovodRunner, or TorchDistributor where Horovod is gone
 # MAGIC
 # MAGIC Scores a Parquet dataset on a Unity Catalog Volume with a model from the registry, one
-# MAGIC Horovod rank per GPU (or per worker), tracked in this workspace's MLflow.
+# MAGIC rank per GPU (or per worker), tracked in this workspace's MLflow.
 # MAGIC
-# MAGIC * Cluster: a Databricks Runtime **ML** that still ships HorovodRunner (`sparkdl`), i.e.
-# MAGIC   15.4 LTS ML or older, GPU or CPU, in *single user* (dedicated) access mode. Torch,
-# MAGIC   horovod, petastorm, pyspark and (on GPU runtimes) DeepSpeed come with the runtime.
+# MAGIC * Cluster: a Databricks Runtime **ML**, GPU or CPU, in *single user* (dedicated) access mode.
+# MAGIC   Up to 15.4 LTS ML the runtime ships HorovodRunner (`sparkdl`) and the ranks run on Horovod;
+# MAGIC   later ML runtimes have no Horovod, and the notebook uses pyspark's TorchDistributor
+# MAGIC   instead (torchrun, torch.distributed with Gloo): the same job, the same output. Torch,
+# MAGIC   pyspark and (on GPU runtimes) DeepSpeed come with the runtime; petastorm needs
+# MAGIC   pyarrow < 15, so on a runtime whose pyarrow is newer, install `petastorm "pyarrow<15"` too.
 # MAGIC * Data: read through the `/Volumes/...` FUSE path that every node mounts.
 # MAGIC * Output: the writer renames its part files into place, so it needs a mounted local path
 # MAGIC   too: a Volume (`/Volumes/...`) or DBFS through `/dbfs/...`, never a `dbfs:/` URL.
@@ -18,7 +21,8 @@
 # MAGIC
 # MAGIC The same call runs on any Spark cluster without Databricks:
 # MAGIC `hvd_infer.spark.run_on_spark(config, num_proc=4)`, which is
-# MAGIC `horovod.spark.run(hvd_infer.run, kwargs={"config": config}, num_proc=4)`.
+# MAGIC `horovod.spark.run(hvd_infer.run, kwargs={"config": config}, num_proc=4)`, or
+# MAGIC `run_on_spark(config, num_proc=4, launcher="torch")` through TorchDistributor.
 
 # COMMAND ----------
 
@@ -45,11 +49,21 @@ config = hvd_infer.load_config({
 
 # COMMAND ----------
 
-from sparkdl import HorovodRunner
+try:
+    from sparkdl import HorovodRunner
+except ImportError:  # ML runtimes after 15.4 LTS ship no Horovod
+    HorovodRunner = None
 
-# np=4: four ranks on the workers (one per GPU); np=-4 would run four ranks on the driver.
-# HorovodRunner returns rank 0's result: its figures (rows, seconds, ...).
-summary = HorovodRunner(np=4).run(hvd_infer.run, config=config)
+if HorovodRunner is not None:
+    # np=4: four ranks on the workers (one per GPU); np=-4 would run four ranks on the driver.
+    # HorovodRunner returns rank 0's result: its figures (rows, seconds, ...).
+    summary = HorovodRunner(np=4).run(hvd_infer.run, config=config)
+else:
+    from hvd_infer.spark import run_on_spark
+
+    # Four ranks in Spark tasks, one GPU each when spark.task.resource.gpu.amount is set
+    # (local_mode=True: on the driver's GPUs). Returns every rank's figures.
+    summary = run_on_spark(config, num_proc=4, spark=spark, launcher="torch")  # noqa: F821
 print(summary)
 
 # COMMAND ----------

@@ -1,9 +1,14 @@
+import json
 import os
-import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +43,236 @@ def horovodrun(np_, args, env=None, timeout=600, cwd=REPO):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=e)
 
 
+def hvd_infer_np(np_, args, env=None, timeout=600, cwd=REPO):
+    """Our launcher: python -m hvd_infer -np N ARGS (checks the job, then runs horovodrun)."""
+    return python_m(["-np", str(np_)] + list(args), env=env, timeout=timeout, cwd=cwd)
+
+
+def torchrun(nproc, args, env=None, timeout=600, cwd=REPO):
+    """Start real ranks on torch.distributed: torchrun --nproc-per-node N -m hvd_infer ARGS."""
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [exe, "--nproc-per-node", str(nproc), "-m", "hvd_infer"] + list(args)
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=e)
+
+
+def job_args(model, data, out, tmp, *extra):
+    """The command-line job the backends are compared on: ids, small batches and parts, MLflow in tmp."""
+    return ["--config", "/dev/null", f"model.path={model}", f"data.path={data}", "data.id_columns=[id,doc]",
+            f"output.path={out}", f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db", "data.batch_size=8",
+            "output.rows_per_part=40", "runtime.progress=false", *extra]
+
+
+def read_output(out):
+    """An output directory as a DataFrame sorted by id."""
+    import pyarrow.dataset as pads
+
+    return pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def assert_same_predictions(got, ref, atol=1e-5):
+    """Row by row: every id exactly once, the same ids, labels and probabilities."""
+    import numpy as np
+
+    assert got["id"].tolist() == ref["id"].tolist()
+    assert got["doc"].tolist() == ref["doc"].tolist()
+    assert got["label"].tolist() == ref["label"].tolist()
+    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=atol)
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(ref["probs"]), atol=atol)
+
+
+@pytest.fixture(scope="session")
+def horovodrun_reference(tmp_path_factory, tiny_classifier, dataset):
+    """horovodrun -np 2 on the tiny classifier and the 157-row dataset: what other launchers must equal."""
+    tmp = tmp_path_factory.mktemp("horovodrun_reference")
+    r = horovodrun(2, job_args(tiny_classifier, dataset[0], tmp / "out", tmp))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return read_output(tmp / "out")
+
+
 def python_m(args, env=None, timeout=600, cwd=REPO):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "hvd_infer"] + list(args), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=e)
+
+
+def minilm_classifier(path):
+    """A real-sized model, so that a job runs long enough to be killed midway."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3)
+    m.save_pretrained(path)
+    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
+    return path
+
+
+def rank_pid(rank, marker, rank_var):
+    """The pid of the rank whose environment has rank_var=rank and whose command line names marker."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline", "name"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if marker in cmd and "hvd_infer" in cmd and p.info["name"] not in ("sh", "bash", "dash") \
+                    and "horovod.runner" not in cmd and p.environ().get(rank_var) == str(rank):
+                return p.pid
+        except Exception:
+            continue
+    return None
+
+
+def start_and_kill_rank_1(cmd, out, rank_var):
+    """Start cmd, SIGKILL rank 1 once it wrote 3 parts; returns (exit code, seconds from kill to exit, output)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            if out.exists() and len([n for n in os.listdir(out) if n.startswith("part-r00001")]) >= 3:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        pid = rank_pid(1, str(out), rank_var)
+        assert pid, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        output, _ = proc.communicate(timeout=120)
+        return proc.returncode, time.time() - killed, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def job(model, data_path, out, tmp, **sections):
+    """A job config file scoring data_path with model into out; returns its path."""
+    cfg = {"model": {"path": str(model)},
+           "data": {"path": str(data_path), "id_columns": ["id", "doc"], "batch_size": 8},
+           "output": {"path": str(out), "rows_per_part": 40},
+           "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
+           "runtime": {"progress": False}}
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = os.path.join(str(tmp), f"job-{os.path.basename(str(out))}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+# -- Spark: everything listens and connects on 127.0.0.1 only (driver, master, workers, executors) --
+
+LOOPBACK = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def loopback_env():
+    saved = {k: os.environ.get(k) for k in LOOPBACK}
+    os.environ.update(LOOPBACK)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def spark_session(master, **conf):
+    """A SparkSession on master whose Python workers run this interpreter."""
+    from pyspark.sql import SparkSession
+
+    b = (SparkSession.builder.master(master).appName("hvd_infer-tests")
+         .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+         .config("spark.pyspark.python", sys.executable).config("spark.sql.shuffle.partitions", "2"))
+    for k, v in conf.items():
+        b = b.config(k, v)
+    return b.getOrCreate()
+
+
+@pytest.fixture(scope="module")
+def local_spark(loopback_env):
+    spark = spark_session("local[2]", **{"spark.ui.enabled": "false"})
+    yield spark
+    spark.stop()
+
+
+@pytest.fixture
+def standalone_spark(loopback_env, tmp_path):
+    """(session, its web UI port) on a real Spark master with two 1-core workers, all on 127.0.0.1.
+
+    One SparkContext per process: a session still active (local_spark) is stopped first, so use it last.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    spark_home = os.path.dirname(os.path.abspath(__import__("pyspark").__file__))
+    spark_class = os.path.join(spark_home, "bin", "spark-class")
+    env = dict(os.environ, SPARK_HOME=spark_home)
+    port, master_ui = free_port(), free_port()
+    url = f"spark://127.0.0.1:{port}"
+    cmds = [[spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+             "--webui-port", str(master_ui)]]
+    for i in range(2):
+        cmds.append([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1",
+                     "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / f"work{i}"), url])
+    daemons, spark = [], None
+    try:
+        for i, cmd in enumerate(cmds):
+            with open(tmp_path / f"daemon{i}.log", "w") as log:
+                daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True))
+            if i == 0:
+                wait_for(lambda: _master_state(master_ui) is not None, "the master's web UI")
+        wait_for(lambda: len([w for w in _master_state(master_ui)["workers"] if w["state"] == "ALIVE"]) == 2,
+                 "two workers to register")
+        ui = free_port()
+        spark = spark_session(url, **{"spark.executor.cores": "1", "spark.task.cpus": "1",
+                                      "spark.executor.memory": "1g", "spark.ui.enabled": "true",
+                                      "spark.ui.port": str(ui)})
+        yield spark, ui
+    finally:
+        if spark is not None:
+            spark.stop()
+        for p in reversed(daemons):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in daemons:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def executors_of_last_stage(spark, ui):
+    """The executor each task of the session's last stage ran on (the job's, after run_on_spark's probe)."""
+    api = f"http://127.0.0.1:{ui}/api/v1/applications/{spark.sparkContext.applicationId}"
+    with urllib.request.urlopen(f"{api}/stages") as resp:
+        last = max(json.load(resp), key=lambda s: s["stageId"])
+    with urllib.request.urlopen(f"{api}/stages/{last['stageId']}/{last['attemptId']}/taskList") as resp:
+        return [t["executorId"] for t in json.load(resp)]
+
+
+def _master_state(ui_port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=2) as resp:
+            return json.load(resp)
+    except OSError:
+        return None
+
+
+def wait_for(check, what, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except (TypeError, KeyError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

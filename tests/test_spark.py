@@ -6,88 +6,18 @@ executors, and Horovod's services (nics=["lo"]).
 import json
 import os
 import pickle
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
-import yaml
 
 import hvd_infer
-from conftest import horovodrun, python_m
+from conftest import assert_same_predictions, executors_of_last_stage, horovodrun, job, python_m, read_output
 from hvd_infer.errors import ConfigError
 
 slow = pytest.mark.slow
-LOOPBACK = {"SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-
-
-def job(model, data_path, out, tmp, **sections):
-    """A job config file scoring data_path with model into out; returns its path."""
-    cfg = {"model": {"path": str(model)},
-           "data": {"path": str(data_path), "id_columns": ["id", "doc"], "batch_size": 8},
-           "output": {"path": str(out), "rows_per_part": 40},
-           "mlflow": {"tracking_uri": f"sqlite:///{tmp}/mlflow.db"},
-           "runtime": {"progress": False}}
-    for name, values in sections.items():
-        cfg[name].update(values)
-    path = os.path.join(str(tmp), f"job-{os.path.basename(str(out))}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path
-
-
-def read_output(out):
-    return pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
-
-
-def assert_same_predictions(got, ref):
-    assert got["id"].tolist() == ref["id"].tolist()  # every id exactly once
-    assert got["doc"].tolist() == ref["doc"].tolist()
-    assert got["label"].tolist() == ref["label"].tolist()
-    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(ref["probs"]), atol=1e-5)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def loopback_env():
-    saved = {k: os.environ.get(k) for k in LOOPBACK}
-    os.environ.update(LOOPBACK)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def session(master, **conf):
-    from pyspark.sql import SparkSession
-
-    b = (SparkSession.builder.master(master).appName("hvd_infer-tests")
-         .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-         .config("spark.pyspark.python", sys.executable).config("spark.sql.shuffle.partitions", "2"))
-    for k, v in conf.items():
-        b = b.config(k, v)
-    return b.getOrCreate()
-
-
-@pytest.fixture(scope="module")
-def local_spark(loopback_env):
-    spark = session("local[2]", **{"spark.ui.enabled": "false"})
-    yield spark
-    spark.stop()
 
 
 @pytest.fixture(scope="module")
@@ -207,75 +137,13 @@ print(run.info.run_id)
 
 
 @slow
-def test_standalone_cluster_one_rank_per_executor(loopback_env, reference, tiny_classifier, dataset, tmp_path):
+def test_standalone_cluster_one_rank_per_executor(standalone_spark, reference, tiny_classifier, dataset, tmp_path):
     """A real Spark master and two 1-core workers on 127.0.0.1; runs last (one SparkContext per process)."""
-    from pyspark.sql import SparkSession
-
     from hvd_infer.spark import run_on_spark
 
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        active.stop()
-    spark_home = os.path.dirname(os.path.abspath(__import__("pyspark").__file__))
-    spark_class = os.path.join(spark_home, "bin", "spark-class")
-    env = dict(os.environ, SPARK_HOME=spark_home)
-    port, master_ui = free_port(), free_port()
-    url = f"spark://127.0.0.1:{port}"
-    cmds = [[spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
-             "--webui-port", str(master_ui)]]
-    for i in range(2):
-        cmds.append([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1",
-                     "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / f"work{i}"), url])
-    daemons, spark = [], None
-    try:
-        for i, cmd in enumerate(cmds):
-            with open(tmp_path / f"daemon{i}.log", "w") as log:
-                daemons.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                start_new_session=True))
-            if i == 0:
-                wait_for(lambda: _master_state(master_ui) is not None, "the master's web UI")
-        wait_for(lambda: len([w for w in _master_state(master_ui)["workers"] if w["state"] == "ALIVE"]) == 2,
-                 "two workers to register")
-
-        ui = free_port()
-        spark = session(url, **{"spark.executor.cores": "1", "spark.task.cpus": "1", "spark.executor.memory": "1g",
-                                "spark.ui.enabled": "true", "spark.ui.port": str(ui)})
-        out = tmp_path / "out"
-        summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, spark=spark,
-                                 nics=["lo"])
-        assert [s["rank"] for s in summaries] == [0, 1] and all(s["rows"] > 0 for s in summaries)
-        assert_same_predictions(read_output(out), reference)
-        app = spark.sparkContext.applicationId
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui}/api/v1/applications/{app}/executors") as resp:
-            executors = [e for e in json.load(resp) if e["id"] != "driver"]
-        assert sorted(e["totalTasks"] for e in executors) == [1, 1], executors  # one rank on each executor
-    finally:
-        if spark is not None:
-            spark.stop()
-        for p in reversed(daemons):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in daemons:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-
-
-def _master_state(ui_port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=2) as resp:
-            return json.load(resp)
-    except OSError:
-        return None
-
-
-def wait_for(check, what, timeout=90):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except (TypeError, KeyError):
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    spark, ui = standalone_spark
+    out = tmp_path / "out"
+    summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, spark=spark, nics=["lo"])
+    assert [s["rank"] for s in summaries] == [0, 1] and all(s["rows"] > 0 for s in summaries)
+    assert_same_predictions(read_output(out), reference)
+    assert sorted(executors_of_last_stage(spark, ui)) == ["0", "1"]  # one rank on each executor

@@ -1,0 +1,233 @@
+"""`hvd-infer -np N`: check the job once, here, then start N ranks through horovodrun.
+
+    hvd-infer -np 4 --config job.yaml                                   # 4 ranks on this host
+    hvd-infer -np 8 -H host1:4,host2:4 --network-interface eth0 --config job.yaml
+
+Every cheap check a rank would run (config, input footers and columns, model
+directory against the task, output mode) runs first in this process, read-only:
+a bad job fails in one line with exit code 2 before any rank starts. The ranks
+are then started by horovodrun (Horovod's own launcher, as a child process)
+and their output is relayed. When a rank fails, what is printed last is that
+rank's one-line error (or its exit code, when it died without one) instead of
+horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+from hvd_infer.config import JobConfig
+from hvd_infer.errors import UserError
+
+# User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
+EXIT_USER_ERROR = 2
+EXIT_FAILED = 1
+ERROR_PREFIX = "hvd_infer: error: "
+
+# horovodrun's options a job needs, passed through as given.
+_HOROVODRUN_OPTIONS: List[Tuple[Tuple[str, ...], dict]] = [
+    (("-H", "--hosts"), dict(metavar="HOST:SLOTS,...", help="hosts and their slots, e.g. host1:4,host2:4 "
+                                                            "(default localhost:NP)")),
+    (("-hostfile", "--hostfile"), dict(metavar="FILE", help="a file of 'host slots=N' lines, instead of -H")),
+    (("--network-interface",), dict(action="append", metavar="NIC",
+                                    help="a network interface the ranks talk over (repeat for several)")),
+    (("-p", "--ssh-port"), dict(type=int, metavar="PORT", help="ssh port on every host")),
+    (("-i", "--ssh-identity-file"), dict(metavar="FILE", help="ssh private key for the hosts")),
+    (("--start-timeout",), dict(type=int, metavar="SECONDS", help="time for horovodrun to start every rank")),
+    (("--gloo-timeout-seconds",), dict(type=int, metavar="SECONDS", help="Horovod's Gloo timeout")),
+    (("--output-filename",), dict(metavar="DIR", help="also write each rank's output to DIR/rank.N/")),
+    (("--verbose",), dict(action="store_true", help="horovodrun's own messages")),
+]
+
+# How horovodrun (Gloo) tags what ranks print, and how it reports a rank that exited non-zero.
+_RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
+_RANK_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.$")
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", socket.gethostname()}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """-np and the horovodrun options, on the command line's parser."""
+    group = parser.add_argument_group("launching ranks (hvd-infer -np N ...: check the job, then run horovodrun)")
+    group.add_argument("-np", "--num-proc", dest="np", type=int, metavar="N",
+                       help="start N ranks through horovodrun, after checking the job once here")
+    for flags, kwargs in _HOROVODRUN_OPTIONS:
+        group.add_argument(*flags, **kwargs)
+
+
+def horovodrun_options(args: argparse.Namespace) -> List[str]:
+    out: List[str] = []
+    for flags, kwargs in _HOROVODRUN_OPTIONS:
+        value = getattr(args, flags[-1].lstrip("-").replace("-", "_"))
+        if value in (None, False):
+            continue
+        if value is True:
+            out.append(flags[-1])
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                out += [flags[-1], str(v)]
+    return out
+
+
+def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
+    """What every rank checks before reading data, once, here; raises UserError. Writes nothing."""
+    from hvd_infer.dataset import open_input
+    from hvd_infer.model import preflight_model
+    from hvd_infer.tasks import get_task
+    from hvd_infer.writer import check_output, job_identity
+
+    task = get_task(cfg.model.task)(cfg)
+    if ranks_on_this_host:  # the ranks' devices are this host's: float16 without a GPU is refused now
+        import torch
+
+        from hvd_infer.model import resolve_dtype
+
+        resolve_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    inp = open_input(cfg.data)
+    preflight_model(cfg, task)
+    check_output(cfg, job_identity(cfg, inp.fingerprint()))
+
+
+def ranks_on_this_host(args: argparse.Namespace) -> bool:
+    if args.hostfile:
+        return False
+    if not args.hosts:
+        return True
+    return all(h.split(":")[0] in _LOCAL_HOSTS for h in args.hosts.split(","))
+
+
+# A rank blocked in a collective when another rank failed raises this; it is a consequence, not a cause.
+_HOROVOD_SHUT_DOWN = "Horovod has been shut down"
+# What a traceback is made of, up to and between its exception lines.
+_TRACEBACK_START = "Traceback (most recent call last):"
+_TRACEBACK_CHAIN = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+@dataclass
+class _Outcome:
+    """What the ranks reported, in the order horovodrun relayed it."""
+    errors: List[Tuple[int, str]] = field(default_factory=list)  # (rank, its one-line user error)
+    exits: Dict[int, int] = field(default_factory=dict)  # rank -> non-zero exit code, first failure first
+    horovodrun_lines: List[str] = field(default_factory=list)  # horovodrun's own output
+
+
+def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> int:
+    """Check the job, then run it on args.np ranks; returns the exit code for the command line."""
+    try:
+        preflight(cfg, ranks_on_this_host(args))
+    except UserError as e:
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    cmd = ([sys.executable, "-m", "horovod.runner.launch", "-np", str(args.np)] + horovodrun_options(args)
+           + [sys.executable, "-m", "hvd_infer"] + rank_argv)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            errors="replace")
+    relay = _Relay()
+    try:
+        for line in proc.stdout:
+            relay.line(line.rstrip("\n"))
+        code = proc.wait()
+    except KeyboardInterrupt:  # horovodrun got the same SIGINT and stops the ranks: wait for it
+        proc.wait()
+        return 128 + signal.SIGINT
+    relay.close()
+    return _verdict(code, relay.outcome)
+
+
+class _Relay:
+    """Prints what ranks print, without horovodrun's tags; keeps back what the verdict decides on:
+    user errors, exit reports, and tracebacks of ranks that only saw another rank fail."""
+
+    def __init__(self):
+        self.outcome = _Outcome()
+        self.tracebacks: Dict[int, Tuple[str, List[str], bool]] = {}  # rank -> (stream, lines, ended)
+
+    def line(self, line: str) -> None:
+        m = _RANK_LINE.match(line)
+        if m:
+            self._rank_line(int(m.group(1)), m.group(2), m.group(3))
+            return
+        m = _RANK_EXIT.match(line)
+        if m:
+            self.outcome.exits.setdefault(int(m.group(1)), int(m.group(2)))
+        else:
+            self.outcome.horovodrun_lines.append(line)
+
+    def close(self) -> None:
+        for rank in list(self.tracebacks):
+            self._end_traceback(rank)
+
+    def _rank_line(self, rank: int, stream: str, text: str) -> None:
+        if rank in self.tracebacks:
+            _, lines, ended = self.tracebacks[rank]
+            continues = text == "" or text.startswith((" ", _TRACEBACK_START) + _TRACEBACK_CHAIN)
+            if not ended or continues:
+                lines.append(text)
+                # The exception line ends it, unless a chained traceback follows.
+                self.tracebacks[rank] = (stream, lines, not continues)
+                return
+            self._end_traceback(rank)
+        if text.startswith(ERROR_PREFIX):
+            self.outcome.errors.append((rank, text[len(ERROR_PREFIX):]))  # printed once, by the verdict
+        elif text == _TRACEBACK_START:
+            self.tracebacks[rank] = (stream, [text], False)
+        elif text != "Terminated":  # the shell's word for a rank horovodrun stopped
+            self._print(rank, stream, text)
+
+    def _end_traceback(self, rank: int) -> None:
+        stream, lines, _ = self.tracebacks.pop(rank)
+        if not any(_HOROVOD_SHUT_DOWN in l for l in lines if not l.startswith(" ")):
+            for text in lines:
+                self._print(rank, stream, text)
+
+    @staticmethod
+    def _print(rank: int, stream: str, text: str) -> None:
+        # Rank 0 prints the summary: as is. Other ranks' lines keep their rank.
+        print(text if rank == 0 else f"[rank {rank}] {text}", file=sys.stdout if stream == "stdout" else sys.stderr,
+              flush=True)
+
+
+def _verdict(code: int, outcome: _Outcome) -> int:
+    if code == 0:
+        for line in outcome.horovodrun_lines:
+            print(line, file=sys.stderr)
+        return 0
+    if outcome.errors:
+        rank, message = _first_error(outcome)
+        print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR if outcome.exits.get(rank, EXIT_USER_ERROR) == EXIT_USER_ERROR else EXIT_FAILED
+    if outcome.exits:
+        rank, rank_code = next(iter(outcome.exits.items()))
+        print(f"hvd_infer: rank {rank} failed with exit code {rank_code}{_signal_note(rank_code)}; the other ranks "
+              "were stopped and no _SUCCESS was written (rerun with output.mode=resume to keep the finished parts)",
+              file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    # horovodrun itself failed (a host it cannot reach, a bad option): its own words.
+    for line in outcome.horovodrun_lines:
+        print(line, file=sys.stderr)
+    return code if code > 0 else EXIT_FAILED
+
+
+def _first_error(outcome: _Outcome) -> Tuple[int, str]:
+    """The error of the rank that failed first; any rank's error when none of them exited yet."""
+    for rank in outcome.exits:
+        for r, message in outcome.errors:
+            if r == rank:
+                return r, message
+    return outcome.errors[0]
+
+
+def _signal_note(code: int) -> str:
+    # horovodrun reports a rank killed by signal N as 128 + N, as shells do.
+    if code > 128:
+        try:
+            return f" (killed by {signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return ""
+

@@ -1,0 +1,148 @@
+"""Our launcher, `hvd-infer -np N` / `python -m hvd_infer -np N`: check once, then horovodrun, fail in one line."""
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+import builders
+from conftest import (REPO, assert_same_predictions, hvd_infer_np, job_args, minilm_classifier, read_output,
+                      start_and_kill_rank_1)
+
+slow = pytest.mark.slow
+
+
+def assert_one_line_error(r, *fragments):
+    """Exit 2 and, on stdout and stderr together, exactly one line: the error naming the key or file."""
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2, (r.returncode, lines[-40:])
+    assert len(lines) == 1 and lines[0].startswith("hvd_infer: error: "), lines[-40:]
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, tiny_classifier, tiny_encoder, dataset):
+    """Each bad input of the README's "Failures and resume" table that a check before the ranks catches:
+    (id, arguments, fragments of the line)."""
+    tmp = tmp_path_factory.mktemp("bad")
+    out = tmp / "out"
+    (tmp / "empty").mkdir()
+    (tmp / "notamodel").mkdir()
+    (tmp / "notamodel" / "weights.txt").write_text("x")
+    corrupt = tmp / "corrupt"
+    builders.write_dataset(str(corrupt), 40, files=2)
+    (corrupt / "part-001.parquet").write_bytes((corrupt / "part-001.parquet").read_bytes()[:100])
+    full = tmp / "full"
+    full.mkdir()
+    (full / "a.txt").write_text("x")
+    data = dataset[0]
+    return tmp, out, [
+        ("missing data.path", job_args(tiny_classifier, tmp / "nope", out, tmp), ["data.path", "does not exist"]),
+        ("no Parquet files", job_args(tiny_classifier, tmp / "empty", out, tmp), ["no Parquet files"]),
+        ("column not in the data", job_args(tiny_classifier, data, out, tmp, "data.text_column=body"),
+         ["data.text_column 'body' not found in", "columns are: id, doc, text, label"]),
+        ("text column not a string", job_args(tiny_classifier, data, out, tmp, "data.text_column=id"),
+         ["data.text_column 'id'", "must be a string column"]),
+        ("corrupt file", job_args(tiny_classifier, corrupt, out, tmp), ["part-001.parquet", "truncated"]),
+        ("model dir missing", job_args(tmp / "missing-model", data, out, tmp), ["model.path", "is not a directory"]),
+        ("not a model", job_args(tmp / "notamodel", data, out, tmp), ["has no config.json", "weights.txt"]),
+        ("task the model cannot do", job_args(tiny_encoder, data, out, tmp),
+         ["no sequence classification head", "model.task=embedding"]),
+        ("unknown key", job_args(tiny_classifier, data, out, tmp, "data.batchsize=8"), ["unknown config key 'data.batchsize'"]),
+        ("wrong type", job_args(tiny_classifier, data, out, tmp, "data.batch_size=many"),
+         ["data.batch_size must be an integer, got 'many'"]),
+        ("out of range", job_args(tiny_classifier, data, out, tmp, "data.batch_size=0"), ["data.batch_size must be >= 1, got 0"]),
+        ("float16 on CPU", job_args(tiny_classifier, data, out, tmp, "model.dtype=float16"),
+         ["model.dtype=float16 needs a CUDA GPU"]),
+        ("non-empty output", job_args(tiny_classifier, data, full, tmp), [f"output.path {full} is not empty", "output.mode"]),
+    ]
+
+
+@slow
+def test_bad_input_fails_in_one_line_before_any_rank_starts(bad_inputs):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("the float16 case needs a host without a GPU")
+    tmp, out, cases = bad_inputs
+    for name, args, fragments in cases:
+        t = time.time()
+        r = hvd_infer_np(2, args)
+        seconds = time.time() - t
+        assert_one_line_error(r, *fragments)
+        assert seconds < 60, (name, seconds)  # seconds, on an idle machine; this one is shared
+        # No rank started: nothing was written, no MLflow run was created.
+        assert not out.exists() and not (tmp / "mlflow.db").exists(), name
+    assert os.listdir(tmp / "full") == ["a.txt"]  # the check of a non-empty output is read-only
+
+
+@slow
+def test_console_script_checks_too(tiny_classifier, dataset, tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "hvd-infer")
+    r = subprocess.run([exe, "-np", "2", "-H", "localhost:2"] + job_args(tiny_classifier, dataset[0], tmp_path / "out",
+                                                                    tmp_path, "data.text_column=body"),
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert_one_line_error(r, "data.text_column 'body' not found")
+
+
+@slow
+def test_launcher_runs_the_job_as_horovodrun_does(horovodrun_reference, tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    r = hvd_infer_np(2, ["-H", "localhost:2", "--network-interface", "lo"]
+                     + job_args(tiny_classifier, dataset[0], out, tmp_path))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_predictions(read_output(out), horovodrun_reference)
+    assert (out / "_SUCCESS").exists() and "rows/s" in r.stdout
+    assert "[0]<stdout>" not in r.stdout + r.stderr  # horovodrun's tags are not shown
+
+
+@slow
+def test_error_on_one_rank_after_start_is_one_line(tiny_classifier, tmp_path):
+    texts = builders.texts(40)
+    texts[-1] = None  # only the last rank's shard has it: no check before the ranks can see it
+    data = tmp_path / "data"
+    builders.write_dataset(str(data), 40, files=2, text=texts)
+    out = tmp_path / "out"
+    r = hvd_infer_np(2, job_args(tiny_classifier, data, out, tmp_path))
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert r.returncode == 2, lines[-40:]
+    assert lines == [l for l in lines if "hvd_infer: error: " in l] and len(lines) == 1, lines[-40:]
+    assert "null or empty at id [393, " in lines[0] and "data.on_null=skip" in lines[0]
+    assert not (out / "_SUCCESS").exists()
+
+
+@slow
+def test_killed_rank_one_line_naming_it_then_resume(tmp_path):
+    model = minilm_classifier(str(tmp_path / "model"))
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), 480, files=3, row_group_size=16)
+    out = tmp_path / "out"
+    args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8")
+    code, seconds, output = start_and_kill_rank_1([sys.executable, "-m", "hvd_infer", "-np", "2"] + args, out,
+                                                  "HOROVOD_RANK")
+    assert code == 1 and seconds < 60, (code, seconds, output[-3000:])
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("hvd_infer: rank 1 failed with exit code 137 (killed by SIGKILL)"), output[-3000:]
+    assert "Traceback" not in output and "Horovod detected" not in output, output[-3000:]
+    assert not (out / "_SUCCESS").exists()
+
+    r = hvd_infer_np(2, args + ["output.mode=resume"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    got = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(table.column("id").to_pylist())  # every id exactly once
+
+
+def test_horovodrun_options_pass_through():
+    from hvd_infer import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    args = parser.parse_args(["-np", "8", "-H", "a:4,b:4", "--network-interface", "eth0", "--network-interface",
+                              "eth1", "-p", "2222", "--verbose"])
+    assert args.np == 8
+    assert launcher.horovodrun_options(args) == ["--hosts", "a:4,b:4", "--network-interface", "eth0",
+                                                 "--network-interface", "eth1", "--ssh-port", "2222", "--verbose"]
+    assert not launcher.ranks_on_this_host(args)
+    assert launcher.ranks_on_this_host(parser.parse_args(["-np", "2", "-H", "localhost:2"]))

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from hvd_infer.errors import UserError
+from hvd_infer.errors import ConfigError, UserError
 
 # User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
 EXIT_USER_ERROR = 2
@@ -33,6 +33,9 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False), end="")
             return 0
+        if args.config is None and not os.path.exists(cfg.model.path):
+            raise ConfigError(f"the demo is not built ({cfg.model.path} does not exist): build it once with "
+                              "`make demo` or `.venv/bin/python scripts/make_demo.py`, or give --config JOB.yaml")
         from hvd_infer.runner import run
 
         run(cfg)

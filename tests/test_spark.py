@@ -23,6 +23,7 @@ import yaml
 import builders
 import hvd_infer
 from conftest import horovodrun, python_m
+from test_multirank import reference_probs
 from hvd_infer.errors import ConfigError
 
 slow = pytest.mark.slow
@@ -92,21 +93,14 @@ def local_spark(loopback_env):
     spark.stop()
 
 
-def plain_forward(model_path, texts, max_length=256):
-    """label, score, probs per text from a plain transformers forward, 16 texts at a time."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def plain_forward(model_path, texts):
+    """label, score, probs per text from a plain transformers forward (test_multirank's), not hvd_infer."""
+    from transformers import AutoConfig
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
-    probs = []
-    with torch.no_grad():
-        for i in range(0, len(texts), 16):
-            b = tok(list(texts[i:i + 16]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            probs.append(torch.softmax(model(**b).logits, -1).numpy())
-    probs = np.concatenate(probs)
-    return pd.DataFrame({"label": [model.config.id2label[int(k)] for k in probs.argmax(1)],
-                         "score": probs.max(1), "probs": list(probs)})
+    probs = reference_probs(model_path, list(texts))
+    id2label = AutoConfig.from_pretrained(model_path).id2label
+    return pd.DataFrame({"label": [id2label[int(k)] for k in probs.argmax(1)], "score": probs.max(1),
+                         "probs": list(probs)})
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import torch
 
 import hvd_infer
 from hvd_infer.config import parse_override
+from hvd_infer.context import cpu_cores
+from test_multirank import reference_probs
 
 # name: (overrides, what the run's summary header says, tolerance on each probability, on their mean,
 # least label agreement with float32).
@@ -47,7 +49,13 @@ def score(model, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def float32(tiny_classifier, dataset, tmp_path_factory):
-    return score(tiny_classifier, dataset[0], tmp_path_factory.mktemp("float32") / "out", "model.dtype=float32")
+    """The float32 job, itself checked row by row against a plain transformers forward."""
+    got = score(tiny_classifier, dataset[0], tmp_path_factory.mktemp("float32") / "out", "model.dtype=float32")
+    table = dataset[1]
+    rows = [table.column("id").to_pylist().index(i) for i in got["id"]]
+    plain = reference_probs(tiny_classifier, table.column("text").to_pylist())[rows]
+    np.testing.assert_allclose(np.stack(got["probs"]), plain, atol=1e-5)
+    return got
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,7 +66,7 @@ def test_speed_option_agrees_with_float32(name, float32, tiny_classifier, datase
     printed = capsys.readouterr().out
     assert header in printed, printed  # the option was applied, not ignored
     rank_0 = next(l.split() for l in printed.splitlines() if l.startswith("    0 "))  # rank host device threads ...
-    assert rank_0[3] == ("1" if name == "threads-1" else str(torch.get_num_threads()))
+    assert rank_0[3] == ("1" if name == "threads-1" else str(cpu_cores()))
     assert got["id"].tolist() == float32["id"].tolist() == sorted(dataset[1].column("id").to_pylist())
     diff = np.abs(np.stack(got["probs"]) - np.stack(float32["probs"]))
     assert diff.max() <= atol and diff.mean() <= mean_tol, (diff.max(), diff.mean())

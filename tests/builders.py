@@ -47,18 +47,39 @@ def write_dataset(path: str, n: int, files: int = 3, row_group_size: int = 7, se
 
 
 def tiny_bert(path: str, task: str = "classification", num_labels: int = 3, seed: int = 0) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's real tokenizer, saved with save_pretrained."""
+    """A randomly initialised 2-layer BERT with MiniLM's real tokenizer, saved with save_pretrained.
+
+    Its output depends on its input, and this is checked here: with BERT's initializer_range 0.02 a
+    model this small gives nearly the same probabilities for every text (one label, spread < 1e-3),
+    so a test comparing it with a reference would pass with rows swapped. At 0.5 the labels spread
+    over several classes while the top probability stays below 1 (not saturated).
+    """
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=512, num_labels=num_labels,
+                     initializer_range=0.5,
                      id2label={i: f"class_{chr(97 + i)}" for i in range(num_labels)},
                      label2id={f"class_{chr(97 + i)}": i for i in range(num_labels)})
-    model = BertForSequenceClassification(cfg) if task == "classification" else BertModel(cfg)
+    model = (BertForSequenceClassification(cfg) if task == "classification" else BertModel(cfg)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    probe = texts(12, seed=99, long_every=5)
+    with torch.no_grad():
+        batch = tokenizer(probe, padding=True, return_tensors="pt")
+        if task == "classification":
+            probs = torch.softmax(model(**batch).logits, -1).numpy()
+            spread = float(np.ptp(probs, axis=0).max())
+            assert spread > 1e-2 and len(set(probs.argmax(1))) >= 2, \
+                f"tiny_bert does not react to its input: spread {spread}, labels {probs.argmax(1)}"
+        else:
+            hidden, mask = model(**batch).last_hidden_state, batch["attention_mask"].unsqueeze(-1).float()
+            emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1).numpy()
+            distance = 1 - (emb @ emb.T)[np.triu_indices(len(probe), 1)]
+            assert distance.min() > 5e-3, f"tiny_bert encoder gives near-identical embeddings: {distance.min()}"
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_dir()).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

@@ -73,6 +73,13 @@ def test_secrets_masked():
     assert m["data"]["max_tokens_per_batch"] == 512
 
 
+def test_no_config_key_is_masked_as_a_secret():
+    """Keys named like token counts (generation.max_new_tokens) are figures, not secrets: every
+    key of a full config without credentials prints and logs as it is."""
+    full = cfg(**{"mlflow.tracking_uri": "http://127.0.0.1:5000"}).to_dict()
+    assert mask_secrets(full) == full
+
+
 def test_security_defaults():
     c = cfg()
     assert c.model.trust_remote_code is False and c.model.allow_pickle is False

@@ -1,4 +1,5 @@
-"""The images (no Docker engine here): hadolint, and every install step is scripts/install.sh's."""
+"""The Dockerfiles read as text: no Docker engine here, so nothing is built or run. hadolint lints them;
+the other tests check strings in their instructions and say so in their names."""
 import ast
 import json
 import os
@@ -40,7 +41,7 @@ def test_hadolint(dockerfile):
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
-def test_install_steps_are_install_sh(dockerfile):
+def test_dockerfile_text_installs_only_through_install_sh(dockerfile):
     steps = instructions(dockerfile)
     runs = [args for op, args in steps if op == "RUN"]
     installs = [r for r in runs if "scripts/install.sh" in r]
@@ -61,14 +62,14 @@ def test_install_steps_are_install_sh(dockerfile):
 
 
 @pytest.mark.parametrize("dockerfile, np_", [("docker/Dockerfile", 4), ("docker/Dockerfile.cpu", 2)])
-def test_documented_entry(dockerfile, np_):
+def test_dockerfile_cmd_text_is_the_documented_horovodrun_line(dockerfile, np_):
     cmd = [json.loads(args) for op, args in instructions(dockerfile) if op == "CMD"]
     assert cmd == [["horovodrun", "-np", str(np_), "-H", f"localhost:{np_}", "python", "-m", "hvd_infer",
                     "--config", "/job/job.yaml"]]
     assert "horovodrun -np" in read(dockerfile) and "docker build -f " + dockerfile in read(dockerfile)
 
 
-def test_gpu_image_builds_horovod_with_nccl_and_a_cuda_torch():
+def test_gpu_dockerfile_text_names_nccl_and_a_matching_cuda_torch():
     steps = instructions("docker/Dockerfile")
     text = " ".join(args for _, args in steps)
     assert re.search(r"FROM \$\{CUDA_IMAGE\}", read("docker/Dockerfile"))
@@ -78,22 +79,22 @@ def test_gpu_image_builds_horovod_with_nccl_and_a_cuda_torch():
         r"TORCH_INDEX_URL=\S+/whl/cu(\d+)", text).group(1)
 
 
-def test_cpu_image_has_java_for_spark():
+def test_cpu_dockerfile_text_names_java_cmake_and_cpu_torch():
     text = " ".join(args for _, args in instructions("docker/Dockerfile.cpu"))
     assert "FROM python:3.11-slim" in read("docker/Dockerfile.cpu")
     assert "openjdk-17-jre-headless" in text and "cmake" in text and "TORCH_SPEC=torch==2.13.0+cpu" in text
 
 
-def test_dockerignore_keeps_local_state_out():
+def test_dockerignore_lists_local_state():
     ignored = read(".dockerignore").split()
     assert {".git", ".venv", "demo/", "mlflow.db"} <= set(ignored)
 
 
-def test_install_sh_is_valid_bash():
+def test_install_sh_parses_as_bash():
     assert subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", "install.sh")]).returncode == 0
 
 
-def test_databricks_job_calls_horovodrunner_like_horovod_spark_run():
+def test_databricks_job_text_has_the_horovodrunner_call():
     src = read("scripts/databricks_job.py")
     ast.parse(src)  # valid Python once the MAGIC lines are comments
     assert src.startswith("# Databricks notebook source") and src.count("# COMMAND ----------") >= 4

@@ -113,9 +113,55 @@ def test_output_modes(tiny_classifier, dataset, tmp_path):
     assert_user_error(python_m(base(tiny_classifier, dataset[0], foreign, tmp_path, "output.mode=overwrite")),
                       "was not written by hvd_infer")
     assert (foreign / "precious.txt").read_text() == "keep me"
-    # Resume refuses when the model changed.
-    other = builders.tiny_bert(str(tmp_path / "other"), seed=1)
-    assert_user_error(python_m(base(other, dataset[0], out, tmp_path, "output.mode=resume")), "model_path changed")
+
+
+# -- resume refuses what would mix two jobs in one output ------------------------------------
+
+def stats(out):
+    """(inode, mtime) of every file in out, by name: what a refused resume must leave alone."""
+    found = {}
+    for d, _, names in os.walk(out):
+        for n in names:
+            st = os.stat(os.path.join(d, n))
+            found[os.path.relpath(os.path.join(d, n), out)] = (st.st_ino, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_job(tiny_classifier, tmp_path_factory):
+    """A finished world-of-one job (its own data dir, so a case may add an input file)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data, out = tmp / "data", tmp / "out"
+    builders.write_dataset(str(data), 30, files=2)
+    r = python_m(base(tiny_classifier, data, out, tmp, "output.rows_per_part=10"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, data, out
+
+
+@pytest.mark.parametrize("change, key", [
+    ("input", "input"),
+    ("model.path", "model_path"),
+    ("model.task=embedding", "task"),
+    ("model.dtype=bfloat16", "dtype"),
+    ("model.quantize=int8", "quantize"),
+    ("data.id_columns=[id,doc]", "id_columns"),
+    ("data.on_null=empty", "on_null"),
+])
+def test_resume_refuses_a_changed_job(change, key, finished_job, tiny_classifier, tmp_path):
+    tmp, data, out = finished_job
+    before = stats(out)
+    extra = [change] if "=" in change else []
+    model = builders.tiny_bert(str(tmp_path / "other"), seed=1) if change == "model.path" else tiny_classifier
+    added = data / "part-999.parquet"
+    if change == "input":
+        pq.write_table(pq.read_table(data / "part-000.parquet").slice(0, 3), added)
+    try:
+        args = base(model, data, out, tmp, "output.rows_per_part=10", "output.mode=resume", *extra)
+        assert_user_error(python_m(args), "output.mode=resume but", f"{key} changed")
+    finally:
+        if added.exists():
+            added.unlink()
+    assert stats(out) == before  # nothing removed, rewritten or added, _SUCCESS included
 
 
 # -- null texts and truncation ----------------------------------------------------------------
@@ -187,9 +233,15 @@ def _classifier_from_minilm(path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
-    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3)
+    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3).eval()
+    tok = AutoTokenizer.from_pretrained(builders.minilm_dir())
+    with torch.no_grad():
+        m.classifier.weight.mul_(10)  # the new head's 0.02 init spreads probabilities by only ~1e-2
+        probs = torch.softmax(m(**tok(builders.texts(12, seed=99, long_every=5), padding=True,
+                                      return_tensors="pt")).logits, -1).numpy()
+    assert np.ptp(probs, axis=0).max() > 1e-2 and len(set(probs.argmax(1))) >= 2, probs
     m.save_pretrained(path)
-    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
+    tok.save_pretrained(path)
     return path
 
 
@@ -260,8 +312,16 @@ def test_resume_with_another_world_size(tiny_classifier, dataset, tmp_path):
     for n in parts[1::3]:  # as if those parts had never been written
         os.remove(out / n)
     os.remove(out / "_SUCCESS")
+    kept = {n: os.stat(out / n) for n in os.listdir(out) if n.startswith("part-")}
+    assert kept and {n[:12] for n in kept} == {"part-r00000-", "part-r00001-"}
     r = python_m(args + ["output.mode=resume"])  # a world of one finishes a 2-rank job
     assert r.returncode == 0, r.stderr[-3000:]
+    for n, st in kept.items():  # finished parts are neither recomputed nor rewritten
+        now = os.stat(out / n)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
+    redone = sorted(n for n in os.listdir(out) if n.startswith("part-") and n not in kept)
+    assert redone and all(n.startswith("part-r00000-") for n in redone)  # by the one rank there is now
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
     assert got["id"].tolist() == reference["id"].tolist()
-    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(reference["probs"]), atol=1e-6)
+    # Other thread count, other summation order: float32 noise ~1e-6 with tiny_bert's logits (test_multirank).
+    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(reference["probs"]), atol=1e-5)

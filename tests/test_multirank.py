@@ -93,7 +93,9 @@ def test_world_of_one_equals_two_ranks(two_rank_run, tiny_classifier, dataset, t
     a = pads.dataset(str(out1)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
     b = pads.dataset(str(out2)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
     assert a["id"].tolist() == b["id"].tolist() and a["label"].tolist() == b["label"].tolist()
-    np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=1e-6)
+    # 2 threads against 1 per rank: another summation order. With logits up to ~10 (tiny_bert reacts to
+    # its input) float32 noise reaches ~1e-6 in probabilities; a swapped row moves them by > 1e-2.
+    np.testing.assert_allclose(np.stack(a["probs"]), np.stack(b["probs"]), atol=1e-5)
 
 
 def test_embedding_minilm_two_ranks(tmp_path):

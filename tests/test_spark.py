@@ -11,23 +11,38 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
 import pytest
 
+import builders
 import hvd_infer
 from conftest import assert_same_predictions, executors_of_last_stage, horovodrun, job, python_m, read_output
+from test_multirank import reference_probs
 from hvd_infer.errors import ConfigError
 
 slow = pytest.mark.slow
 
 
+def plain_forward(model_path, texts):
+    """label, score, probs per text from a plain transformers forward (test_multirank's), not hvd_infer."""
+    from transformers import AutoConfig
+
+    probs = reference_probs(model_path, list(texts))
+    id2label = AutoConfig.from_pretrained(model_path).id2label
+    return pd.DataFrame({"label": [id2label[int(k)] for k in probs.argmax(1)], "score": probs.max(1),
+                         "probs": list(probs)})
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_classifier, dataset):
-    """The Horovod path in a world of one: python -m hvd_infer on the model directory."""
-    tmp = tmp_path_factory.mktemp("reference")
-    out = tmp / "out"
-    r = python_m(["--config", job(tiny_classifier, dataset[0], out, tmp)])
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return read_output(out)
+def reference(tiny_classifier, dataset):
+    """Every input row scored by a plain transformers forward written here, not by hvd_infer."""
+    table = dataset[1]
+    ref = plain_forward(tiny_classifier, table.column("text").to_pylist())
+    ref.insert(0, "doc", table.column("doc").to_pylist())
+    ref.insert(0, "id", table.column("id").to_pylist())
+    assert ref["label"].nunique() >= 2  # a model that reacts: swapped rows would show
+    return ref.sort_values("id").reset_index(drop=True)
 
 
 def test_run_is_picklable_by_reference():
@@ -69,7 +84,7 @@ def test_udf_columns_in_input_order():
 
 
 @slow
-def test_run_on_spark_local_equals_horovod_path(local_spark, reference, tiny_classifier, dataset, tmp_path):
+def test_run_on_spark_local_equals_plain_forward(local_spark, reference, tiny_classifier, dataset, tmp_path):
     from hvd_infer.spark import run_on_spark
 
     out = tmp_path / "out"
@@ -82,7 +97,7 @@ def test_run_on_spark_local_equals_horovod_path(local_spark, reference, tiny_cla
 
 
 @slow
-def test_predict_udf_equals_horovod_path(local_spark, reference, tiny_classifier, dataset, tmp_path):
+def test_predict_udf_equals_plain_forward(local_spark, reference, tiny_classifier, dataset, tmp_path):
     from hvd_infer.spark import predict_udf
 
     udf = predict_udf(job(tiny_classifier, dataset[0], tmp_path / "unused", tmp_path))
@@ -90,6 +105,35 @@ def test_predict_udf_equals_horovod_path(local_spark, reference, tiny_classifier
     assert scored.schema["pred"].dataType.simpleString() == "struct<label:string,score:float,probs:array<float>>"
     got = scored.select("id", "doc", "pred.*").toPandas().sort_values("id").reset_index(drop=True)
     assert_same_predictions(got, reference)
+
+
+@slow
+def test_predict_udf_puts_length_sorted_rows_back(local_spark, tiny_classifier, tmp_path):
+    """Short and very long texts interleaved in one Arrow batch: the UDF sorts them by length to batch
+    them, and each prediction must still land on its own row."""
+    from transformers import AutoTokenizer
+
+    from hvd_infer.batcher import length_sorted_batches
+    from hvd_infer.spark import predict_udf
+
+    long_texts = builders.texts(40, seed=7, long_every=1)  # 300-500 words: cut at max_length
+    short_texts = ["Goal!", "Stocks fell.", "Bake bread.", "Rain."]
+    texts = [long_texts[i] if i % 3 == 1 else short_texts[i % 4] + f" {builders.WORDS[i]}" for i in range(30)]
+    df = local_spark.createDataFrame(pd.DataFrame({"id": range(30), "doc": [f"d{i}" for i in range(30)],
+                                                   "text": texts})).coalesce(1)
+    # sort_window is predict_batch_udf's batch: all 30 rows in one Arrow batch, scored 4 at a time.
+    udf = predict_udf(job(tiny_classifier, tmp_path, tmp_path / "unused", tmp_path,
+                          data={"sort_window": 64, "batch_size": 4}))
+    got = df.withColumn("pred", udf("text")).select("id", "doc", "pred.*").toPandas().sort_values("id")
+    ref = plain_forward(tiny_classifier, texts)
+    ref.insert(0, "doc", [f"d{i}" for i in range(30)])
+    ref.insert(0, "id", range(30))
+    assert_same_predictions(got.reset_index(drop=True), ref)
+    assert ref["label"].nunique() >= 2
+    lengths = np.array([len(ids) for ids in AutoTokenizer.from_pretrained(tiny_classifier)(
+        texts, truncation=True, max_length=256)["input_ids"]])
+    order = np.concatenate(length_sorted_batches(lengths, 4, 0, 64))
+    assert (order != np.arange(30)).sum() > 20  # the rows really were scored out of input order
 
 
 @slow

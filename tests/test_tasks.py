@@ -39,6 +39,16 @@ def _bert_config(labels):
                       id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
 
 
+def _assert_reacts(name, model, batch):
+    """A model under test must give different answers to different texts, or equality checks prove little."""
+    probs = torch.softmax(model(**batch).logits, -1)
+    if probs.dim() == 3:  # token classification: every real token is a row
+        probs = probs[batch["attention_mask"].bool()]
+    probs = probs.numpy()
+    spread = float(np.ptp(probs, axis=0).max())
+    assert spread > 1e-2 and len(set(probs.argmax(-1))) >= 2, f"{name} does not react to its input: spread {spread}"
+
+
 def _save(model, tokenizer, path):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -51,7 +61,6 @@ def models(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(builders.minilm_dir())
     torch.manual_seed(0)
     nli = BertForSequenceClassification(_bert_config(["contradiction", "neutral", "entailment"]))
-    cls = BertForSequenceClassification(_bert_config(["class_a", "class_b", "class_c"]))
     ner = BertForTokenClassification(_bert_config(["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))
     with torch.no_grad():  # B-PER and B-LOC frequent, so entities are found and grouped
         ner.classifier.bias.copy_(torch.tensor([0.3, 0.6, 0.0, 0.4, 0.0]))
@@ -62,8 +71,15 @@ def models(tmp_path_factory):
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=128, n_embd=32, n_layer=2, n_head=2,
                                     initializer_range=0.2,  # 0.02 repeats one token whatever the prompt
                                     bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id))
+    probe = tok(builders.texts(12, seed=99, long_every=5), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        for name, model in (("nli", nli), ("ner", ner)):  # builders.tiny_bert checks the classifier itself
+            _assert_reacts(name, model.eval(), probe)
+        # Greedy continuations of different prompts differ (0.02 repeats one token whatever the prompt).
+        firsts = {int(lm.eval()(**tok(p, return_tensors="pt")).logits[0, -1].argmax()) for p in PROMPTS}
+        assert len(firsts) >= 2, f"the tiny LM predicts one token for every prompt: {firsts}"
     return {"nli": _save(nli, tok, root / "nli"), "ner": _save(ner, tok, root / "ner"),
-            "lm": _save(lm, lm_tok, root / "lm"), "cls": _save(cls, tok, root / "cls")}
+            "lm": _save(lm, lm_tok, root / "lm"), "cls": builders.tiny_bert(str(root / "cls"))}
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The benchmark corpus: scripts/make_demo.py's make_corpus written as Parquet; labels read back by id."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from typing import Dict, Optional
+
+from benchmarks import REPO
+
+
+def make_corpus(rows: int):
+    spec = importlib.util.spec_from_file_location("make_demo", os.path.join(REPO, "scripts", "make_demo.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.make_corpus(rows, seed=0)
+
+
+def write_corpus(work: str, rows: int, files: int, row_group_rows: int) -> str:
+    """A Parquet corpus of `rows` rows in `files` files of row groups of `row_group_rows`; reused if present."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.path.join(work, "data", f"rows-{rows}-files-{files}-rg-{row_group_rows}")
+    if os.path.exists(os.path.join(path, "_DONE")):
+        return path
+    df = make_corpus(rows)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    bounds = np.linspace(0, rows, files + 1).astype(int)
+    for k in range(files):
+        pq.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), os.path.join(tmp, f"part-{k:04d}.parquet"),
+                       row_group_size=row_group_rows)
+    open(os.path.join(tmp, "_DONE"), "w").close()
+    shutil.rmtree(path, ignore_errors=True)
+    os.rename(tmp, path)
+    return path
+
+
+def read_corpus(path: str):
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(path, format="parquet").to_table(columns=["id", "text"]).sort_by("id")
+    return t.column("id").to_numpy(), t.column("text").to_pylist()
+
+
+def read_labels(path: str, column: str, ids, mapping: Optional[Dict[str, int]] = None):
+    """Labels from a Parquet output directory, in the order of `ids` (joined on id)."""
+    import numpy as np
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(path, format="parquet").to_table(columns=["id", column])
+    got = dict(zip(t.column("id").to_pylist(), t.column(column).to_pylist()))
+    vals = [got.get(int(i)) for i in ids]
+    if mapping is not None:
+        vals = [mapping.get(v, -1) if v is not None else -1 for v in vals]
+    return np.array([-1 if v is None else v for v in vals])

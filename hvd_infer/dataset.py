@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from typing import List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
 
 import fsspec
 import pyarrow as pa
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from hvd_infer.config import DataConfig
 from hvd_infer.errors import DataError
+from hvd_infer.storage import explain
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ParquetInput:
     sizes: List[int]
     row_groups: List[RowGroup]
     schema: pa.Schema
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # data.storage_options, for every reader
 
     @property
     def total_rows(self) -> int:
@@ -43,7 +45,7 @@ class ParquetInput:
         return f"{self.protocol}://{self.files[file]}"
 
     def filesystem(self):
-        return fsspec.filesystem(self.protocol)
+        return fsspec.filesystem(self.protocol, **self.storage_options)
 
     def fingerprint(self) -> str:
         """Changes when the files, their sizes or row counts change: resume refuses then."""
@@ -62,8 +64,17 @@ def _is_data_file(path: str) -> bool:
     return not name.startswith(("_", ".")) and not name.endswith((".crc", ".tmp"))
 
 
-def list_files(path: str) -> Tuple[str, List[str], List[int]]:
-    fs, root = fsspec.core.url_to_fs(path)
+def list_files(path: str, storage_options: Dict[str, Any]) -> Tuple[str, List[str], List[int]]:
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        return _list_files(fs, root, path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise explain(e, "data.path", path, DataError) or e from None
+
+
+def _list_files(fs, root: str, path: str) -> Tuple[str, List[str], List[int]]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if _has_glob(root):
         found = [p for p in fs.glob(root) if fs.isfile(p)]
@@ -85,8 +96,8 @@ def list_files(path: str) -> Tuple[str, List[str], List[int]]:
 
 def open_input(cfg: DataConfig) -> ParquetInput:
     """List and check the input named by data.path; raises DataError naming what is wrong."""
-    protocol, files, sizes = list_files(cfg.path)
-    fs = fsspec.filesystem(protocol)
+    protocol, files, sizes = list_files(cfg.path, cfg.storage_options)
+    fs = fsspec.filesystem(protocol, **cfg.storage_options)
     row_groups: List[RowGroup] = []
     schema = None
     start = 0
@@ -106,7 +117,7 @@ def open_input(cfg: DataConfig) -> ParquetInput:
             if n:
                 row_groups.append(RowGroup(i, j, start, n))
                 start += n
-    return ParquetInput(protocol, files, sizes, row_groups, schema)
+    return ParquetInput(protocol, files, sizes, row_groups, schema, cfg.storage_options)
 
 
 def is_string(t: pa.DataType) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
@@ -46,6 +47,25 @@ class ParquetInput:
 
     def filesystem(self):
         return fsspec.filesystem(self.protocol, **self.storage_options)
+
+    def petastorm_filesystem(self):
+        """What Petastorm should read through: None lets it open local files itself; a store's
+        filesystem is wrapped as a legacy pyarrow filesystem, the only kind Petastorm 0.13's
+        ParquetDataset call accepts on pyarrow 14 (an fsspec one fails on validate_schema)."""
+        if self.protocol in ("file", "local"):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # pyarrow.filesystem is deprecated, and what Petastorm needs
+            from pyarrow.filesystem import DaskFileSystem
+
+        class FsspecAsLegacy(DaskFileSystem):  # DaskFileSystem leaves these two unimplemented
+            def isdir(self, path):
+                return self.fs.isdir(path)
+
+            def isfile(self, path):
+                return self.fs.isfile(path)
+
+        return FsspecAsLegacy(self.filesystem())
 
     def fingerprint(self) -> str:
         """Changes when the files, their sizes or row counts change: resume refuses then."""

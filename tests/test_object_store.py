@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import numpy as np
+import psutil
 import pyarrow.dataset as pads
 import pytest
 
@@ -88,6 +89,10 @@ def args(model, data, out, tmp, *extra):
 
 def read_s3(fs, prefix):
     return pads.dataset(prefix, filesystem=fs, format="parquet").to_table().to_pandas()
+
+
+def parts_in(fs, prefix):
+    return [p for p in (fs.find(prefix) if fs.exists(prefix) else []) if p.startswith(prefix + "/part-")]
 
 
 def assert_user_error(r, *fragments):
@@ -201,18 +206,24 @@ def test_killed_launcher_then_resume_on_s3(s3, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline:
             fs.invalidate_cache()
-            if len([p for p in (fs.find("preds/kill") if fs.exists("preds/kill") else []) if "/part-" in p]) >= 4:
+            if len(parts_in(fs, "preds/kill")) >= 4:
                 break
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # launcher and ranks: nobody marks the run
+        # The launcher and its ranks (horovodrun starts them in their own process groups): nobody marks the run.
+        ranks = [p for p in psutil.process_iter(["cmdline"]) if "s3://preds/kill" in " ".join(p.info["cmdline"] or [])
+                 and p.pid != proc.pid]
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in ranks:
+            p.kill()
         proc.wait(timeout=60)
+        psutil.wait_procs(ranks, timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     fs.invalidate_cache()
     assert not fs.exists("preds/kill/_SUCCESS")
-    before = {p: fs.info(p)["LastModified"] for p in fs.find("preds/kill") if "/part-" in p}
+    before = {p: fs.info(p)["LastModified"] for p in parts_in(fs, "preds/kill")}
     done_rows = sum(int(p.rsplit("-", 1)[1].split(".")[0]) - int(p.rsplit("-", 2)[1]) for p in before)
     assert 0 < done_rows < table.num_rows
 
@@ -223,7 +234,7 @@ def test_killed_launcher_then_resume_on_s3(s3, tmp_path):
     for p, modified in before.items():  # no finished part was rewritten
         assert fs.info(p)["LastModified"] == modified, p
     summary = json.loads(fs.cat("preds/kill/_manifest.json"))["summary"]
-    assert summary["rows"] == table.num_rows - done_rows
+    assert summary["rows"] == table.num_rows - done_rows, (sorted(before), r.stdout[-3000:])
     db = sqlite3.connect(tmp_path / "mlflow.db")
     runs = dict(db.execute("select run_uuid, status from runs").fetchall())
     assert sorted(runs.values()) == ["FINISHED", "KILLED"]

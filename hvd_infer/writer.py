@@ -97,7 +97,7 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
     if not names:
         return OutputState()
     if mode == "error":
-        raise OutputError(f"output.path {path} is not empty ({len(names)} files); set output.mode=overwrite "
+        raise OutputError(f"output.path {path} is not empty ({len(names)} entries); set output.mode=overwrite "
                           "to replace it, or output.mode=resume to finish an interrupted run")
     foreign = [n for n in names if not _is_ours(n)]
     if before is None or foreign:

@@ -66,20 +66,15 @@ class Location:
         """Every file under the root, relative to it (an empty list for a root not there yet)."""
         if self.local and not os.path.isdir(self.root):
             return []
-        found = self.fs.find(self.root)
+        self.fs.invalidate_cache(self.root)  # other ranks and processes write here: list afresh
+        found = self.fs.find(self.root)  # a missing bucket, bad credentials, a dead endpoint fail here
+        if not found and not self.local:
+            self.fs.info(self.root.split("/", 1)[0])  # some stores list a missing bucket as empty
         return sorted(p[len(self.root) + 1:] for p in found if p.startswith(self.root + "/"))
 
     def delete(self, names: List[str]) -> None:
         if names:
             self.fs.rm([self.path(n) for n in names])
-
-    def check_reachable(self) -> None:
-        """Raise (the store's own error) when the endpoint, bucket or credentials are wrong; reads only."""
-        if self.local:
-            return
-        bucket = self.root.split("/", 1)[0]
-        self.fs.ls(bucket, detail=False)  # a missing bucket, bad credentials, a dead endpoint all fail here
-        self.fs.invalidate_cache()
 
 
 def explain(error: BaseException, key: str, url: str, kind: Type[UserError]) -> Optional[UserError]:

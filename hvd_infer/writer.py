@@ -85,7 +85,6 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
     path, mode = cfg.output.path, cfg.output.mode
     loc = output_location(cfg)
     try:
-        loc.check_reachable()
         if loc.local and loc.fs.isfile(loc.root):
             raise OutputError(f"output.path {path} is a file; give a directory")
         names = loc.names()

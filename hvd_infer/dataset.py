@@ -20,6 +20,21 @@ from hvd_infer.errors import DataError
 from hvd_infer.storage import explain
 
 
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from pyarrow.filesystem import DaskFileSystem
+
+
+class FsspecAsLegacy(DaskFileSystem):
+    """An fsspec filesystem as a legacy pyarrow one (module level: picklable to reader workers)."""
+
+    def isdir(self, path):  # DaskFileSystem leaves these two unimplemented
+        return self.fs.isdir(path)
+
+    def isfile(self, path):
+        return self.fs.isfile(path)
+
+
 @dataclass(frozen=True)
 class RowGroup:
     file: int  # index into ParquetInput.files
@@ -55,17 +70,8 @@ class ParquetInput:
         if self.protocol in ("file", "local"):
             return None
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # pyarrow.filesystem is deprecated, and what Petastorm needs
-            from pyarrow.filesystem import DaskFileSystem
-
-        class FsspecAsLegacy(DaskFileSystem):  # DaskFileSystem leaves these two unimplemented
-            def isdir(self, path):
-                return self.fs.isdir(path)
-
-            def isfile(self, path):
-                return self.fs.isfile(path)
-
-        return FsspecAsLegacy(self.filesystem())
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated, and what Petastorm needs
+            return FsspecAsLegacy(self.filesystem())
 
     def fingerprint(self) -> str:
         """Changes when the files, their sizes or row counts change: resume refuses then."""

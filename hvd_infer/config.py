@@ -72,14 +72,16 @@ class DataConfig:
     sort_window: int = bounded(4096, 1)  # rows sorted by length together, to keep padding small
     pad_to_multiple_of: int = bounded(8, 1, note=" (1 = no rounding)")  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
     on_null: Literal["error", "skip", "empty"] = "error"  # null or empty text: fail, drop (ids in the manifest), or score ""
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for data.path (endpoint_url, key, ...); {} = the store's defaults, e.g. AWS_* variables
 
 
 @dataclass
 class OutputConfig:
-    path: str = ""  # directory of Parquet parts (+ _manifest.json, _SUCCESS)
+    path: str = ""  # directory or object-store prefix (s3://, gs://, abfss://) of Parquet parts (+ _manifest.json, _SUCCESS)
     mode: Literal["error", "overwrite", "resume"] = "error"  # error: refuse a non-empty dir
-    rows_per_part: int = bounded(50000, 1)  # each part is written atomically and is the unit of resume
+    rows_per_part: int = bounded(50000, 1)  # each part is written whole or not at all and is the unit of resume
     compression: Literal["snappy", "zstd", "gzip", "lz4", "none"] = "snappy"
+    storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for output.path; {} = the store's defaults
 
 
 @dataclass
@@ -91,6 +93,8 @@ class MlflowConfig:
     artifact_location: Optional[str] = None  # for a new experiment; None = mlartifacts/ beside a sqlite store
     log_predictions: bool = True  # log each rank's part files as artifacts (false: manifest only)
     tags: Dict[str, str] = field(default_factory=dict)
+    log_every_s: float = bounded(30.0, 0, lo_open=True)  # live step metrics from every rank this often (seconds; slows down past a few hundred points)
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU with nvidia-ml-py) from every rank, as MLflow system metrics
 
 
 @dataclass
@@ -206,6 +210,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        if typing.get_args(tp)[1] is Any:  # passed through to a library (fsspec): nested values kept as they are
+            return {str(k): v for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):

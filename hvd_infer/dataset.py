@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import fsspec
 import numpy as np
@@ -20,6 +21,22 @@ import pyarrow.parquet as pq
 
 from hvd_infer.config import DataConfig
 from hvd_infer.errors import DataError
+from hvd_infer.storage import explain
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    from pyarrow.filesystem import DaskFileSystem
+
+
+class FsspecAsLegacy(DaskFileSystem):
+    """An fsspec filesystem as a legacy pyarrow one (module level: picklable to reader workers)."""
+
+    def isdir(self, path):  # DaskFileSystem leaves these two unimplemented
+        return self.fs.isdir(path)
+
+    def isfile(self, path):
+        return self.fs.isfile(path)
 
 
 @dataclass(frozen=True)
@@ -38,12 +55,13 @@ class ParquetInput:
     """
 
     def __init__(self, protocol: str, files: List[str], sizes: List[int], row_groups: List[RowGroup],
-                 schema: pa.Schema):
+                 schema: pa.Schema, storage_options: Optional[Dict[str, Any]] = None):
         self.protocol = protocol
         self.files = files  # paths on the filesystem (no protocol), in a fixed order
         self.sizes = sizes
         self.row_groups = row_groups
         self.schema = schema
+        self.storage_options = storage_options or {}  # data.storage_options, for every reader
 
     @property
     def total_rows(self) -> int:
@@ -54,7 +72,17 @@ class ParquetInput:
         return f"{self.protocol}://{self.files[file]}"
 
     def filesystem(self):
-        return fsspec.filesystem(self.protocol)
+        return fsspec.filesystem(self.protocol, **self.storage_options)
+
+    def petastorm_filesystem(self):
+        """What Petastorm should read through: None lets it open local files itself; a store's
+        filesystem is wrapped as a legacy pyarrow filesystem, the only kind Petastorm 0.13's
+        ParquetDataset call accepts on pyarrow 14 (an fsspec one fails on validate_schema)."""
+        if self.protocol in ("file", "local"):
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated, and what Petastorm needs
+            return FsspecAsLegacy(self.filesystem())
 
     def fingerprint(self) -> str:
         """Changes when the files, their sizes or row counts change: resume refuses then."""
@@ -70,7 +98,8 @@ class ParquetInput:
         groups = np.array([(rg.file, rg.index, rg.rows) for rg in self.row_groups], dtype=np.int64).reshape(-1, 3)
         return {"protocol": self.protocol, "root": root, "names": zlib.compress(names.encode()),
                 "sizes": zlib.compress(np.asarray(self.sizes, dtype=np.int64).tobytes()),
-                "groups": zlib.compress(groups.tobytes()), "schema": self.schema}
+                "groups": zlib.compress(groups.tobytes()), "schema": self.schema,
+                "storage_options": self.storage_options}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         names = zlib.decompress(state["names"]).decode()
@@ -79,7 +108,7 @@ class ParquetInput:
         groups = np.frombuffer(zlib.decompress(state["groups"]), dtype=np.int64).reshape(-1, 3)
         starts = np.concatenate([[0], np.cumsum(groups[:, 2])[:-1]]) if len(groups) else []
         row_groups = [RowGroup(int(f), int(i), int(s), int(n)) for (f, i, n), s in zip(groups.tolist(), starts)]
-        self.__init__(state["protocol"], files, sizes, row_groups, state["schema"])
+        self.__init__(state["protocol"], files, sizes, row_groups, state["schema"], state["storage_options"])
 
 
 def _has_glob(path: str) -> bool:
@@ -92,8 +121,17 @@ def _is_data_file(path: str) -> bool:
     return not name.startswith(("_", ".")) and not name.endswith((".crc", ".tmp"))
 
 
-def list_files(path: str) -> Tuple[str, List[str], List[int]]:
-    fs, root = fsspec.core.url_to_fs(path)
+def list_files(path: str, storage_options: Dict[str, Any]) -> Tuple[str, List[str], List[int]]:
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **storage_options)
+        return _list_files(fs, root, path)
+    except DataError:
+        raise
+    except Exception as e:
+        raise explain(e, "data.path", path, DataError) or e from None
+
+
+def _list_files(fs, root: str, path: str) -> Tuple[str, List[str], List[int]]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     # Sizes come with the listing (detail=True): one stat or HEAD request per file costs
     # minutes over 10,000 files on an object store.
@@ -121,8 +159,8 @@ FOOTER_THREADS = 32
 
 def open_input(cfg: DataConfig) -> ParquetInput:
     """List and check the input named by data.path; raises DataError naming what is wrong."""
-    protocol, files, sizes = list_files(cfg.path)
-    fs = fsspec.filesystem(protocol)
+    protocol, files, sizes = list_files(cfg.path, cfg.storage_options)
+    fs = fsspec.filesystem(protocol, **cfg.storage_options)
     local = protocol in ("file", "local")
 
     def footer(path: str) -> Tuple[List[int], pa.Schema]:
@@ -151,7 +189,7 @@ def open_input(cfg: DataConfig) -> ParquetInput:
                 if n:
                     row_groups.append(RowGroup(i, j, start, n))
                     start += n
-    return ParquetInput(protocol, files, sizes, row_groups, schema)
+    return ParquetInput(protocol, files, sizes, row_groups, schema, cfg.storage_options)
 
 
 def is_string(t: pa.DataType) -> bool:

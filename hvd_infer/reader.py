@@ -27,7 +27,7 @@ def _petastorm_reader(inp: ParquetInput, wanted: Sequence[RowGroup], columns: Se
 
     files = sorted({rg.file for rg in wanted})
     urls = [inp.url(f) for f in files]
-    filesystem, paths = get_filesystem_and_path_or_paths(urls)
+    filesystem, paths = get_filesystem_and_path_or_paths(urls, filesystem=inp.petastorm_filesystem())
     keys = [(inp.files[rg.file], rg.index) for rg in wanted]
 
     class RowGroupReader(Reader):

@@ -128,12 +128,14 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
             fig.real_tokens += batch.real_tokens
             fig.padded_tokens += batch.padded_tokens
             fig.batches += 1
+            tracker.step(len(batch.rows), batch.real_tokens, batch.padded_tokens, stream.times.wait)
             if ctx.device.type == "cpu" and fig.batches % 64 == 0:
                 release_free_memory()
             if bar is not None:
                 bar.update(len(batch.rows))
     finally:
         stream.close()
+        tracker.stop_live()
         if bar is not None:
             bar.close()
     fig.seconds = time.perf_counter() - t_loop

@@ -1,12 +1,24 @@
 """MLflow: one run per job, created by rank 0; every rank logs its own files into it.
 
 Params are the resolved config (secrets masked); metrics the figures gathered
-from every rank; artifacts the config, the manifest and the predictions.
+from every rank at the end; artifacts the config, the manifest and the predictions.
+
+While the job runs, every rank logs live step metrics from a background thread
+(LiveMetrics: rows done, rows/s, padding efficiency, data-wait share; rank 0 also
+the job's estimated rows done and ETA) and MLflow's system metrics (CPU, memory,
+disk, network, GPU with nvidia-ml-py) under system/rank_<r>/. The run carries the
+input as a dataset, its source (entry point, git commit, hvd_infer version), and
+the output path as tag hvd_infer.output: a new run on the same output marks a run
+still RUNNING there (its launcher was killed) KILLED and links the two.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
+import threading
+import time
 from typing import Any, Dict, List, Optional
 
 from hvd_infer.config import JobConfig, is_model_uri, mask_secrets
@@ -32,14 +44,80 @@ def _quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class LiveMetrics:
+    """One rank's step metrics, logged by a background thread so the model loop never waits on MLflow.
+
+    A point every every_s seconds; after each 150 points the interval doubles, so a job
+    of any length logs a few hundred points per rank. No collective: rank 0 estimates
+    the job's progress from its own (its rows x world size).
+    """
+
+    SLOWDOWN_EVERY = 150
+
+    def __init__(self, client, run_id: str, rank: int, size: int, job_rows: int, every_s: float):
+        self.client, self.run_id, self.rank, self.size = client, run_id, rank, size
+        self.job_rows, self.every_s = job_rows, every_s
+        self.rows = self.real_tokens = self.padded_tokens = 0
+        self.wait_seconds = 0.0
+        self.points = 0
+        self._last = (time.monotonic(), 0, 0, 0, 0.0)
+        self._t0 = self._last[0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hvd_infer-live-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: int, real_tokens: int, padded_tokens: int, wait_seconds: float) -> None:
+        self.rows += rows
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+        self.wait_seconds = wait_seconds
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s * 2 ** (self.points // self.SLOWDOWN_EVERY)):
+            self._log()
+
+    def _log(self) -> None:
+        from mlflow.entities import Metric
+
+        now = time.monotonic()
+        rows, real, padded, wait = self.rows, self.real_tokens, self.padded_tokens, self.wait_seconds
+        t, rows0, real0, padded0, wait0 = self._last
+        dt = max(now - t, 1e-9)
+        r = f"rank_{self.rank}"
+        values = {f"rows_done/{r}": rows, f"rows_per_s/{r}": (rows - rows0) / dt,
+                  f"padding_efficiency/{r}": (real - real0) / (padded - padded0) if padded > padded0 else 1.0,
+                  f"data_wait_share/{r}": min(max(wait - wait0, 0.0) / dt, 1.0)}
+        if self.rank == 0:
+            done = min(rows * self.size, self.job_rows)
+            rate = rows * self.size / (now - self._t0)
+            values.update({"job/rows_done": done, "job/rows_per_s": rate,
+                           "job/eta_seconds": (self.job_rows - done) / rate if rate > 0 else -1.0})
+        ms = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ms, self.points) for k, v in values.items()])
+        except Exception as e:  # a slow or lost tracking server must not stop the job
+            log.warning("MLflow: live metrics not logged (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        self._last = (now, rows, real, padded, wait)
+        self.points += 1
+
+    def close(self) -> None:
+        """Stop the thread and log the last point (the rank's final rows)."""
+        self._stop.set()
+        self._thread.join()
+        self._log()
+
+
 class Tracker:
-    """Rank 0 owns the run; other ranks know its id and log artifacts into it."""
+    """Rank 0 owns the run; other ranks know its id and log artifacts, live and system metrics into it."""
 
     def __init__(self, cfg: JobConfig, ctx):
         self.cfg, self.ctx = cfg, ctx
         self.enabled = cfg.mlflow.enabled
         self.run_id: Optional[str] = None
         self.client = None
+        self.live: Optional[LiveMetrics] = None
+        self.live_points = 0
+        self.system = None
 
     def start(self, extra_params: Dict[str, Any]) -> Optional[str]:
         if not self.enabled:
@@ -57,7 +135,30 @@ class Tracker:
         self.run_id = self.ctx.broadcast_object(run_id)
         if not self.ctx.is_main:
             self._connect()
+        job_rows = int(extra_params.get("input_rows", 0)) - int(extra_params.get("resumed_rows", 0))
+        self.live = LiveMetrics(self.client, self.run_id, self.ctx.rank, self.ctx.size, job_rows,
+                                self.cfg.mlflow.log_every_s)
+        if self.cfg.mlflow.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.mlflow.log_every_s,
+                                               node_id=f"rank_{self.ctx.rank}", tracking_uri=self.cfg.mlflow.tracking_uri)
+            self.system.start()
         return self.run_id
+
+    def step(self, rows: int, real_tokens: int, padded_tokens: int, wait_seconds: float) -> None:
+        """After each batch (cheap: counters only): its rows and tokens, and the data-wait seconds so far."""
+        if self.live is not None:
+            self.live.add(rows, real_tokens, padded_tokens, wait_seconds)
+
+    def stop_live(self) -> None:
+        """When this rank's scoring ends, well or not: last live point, system metrics flushed."""
+        live, system, self.live, self.system = self.live, self.system, None, None
+        if live is not None:
+            live.close()
+            self.live_points = live.points
+        if system is not None:
+            system.finish()
 
     def _connect(self):
         _quiet()
@@ -84,7 +185,7 @@ class Tracker:
         m = self.cfg.mlflow
         exp = self.client.get_experiment_by_name(m.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(m.experiment, artifact_location=m.artifact_location)
-        tags = {"hvd_infer.task": self.cfg.model.task, **m.tags}
+        tags = {**_source_tags(), "hvd_infer.task": self.cfg.model.task, "hvd_infer.output": self.cfg.output.path, **m.tags}
         if "model_source.uri" in extra_params:
             tags["hvd_infer.model"] = extra_params["model_source.uri"]
         run = self.client.create_run(exp_id, run_name=m.run_name, tags=tags)
@@ -94,6 +195,8 @@ class Tracker:
 
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
         self.client.log_text(run.info.run_id, _masked_yaml(self.cfg), "config.yaml")
+        self.client.log_inputs(run.info.run_id, datasets=[self._input_dataset(extra_params)])
+        self._supersede(exp_id, run.info.run_id)
         if extra_params.get("model_source.model_id"):
             from mlflow.entities import LoggedModelInput
 
@@ -101,12 +204,40 @@ class Tracker:
             self.client.log_inputs(run.info.run_id, models=[LoggedModelInput(extra_params["model_source.model_id"])])
         return run.info.run_id
 
+    def _input_dataset(self, extra_params: Dict[str, Any]):
+        """The input as the run page's "Datasets": source URL, digest (the input fingerprint), rows and files."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        path = self.cfg.data.path
+        scheme = path.split("://", 1)[0] if "://" in path else "local"
+        dataset = Dataset(name=os.path.basename(path.rstrip("/")) or path, digest=str(extra_params.get("input_fingerprint", "")),
+                          source_type=scheme, source=json.dumps({"uri": mask_secrets(path)}),
+                          profile=json.dumps({"num_rows": extra_params.get("input_rows"),
+                                              "num_files": extra_params.get("input_files")}))
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "inference")])
+
+    def _supersede(self, exp_id: str, run_id: str) -> None:
+        """A run still RUNNING on this output lost its launcher (a live job would hold the output): close it."""
+        quoted = self.cfg.output.path.replace("'", "\\'")
+        stale = [r for r in self.client.search_runs([exp_id], f"tags.`hvd_infer.output` = '{quoted}' and "
+                                                               "attributes.status = 'RUNNING'", max_results=100)
+                 if r.info.run_id != run_id]
+        for old in stale:
+            self.client.set_tag(old.info.run_id, "hvd_infer.superseded_by", run_id)
+            self.client.set_tag(old.info.run_id, "hvd_infer.error", f"never finished (its launcher stopped); "
+                                                                     f"superseded by run {run_id} on the same output")
+            self.client.set_terminated(old.info.run_id, "KILLED")
+        if stale:
+            self.client.set_tag(run_id, "hvd_infer.supersedes", ",".join(r.info.run_id for r in stale))
+
     def log_rank_files(self, paths: List[str]) -> None:
+        """Each rank's parts as artifacts; parts on an object store stay there (a copy would double the bytes)."""
         if not (self.enabled and self.cfg.mlflow.log_predictions):
             return
         sub = f"predictions/rank-{self.ctx.rank:05d}"
         for p in paths:
-            self.client.log_artifact(self.run_id, p, sub)
+            if os.path.exists(p):
+                self.client.log_artifact(self.run_id, p, sub)
 
     def finish(self, metrics: Dict[str, float], params: Dict[str, Any], artifacts: List[str],
                figures: Dict[str, Any]) -> None:
@@ -117,18 +248,29 @@ class Tracker:
         import time as _t
 
         now = int(_t.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
+        # The live estimate ends at the exact figure, one step after the last live point.
+        step = self.live_points
+        final = [Metric("job/rows_done", float(metrics["rows"]), now, step), Metric("job/eta_seconds", 0.0, now, step)]
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())] + final,
                               params=[Param(k, str(v)) for k, v in sorted(params.items())])
         for p in artifacts:
-            self.client.log_artifact(self.run_id, p)
+            if os.path.exists(p):
+                self.client.log_artifact(self.run_id, p)
+            else:  # on the output's object store
+                import fsspec
+
+                with fsspec.open(p, "rb", **self.cfg.output.storage_options) as f:
+                    self.client.log_text(self.run_id, f.read().decode("utf-8"), os.path.basename(p))
         for name, fig in figures.items():
             self.client.log_figure(self.run_id, fig, name)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, error: BaseException) -> None:
+        """Rank 0: the run ends FAILED with the error as tag hvd_infer.error."""
         if not (self.enabled and self.ctx.is_main and self.run_id and self.client):
             return
         try:
+            self.stop_live()
             self.client.set_tag(self.run_id, "hvd_infer.error", str(error)[:5000])
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception:  # the job's own error matters more than MLflow's
@@ -139,6 +281,25 @@ class Tracker:
         if uri.startswith("http"):
             return f"{uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/{self.run_id}"
         return f"run {self.run_id} in {uri}"
+
+
+def _source_tags() -> Dict[str, str]:
+    """MLflow's own Source tags (entry point, git commit), from hvd_infer's checkout when it runs from one."""
+    from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
+
+    import hvd_infer
+
+    package = os.path.dirname(os.path.abspath(hvd_infer.__file__))
+    main = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else ""
+    tags = {"mlflow.source.name": "python -m hvd_infer" if main.endswith(os.path.join("hvd_infer", "__main__.py"))
+            else (main or "hvd_infer.run"),
+            "mlflow.source.type": "LOCAL", "hvd_infer.version": hvd_infer.__version__}
+    for key, find in (("mlflow.source.git.commit", get_git_commit), ("mlflow.source.git.branch", get_git_branch),
+                      ("mlflow.source.git.repoURL", get_git_repo_url)):
+        value = find(package)
+        if value:
+            tags[key] = value
+    return tags
 
 
 def _masked_yaml(cfg: JobConfig) -> str:

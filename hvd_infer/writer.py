@@ -1,6 +1,6 @@
-"""The output directory: per-rank Parquet parts, atomic, resumable, with _SUCCESS last.
+"""The output: per-rank Parquet parts, each whole or absent, resumable, with _SUCCESS last.
 
-    out/
+    out/                          a local directory, or an object-store prefix (s3://, gs://, abfss://)
       part-r00000-000000000000-000000050000.parquet   rank 0, global input rows [0, 50000)
       part-r00001-000000050000-000000100000.parquet
       _parts/<part name>.json     per part: rows, rank, skipped ids, truncated (written before the part)
@@ -8,17 +8,19 @@
       _manifest.json              every part with its rank and rows, written by rank 0 at the end
       _SUCCESS                    last, only when every rank finished
 
-A part is written to a hidden temporary name and renamed, so a part file is
-either whole or absent; names starting with _ or . are ignored by Spark,
-pandas and pyarrow, so the directory reads as a plain Parquet dataset.
+Every file is written whole or not at all (hvd_infer.storage: temp name and rename
+on a local disk, one PUT or a completed multipart upload on an object store), so a
+part that is listed is a finished part. Names starting with _ or . are ignored by
+Spark, pandas and pyarrow, so the output reads as a plain Parquet dataset.
+
+Only names of this layout are ever deleted (overwrite, resume), and only under a
+root holding _hvd_infer_job.json; anything else there stops the job before it starts.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow as pa
@@ -27,12 +29,14 @@ import pyarrow.parquet as pq
 from hvd_infer.config import JobConfig
 from hvd_infer.errors import OutputError
 from hvd_infer.shard_plan import Interval, Part
+from hvd_infer.storage import Location, explain
 
 JOB_FILE = "_hvd_infer_job.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 PARTS_DIR = "_parts"
 _PART_RE = re.compile(r"^part-r(\d{5})-(\d{12})-(\d{12})\.parquet$")
+_TEMP_RE = re.compile(r"^\.(.+)\.tmp-\d+$")  # a local write interrupted before its rename
 
 
 def part_name(rank: int, start: int, stop: int) -> str:
@@ -44,6 +48,16 @@ def parse_part_name(name: str) -> Optional[Tuple[int, int, int]]:
     return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
 
 
+def _is_ours(name: str) -> bool:
+    """A name of the layout above (a part, its record, the job files, an interrupted local write)."""
+    folder, _, base = name.rpartition("/")
+    temp = _TEMP_RE.match(base)
+    base = temp.group(1) if temp else base
+    if folder == PARTS_DIR:
+        return base.endswith(".json") and parse_part_name(base[:-len(".json")]) is not None
+    return folder == "" and (parse_part_name(base) is not None or base in (JOB_FILE, MANIFEST, SUCCESS))
+
+
 def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
     """What must not change between a run and its resume."""
     return {"input": input_fingerprint, "data_path": cfg.data.path, "text_column": cfg.data.text_column,
@@ -52,62 +66,75 @@ def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
             "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null}
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def output_location(cfg: JobConfig) -> Location:
+    try:
+        return Location(cfg.output.path, cfg.output.storage_options)
+    except Exception as e:
+        raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
 
 
-def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> None:
-    """Whether output.mode allows using output.path for this job; raises OutputError. Read-only."""
+@dataclass
+class OutputState:
+    """What check_output found: the parts already done and what applying output.mode removes."""
+    done: List[Interval] = field(default_factory=list)
+    remove: List[str] = field(default_factory=list)
+
+
+def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
+    """Can output.path be used as output.mode says? Reads only; raises OutputError naming what is wrong."""
     path, mode = cfg.output.path, cfg.output.mode
-    if "://" in path:
-        raise OutputError(f"output.path {path}: only local or mounted paths (e.g. /dbfs/..., NFS) are supported")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OutputError(f"output.path {path} is a file; give a directory")
-    entries = os.listdir(path) if os.path.isdir(path) else []
-    if not entries:
-        return
+    loc = output_location(cfg)
+    try:
+        if loc.local and loc.fs.isfile(loc.root):
+            raise OutputError(f"output.path {path} is a file; give a directory")
+        names = loc.names()
+        before = json.loads(loc.read(JOB_FILE)).get("identity", {}) if JOB_FILE in names else None
+    except OutputError:
+        raise
+    except Exception as e:
+        raise explain(e, "output.path", path, OutputError) or e from None
+    if not names:
+        return OutputState()
     if mode == "error":
-        raise OutputError(f"output.path {path} is not empty ({len(entries)} entries); set output.mode=overwrite "
+        raise OutputError(f"output.path {path} is not empty ({len(names)} entries); set output.mode=overwrite "
                           "to replace it, or output.mode=resume to finish an interrupted run")
-    if JOB_FILE not in entries:
-        raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer (no {JOB_FILE}); "
+    foreign = [n for n in names if not _is_ours(n)]
+    if before is None or foreign:
+        what = f"no {JOB_FILE}" if before is None else f"{len(foreign)} other files, e.g. {foreign[0]}"
+        raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer ({what}); "
                           "refusing to delete or mix with it: choose an empty or new directory")
-    if mode == "resume":
-        with open(os.path.join(path, JOB_FILE)) as f:
-            before = json.load(f).get("identity", {})
-        changed = [k for k in identity if before.get(k) != identity[k]]
-        if changed:
-            raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
-                              "rerun with the same input and model, or use output.mode=overwrite")
+    if mode == "overwrite":
+        return OutputState(remove=names)
+    changed = [k for k in identity if before.get(k) != identity[k]]
+    if changed:
+        raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
+                          "rerun with the same input and model, or use output.mode=overwrite")
+    done = sorted(parsed[1:] for parsed in map(parse_part_name, names) if parsed)
+    stale = [n for n in names if n in (SUCCESS, MANIFEST) or _TEMP_RE.match(n.rpartition("/")[2])]
+    return OutputState(done=done, remove=stale)
+
+
+def apply_output_mode(cfg: JobConfig, identity: Dict[str, Any], state: OutputState) -> List[Interval]:
+    """Rank 0, before any rank writes: remove what the mode replaces, write the job file; the rows done."""
+    loc = output_location(cfg)
+    try:
+        loc.delete(state.remove)
+        loc.put(JOB_FILE, json.dumps({"identity": identity, "config": _masked(cfg)}, indent=1,
+                                     default=str).encode())
+    except Exception as e:
+        raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
+    return state.done
 
 
 def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> List[Interval]:
-    """Rank 0, before any rank writes: apply output.mode; return the row ranges already done."""
-    check_output(cfg, identity)
-    path, mode = cfg.output.path, cfg.output.mode
-    entries = os.listdir(path) if os.path.isdir(path) else []
-    done: List[Interval] = []
-    if entries and mode == "overwrite":
-        shutil.rmtree(path)
-    elif entries:  # resume
-        for name in entries:
-            if name.startswith(".") and ".tmp" in name:
-                os.remove(os.path.join(path, name))  # an interrupted write: never a finished part
-            parsed = parse_part_name(name)
-            if parsed:
-                done.append(parsed[1:])
-        for name in (SUCCESS, MANIFEST):
-            if os.path.exists(os.path.join(path, name)):
-                os.remove(os.path.join(path, name))
-    os.makedirs(os.path.join(path, PARTS_DIR), exist_ok=True)
-    _atomic_write_text(os.path.join(path, JOB_FILE), json.dumps({"identity": identity, "config": cfg.to_dict()},
-                                                                indent=1, default=str))
-    return sorted(done)
+    """Rank 0, before any rank writes: check_output, then apply output.mode; the row ranges already done."""
+    return apply_output_mode(cfg, identity, check_output(cfg, identity))
+
+
+def _masked(cfg: JobConfig) -> Dict[str, Any]:
+    from hvd_infer.config import mask_secrets
+
+    return mask_secrets(cfg.to_dict())
 
 
 @dataclass
@@ -121,54 +148,59 @@ class PartRecord:
     skipped_ids: List[Any]
 
 
+def _parquet_bytes(cfg: JobConfig, table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=None if cfg.output.compression == "none" else cfg.output.compression)
+    return sink.getvalue().to_pybytes()
+
+
 def write_part(cfg: JobConfig, rank: int, part: Part, table: pa.Table, truncated: int,
                skipped_ids: List[Any]) -> PartRecord:
-    """Write one part atomically: its record first, then the data file by rename."""
-    out = cfg.output.path
+    """Write one part, whole or absent: its record first, then the data file."""
+    loc = output_location(cfg)
     name = part_name(rank, part.start, part.stop)
     record = PartRecord(name, rank, part.start, part.stop, table.num_rows, truncated, skipped_ids)
-    _atomic_write_text(os.path.join(out, PARTS_DIR, name + ".json"), json.dumps(record.__dict__, default=str))
-    tmp = os.path.join(out, f".{name}.tmp-{os.getpid()}")
-    compression = None if cfg.output.compression == "none" else cfg.output.compression
-    pq.write_table(table, tmp, compression=compression)
-    os.replace(tmp, os.path.join(out, name))
+    loc.put(f"{PARTS_DIR}/{name}.json", json.dumps(record.__dict__, default=str).encode())
+    loc.put(name, _parquet_bytes(cfg, table))
     return record
 
 
-def read_records(out: str) -> List[PartRecord]:
+def read_records(out: str, storage_options: Optional[Dict[str, Any]] = None) -> List[PartRecord]:
     """Every finished part in out (from any run), in row order."""
+    loc = Location(out, storage_options)
+    names = set(loc.names())
     records = []
-    for name in sorted(os.listdir(out)):
+    for name in sorted(names):
         parsed = parse_part_name(name)
         if not parsed:
             continue
-        side = os.path.join(out, PARTS_DIR, name + ".json")
-        if os.path.exists(side):
-            with open(side) as f:
-                records.append(PartRecord(**json.load(f)))
+        side = f"{PARTS_DIR}/{name}.json"
+        if side in names:
+            records.append(PartRecord(**json.loads(loc.read(side))))
         else:
-            rows = pq.ParquetFile(os.path.join(out, name)).metadata.num_rows
+            with loc.fs.open(loc.path(name), "rb") as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
             records.append(PartRecord(name, parsed[0], parsed[1], parsed[2], rows, 0, []))
     return sorted(records, key=lambda r: r.start)
 
 
 def write_empty_part(cfg: JobConfig, schema: pa.Schema) -> None:
     """An empty input still gives a readable dataset (Spark cannot read a directory with no files)."""
+    loc = output_location(cfg)
     name = part_name(0, 0, 0)
-    if not os.path.exists(os.path.join(cfg.output.path, name)):
-        pq.write_table(schema.empty_table(), os.path.join(cfg.output.path, name))
+    if not loc.exists(name):
+        loc.put(name, _parquet_bytes(cfg, schema.empty_table()))
 
 
 def finish_output(cfg: JobConfig, summary: Dict[str, Any]) -> str:
-    """Rank 0, after every rank finished: manifest, then _SUCCESS. Returns the manifest path."""
-    out = cfg.output.path
-    records = read_records(out)
+    """Rank 0, after every rank finished: manifest, then _SUCCESS. Returns the manifest's path or URL."""
+    loc = output_location(cfg)
+    records = read_records(cfg.output.path, cfg.output.storage_options)
     manifest = {"parts": [{"file": r.name, "rank": r.rank, "rows": r.rows, "input_rows": [r.start, r.stop],
                            "truncated": r.truncated} for r in records],
                 "rows": sum(r.rows for r in records),
                 "skipped_ids": [i for r in records for i in r.skipped_ids],
                 "summary": summary}
-    path = os.path.join(out, MANIFEST)
-    _atomic_write_text(path, json.dumps(manifest, indent=1, default=str))
-    _atomic_write_text(os.path.join(out, SUCCESS), "")
-    return path
+    loc.put(MANIFEST, json.dumps(manifest, indent=1, default=str).encode())
+    loc.put(SUCCESS, b"")
+    return loc.url_of(MANIFEST)

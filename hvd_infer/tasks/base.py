@@ -128,14 +128,18 @@ def count_truncated(enc) -> int:
     return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
 
 
-def pad(tokens: TokenRows, pad_id: int, side: str = "right", multiple: int = 1) -> Dict[str, torch.Tensor]:
-    """Every sequence of `tokens` padded to one width: input_ids (pad_id), token_type_ids (0), attention_mask.
+def pad(tokens: Union[TokenRows, List[List[int]]], pad_id: int, side: str = "right",
+        multiple: int = 1) -> Dict[str, torch.Tensor]:
+    """Every sequence of `tokens` (or of a list of id lists) padded to one width: input_ids (pad_id),
+    token_type_ids (0), attention_mask.
 
     side="left" for decoders that generate from the last position. The width is rounded up to
     `multiple`: every distinct (rows, width) shape makes the CPU allocator and oneDNN keep buffers
     of their own, so with one width per token count a rank's memory grew ~2x over a long job
     (measured, MiniLM); with multiples of 8 it stays flat, and the kernels get aligned shapes.
     """
+    if not isinstance(tokens, TokenRows):
+        tokens = TokenRows.from_lists(tokens)
     lengths = np.diff(tokens.offsets)
     width = -(-int(lengths.max(initial=0)) // multiple) * multiple
     positions = np.arange(width)

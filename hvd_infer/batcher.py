@@ -1,28 +1,31 @@
-"""Tokenize off the model's thread and form batches of rows of similar length.
+"""Turn a part's rows into batches of similar length, and predictions back into input order.
 
-A background thread reads parts (reader.py), checks null texts, tokenizes,
-sorts rows by token count inside windows of data.sort_window rows, and queues
-padded batches. The model thread only ever takes ready tensors from the queue.
+Per part: apply data.on_null, tokenize data.sort_window rows at a time, sort them by token
+count, and cut padded batches (by rows, or by a token budget). The part's last batch carries
+what the writer needs besides the predictions (ids, labels, skipped rows). Where this runs
+(worker processes or a thread) is loader.py's business; this module is plain functions.
 """
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 from hvd_infer.config import DataConfig
 from hvd_infer.errors import DataError
 from hvd_infer.reader import Columns
 from hvd_infer.shard_plan import Part
 
+# Rows per batch when a token budget sizes batches: the budget, not this, is the limit.
+_ROWS_UNDER_BUDGET = 1 << 16
+
 
 @dataclass
 class PartWork:
-    """One part on its way through the model: its rows, and the batches still out."""
+    """What a finished part needs besides its predictions: its kept rows' ids and labels, what was dropped."""
     part: Part
     columns: Columns  # input columns of the kept rows (ids, label)
     rows: int  # rows kept (skipped null texts excluded)
@@ -32,21 +35,20 @@ class PartWork:
 
 @dataclass
 class Batch:
-    work: PartWork
-    rows: np.ndarray  # row numbers inside the part
+    """Rows of one part, padded for the model. A part's batches arrive in order; the last has `finished` set."""
+    part: Part
+    rows: np.ndarray  # numbers of the part's kept rows in this batch; empty only for a part with no rows
     tensors: Dict[str, Any]
     real_tokens: int
     padded_tokens: int
+    read_seconds: float = 0.0  # spent reading and tokenizing since the previous batch of this producer
+    tokenize_seconds: float = 0.0
+    finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
 
-
-@dataclass
-class StageTimes:
-    read: float = 0.0
-    tokenize: float = 0.0
-    wait: float = 0.0  # model thread waiting for a batch
-
-
-_END = object()
+    def pin_memory(self) -> "Batch":
+        """Page-locked host tensors: the copy to the GPU overlaps compute (DataLoader calls this)."""
+        self.tensors = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in self.tensors.items()}
+        return self
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int, window: int) -> List[np.ndarray]:
@@ -71,6 +73,59 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int,
     return batches
 
 
+def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray]) -> Dict[str, pa.Array]:
+    """Each output column over all batches, row i of the input at position i.
+
+    outputs[b] holds batch b's columns and batch_rows[b] the input rows they belong to; the
+    rows of all batches together are 0..n-1 once each (length sorting permuted them).
+    """
+    if not outputs:
+        return {}
+    order = pa.array(np.argsort(np.concatenate(batch_rows), kind="stable"))
+    return {name: pa.concat_arrays([as_arrow(o[name]) for o in outputs]).take(order) for name in outputs[0]}
+
+
+def as_arrow(values: Any) -> pa.Array:
+    return values if isinstance(values, pa.Array) else pa.array(values)
+
+
+def gpu_token_budget(free_bytes: int, hidden_size: int, intermediate_size: int, heads: int, max_length: int,
+                     dtype_bytes: int, fraction: float = 0.5, cap: int = 1 << 17, floor: int = 4096) -> int:
+    """Padded tokens per batch that one forward of an encoder fits in `fraction` of the GPU's free memory.
+
+    Under inference_mode only one layer's activations live at a time; per token that is about
+    the residual stream, Q/K/V, attention context and output (6 x hidden), the MLP's two
+    intermediate tensors, and two rows of attention scores per head over the batch width (at
+    most max_length). Twice that covers allocator slack and kernel workspaces. The cap keeps
+    the latency of one batch and the host memory of batches in flight bounded; past ~100k
+    tokens a batch's Python overhead is already far below its GPU time.
+    """
+    per_token = 2 * dtype_bytes * (6 * hidden_size + 2 * intermediate_size + 2 * heads * max_length)
+    budget = int(fraction * free_bytes) // per_token
+    return int(min(cap, max(floor, budget // 1024 * 1024)))
+
+
+def batch_limits(cfg: DataConfig, task_name: str, model_config: Any, device: Any, max_length: int,
+                 dtype_bytes: int) -> Tuple[int, int]:
+    """(most rows per batch, token budget or 0) for this job on this device.
+
+    data.max_tokens_per_batch=auto means a budget from the GPU's free memory on CUDA, and rows
+    (data.batch_size) on CPU, where batches of 32 already keep every core busy. Generation
+    keeps rows: its memory grows with the tokens it generates, which a prompt budget ignores.
+    """
+    max_tokens = cfg.max_tokens_per_batch
+    if max_tokens == "auto":
+        max_tokens = 0
+        if getattr(device, "type", "cpu") == "cuda" and task_name != "text-generation":
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(device)
+            max_tokens = gpu_token_budget(free, model_config.hidden_size,
+                                          getattr(model_config, "intermediate_size", 4 * model_config.hidden_size),
+                                          model_config.num_attention_heads, max_length, dtype_bytes)
+    return (cfg.batch_size if max_tokens <= 0 else max(cfg.batch_size, _ROWS_UNDER_BUDGET)), max_tokens
+
+
 def id_of(columns: Columns, id_columns: List[str], row: int) -> Any:
     if not id_columns:
         return None
@@ -79,110 +134,96 @@ def id_of(columns: Columns, id_columns: List[str], row: int) -> Any:
     return vals[0] if len(vals) == 1 else vals
 
 
-def _null_mask(texts: np.ndarray) -> np.ndarray:
+def null_mask(texts: np.ndarray) -> np.ndarray:
+    """True where a text is null, NaN or only whitespace."""
     return np.fromiter((t is None or (isinstance(t, float) and t != t) or (isinstance(t, str) and not t.strip())
                         for t in texts), dtype=bool, count=len(texts))
 
 
-class BatchStream:
-    """Iterate Batch objects for a rank's parts; the work runs in a background thread."""
+def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, batch_rows: int,
+                 max_tokens: int) -> Iterator[Batch]:
+    """A part's batches, from its chunks of rows (reader.read_parts); at most one sort window of texts held.
 
-    def __init__(self, parts: Iterator, task, cfg: DataConfig, max_batch_size: int, queue_batches: int = 8,
-                 pin_memory: bool = False):
-        self.parts, self.task, self.cfg = parts, task, cfg
-        self.batch_size = max_batch_size
-        self.pin_memory = pin_memory  # page-locked host tensors: the copy to the GPU overlaps compute
-        self.times = StageTimes()
-        self.queue: "queue.Queue" = queue.Queue(maxsize=queue_batches)
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._produce, name="hvd_infer-batcher", daemon=True)
-        self.thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            cfg, task = self.cfg, self.task
-            t = time.perf_counter()
-            for part, cols in self.parts:
-                self.times.read += time.perf_counter() - t
+    Batch.rows number the part's kept rows in input order; the last batch carries the PartWork
+    (a part with no kept rows gives one empty batch).
+    """
+    carried = list(dict.fromkeys(cfg.id_columns + ([cfg.label_column] if cfg.label_column else [])))
+    text_columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    work = PartWork(part, {}, 0)
+    kept: Dict[str, List[np.ndarray]] = {c: [] for c in carried}
+    buffer: Dict[str, List[np.ndarray]] = {c: [] for c in text_columns}  # kept texts not yet tokenized
+    buffered = 0
+    read = tokenize = 0.0
+    pending: Optional[Batch] = None
+    first_row = part.start  # global row of the next chunk's first row
+    chunks = iter(chunks)
+    while True:
+        t = time.perf_counter()
+        cols = next(chunks, None)
+        read += time.perf_counter() - t
+        t = time.perf_counter()
+        if cols is not None:
+            n = len(cols[cfg.text_column])
+            keep = _apply_on_null(cols, cfg, part, first_row, work)
+            first_row += n
+            for c in carried:
+                kept[c].append(cols[c][keep])
+            for c in text_columns:
+                buffer[c].append(cols[c][keep])
+            buffered += int(keep.sum())
+        while buffered >= cfg.sort_window or (cols is None and buffered):
+            window = {c: np.concatenate(buffer[c]) for c in text_columns}
+            buffer = {c: [window[c][cfg.sort_window:]] for c in text_columns}
+            window = {c: v[:cfg.sort_window] for c, v in window.items()}
+            size = len(window[cfg.text_column])
+            buffered -= size
+            enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
+            work.truncated += enc.truncated
+            for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, size):
+                tensors = task.collate(enc.features[rows])
+                real = int(enc.lengths[rows].sum())
+                padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
+                tokenize += time.perf_counter() - t
+                if pending is not None:
+                    yield pending
                 t = time.perf_counter()
-                work, texts, pairs = self._prepare(part, cols)
-                if not self._put(("part", work)):
-                    return
-                for w in range(0, len(texts), cfg.sort_window):
-                    enc = task.encode(texts[w:w + cfg.sort_window],
-                                      pairs[w:w + cfg.sort_window] if pairs is not None else None)
-                    work.truncated += enc.truncated
-                    for rows in length_sorted_batches(enc.lengths, self.batch_size, cfg.max_tokens_per_batch,
-                                                      cfg.sort_window):
-                        tensors = task.collate([enc.features[i] for i in rows])
-                        if self.pin_memory:
-                            tensors = {k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in tensors.items()}
-                        real = int(enc.lengths[rows].sum())
-                        padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
-                        self.times.tokenize += time.perf_counter() - t
-                        if not self._put(Batch(work, rows + w, tensors, real, padded)):
-                            return
-                        t = time.perf_counter()
-                self.times.tokenize += time.perf_counter() - t
-                if not self._put(("end", work)):
-                    return
-                t = time.perf_counter()
-            self._put(_END)
-        except BaseException as e:  # handed to the model thread, which raises it
-            self._put(e)
+                pending = Batch(part, rows + work.rows, tensors, real, padded, read, tokenize)
+                read = tokenize = 0.0
+            work.rows += size
+        tokenize += time.perf_counter() - t
+        if cols is None:
+            break
+    work.columns = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in kept.items()}
+    if pending is None:
+        pending = Batch(part, np.array([], dtype=np.int64), {}, 0, 0)
+    pending.read_seconds += read
+    pending.tokenize_seconds += tokenize
+    pending.finished = work
+    yield pending
 
-    def _prepare(self, part: Part, cols: Columns):
-        cfg = self.cfg
-        texts = cols[cfg.text_column]
-        bad = _null_mask(texts)
-        if cfg.text_pair_column:
-            bad |= _null_mask(cols[cfg.text_pair_column])
-        keep = np.ones(len(texts), dtype=bool)
-        skipped: List[Any] = []
-        if bad.any():
-            first = int(np.argmax(bad))
-            if cfg.on_null == "error":
-                where = (f"id {id_of(cols, cfg.id_columns, first)!r}" if cfg.id_columns
-                         else f"global row {part.start + first}")
-                raise DataError(f"data.text_column '{cfg.text_column}' is null or empty at {where} "
-                                f"({int(bad.sum())} such rows in rows {part.start}-{part.stop}); "
-                                "clean the data or set data.on_null=skip (drop them, ids listed in the manifest) "
-                                "or data.on_null=empty (score them as empty text)")
-            if cfg.on_null == "skip":
-                keep = ~bad
-                skipped = [id_of(cols, cfg.id_columns, int(i)) if cfg.id_columns else part.start + int(i)
-                           for i in np.flatnonzero(bad)]
-            else:
-                for c in [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else []):
-                    col = cols[c].copy()
-                    col[_null_mask(col)] = ""
-                    cols[c] = col
-        kept = {c: cols[c][keep] for c in cfg.id_columns + ([cfg.label_column] if cfg.label_column else [])}
-        texts = cols[cfg.text_column][keep]
-        pairs = cols[cfg.text_pair_column][keep] if cfg.text_pair_column else None
-        return PartWork(part, kept, int(keep.sum()), skipped), texts, pairs
 
-    def __iter__(self) -> Iterator:
-        """Yields ("part", PartWork), then that part's Batch objects, then ("end", PartWork)."""
-        while True:
-            t = time.perf_counter()
-            item = self.queue.get()
-            self.times.wait += time.perf_counter() - t
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=5)
+def _apply_on_null(cols: Columns, cfg: DataConfig, part: Part, first_row: int, work: PartWork) -> np.ndarray:
+    """data.on_null on one chunk: raise, drop (noted in work.skipped) or blank; returns the rows kept."""
+    texts = cols[cfg.text_column]
+    bad = null_mask(texts)
+    if cfg.text_pair_column:
+        bad |= null_mask(cols[cfg.text_pair_column])
+    keep = np.ones(len(texts), dtype=bool)
+    if not bad.any():
+        return keep
+    first = int(np.argmax(bad))
+    if cfg.on_null == "error":
+        where = f"id {id_of(cols, cfg.id_columns, first)!r}" if cfg.id_columns else f"global row {first_row + first}"
+        raise DataError(f"data.text_column '{cfg.text_column}' is null or empty at {where} "
+                        f"({int(bad.sum())} such rows in rows {first_row}-{first_row + len(texts)} of part "
+                        f"{part.start}-{part.stop}); clean the data or set data.on_null=skip (drop them, ids listed "
+                        "in the manifest) or data.on_null=empty (score them as empty text)")
+    if cfg.on_null == "skip":
+        work.skipped += [id_of(cols, cfg.id_columns, int(i)) if cfg.id_columns else first_row + int(i)
+                         for i in np.flatnonzero(bad)]
+        return ~bad
+    for c in [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else []):
+        col = cols[c].copy()
+        col[null_mask(col)] = ""
+        cols[c] = col
+    return keep

@@ -29,7 +29,7 @@ def bounded(default: Any, lo: Any = None, hi: Any = None, lo_open: bool = False,
 
 def _check_range(key: str, value: Any, spec) -> None:
     lo, hi, lo_open, note = spec
-    if value is None:
+    if value is None or isinstance(value, str):  # None or a keyword such as "auto"
         return
     low_bad = lo is not None and (value <= lo if lo_open else value < lo)
     if low_bad or (hi is not None and value > hi):
@@ -68,11 +68,16 @@ class DataConfig:
     id_columns: List[str] = field(default_factory=list)  # copied through to the output, first
     label_column: Optional[str] = None  # gold labels: accuracy, macro-F1, confusion matrix
     batch_size: int = bounded(32, 1)  # rows per forward pass
-    max_tokens_per_batch: int = bounded(0, 0, note=" (0 = off)")  # if > 0: batches sized by padded tokens instead of rows
+    # > 0: batches sized by padded tokens instead of rows; 0: off; auto (default): on CUDA, sized from the
+    # GPU's free memory and the model (not for text-generation), off on CPU
+    max_tokens_per_batch: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = off)")
     sort_window: int = bounded(4096, 1)  # rows sorted by length together, to keep padding small
     pad_to_multiple_of: int = bounded(8, 1, note=" (1 = no rounding)")  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
     on_null: Literal["error", "skip", "empty"] = "error"  # null or empty text: fail, drop (ids in the manifest), or score ""
     storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for data.path (endpoint_url, key, ...); {} = the store's defaults, e.g. AWS_* variables
+    # Processes per rank that read and tokenize, each owning whole parts; 0: one thread in the rank's
+    # process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 1
+    workers: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = a thread in the rank's process)")
 
 
 @dataclass
@@ -177,10 +182,12 @@ _NOT_SECRET = {"max_tokens_per_batch", "max_new_tokens"}
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+        choices = typing.get_args(tp)
+        return str(choices[0]) if len(choices) == 1 else "one of " + ", ".join(map(str, choices))
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(args[0]) + " or null"
+        names = " or ".join(_type_name(a) for a in args)
+        return names + " or null" if type(None) in typing.get_args(tp) else names
     if origin in (list, List):
         return "list of " + _type_name(typing.get_args(tp)[0])
     if origin in (dict, Dict):
@@ -199,7 +206,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        # A number or a keyword (Union[int, Literal["auto"]]): the keyword first.
+        for a in args[1:]:
+            if typing.get_origin(a) is Literal and value in typing.get_args(a):
+                return value
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        try:
+            return _coerce(value, args[0], key)
+        except ConfigError:
+            raise ConfigError(f"{key} must be a{'n' if args[0] is int else ''} {_type_name(tp)}, got {value!r}") from None
     if origin in (list, List):
         (inner,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

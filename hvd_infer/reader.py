@@ -76,34 +76,37 @@ def _regex_escape(name: str) -> str:
     return re.escape(name)
 
 
-def read_parts(inp: ParquetInput, parts: List[Part], columns: Sequence[str]) -> Iterator[Tuple[Part, Columns]]:
-    """Yield (part, {column: array}) for each part, in order; rows in global row order."""
+def read_parts(inp: ParquetInput, parts: List[Part], columns: Sequence[str]
+               ) -> Iterator[Tuple[Part, Iterator[Columns]]]:
+    """Yield (part, its rows as chunks {column: array}, one per row group slice) for each part, in order.
+
+    Streaming: one row group is held at a time, so take a part's chunks before the next part.
+    Rows come in global row order.
+    """
     wanted: List[RowGroup] = []
     for part in parts:
         for piece in part.pieces:
             if not wanted or wanted[-1] != piece.row_group:
                 wanted.append(piece.row_group)
-    if not wanted:
-        for part in parts:
-            yield part, {c: np.array([], dtype=object) for c in columns}
-        return
-    reader = _petastorm_reader(inp, wanted, columns)
+    reader = _petastorm_reader(inp, wanted, columns) if wanted else None
+    loaded = iter(wanted)
+    current: List = [None, None]  # the row group held, and its columns
+
+    def chunks(part: Part) -> Iterator[Columns]:
+        for piece in part.pieces:
+            while current[0] != piece.row_group:
+                rg = next(loaded)
+                current[:] = [rg, None]  # the last row group is freed before the next one is read
+                current[1] = _next_batch(reader, inp, rg)
+            yield {c: current[1][c][piece.lo:piece.hi] for c in columns}
+
     try:
-        loaded = iter(wanted)
-        current: Tuple[RowGroup, Columns] = (None, None)
         for part in parts:
-            slices: List[Columns] = []
-            for piece in part.pieces:
-                while current[0] != piece.row_group:
-                    rg = next(loaded)
-                    current = (rg, _next_batch(reader, inp, rg))
-                data = current[1]
-                slices.append({c: data[c][piece.lo:piece.hi] for c in columns})
-            yield part, {c: np.concatenate([s[c] for s in slices]) if slices else np.array([], dtype=object)
-                         for c in columns}
+            yield part, chunks(part)
     finally:
-        reader.stop()
-        reader.join()
+        if reader is not None:
+            reader.stop()
+            reader.join()
 
 
 def _next_batch(reader, inp: ParquetInput, rg: RowGroup) -> Columns:

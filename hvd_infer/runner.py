@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +29,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     """Run this rank's share of the job; returns this rank's figures (rows, seconds, ...)."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, JobConfig) and not overrides else load_config(config, **overrides)
-    _quiet_libraries()
+    quiet_libraries()
 
     # Heavy imports only once the config is known to be good.
     from hvd_infer.context import RankContext
@@ -70,13 +72,13 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
 
 def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
-    from hvd_infer.batcher import BatchStream
-    from hvd_infer.context import release_free_memory
+    from hvd_infer.batcher import batch_limits
+    from hvd_infer.context import cpu_cores, release_free_memory
     from hvd_infer.evaluation import Evaluation
+    from hvd_infer.loader import BatchLoader, resolve_workers
     from hvd_infer.precision import load_checked_model
-    from hvd_infer.reader import read_parts
     from hvd_infer.summary import RankFigures, report
-    from hvd_infer.writer import finish_output, write_empty_part, write_part
+    from hvd_infer.writer import finish_output, write_empty_part
 
     t = time.perf_counter()
     error, model = None, None
@@ -93,56 +95,55 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     columns = list(dict.fromkeys([cfg.data.text_column] + ([cfg.data.text_pair_column] if cfg.data.text_pair_column else [])
                                  + cfg.data.id_columns + ([cfg.data.label_column] if cfg.data.label_column else [])))
     evaluation = Evaluation(task) if cfg.data.label_column else None
-    written: List[str] = []
     bar = _progress(cfg, ctx, sum(p.rows for p in parts))
+    batch_rows, max_tokens = batch_limits(cfg.data, cfg.model.task, model.config, ctx.device, task.max_length,
+                                          next(model.module.parameters()).element_size())
+    fig.workers = resolve_workers(cfg.data.workers, ctx.device.type, cpu_cores(), ctx.local_size)
+    fig.max_tokens_per_batch = max_tokens
 
     t_loop = time.perf_counter()
-    stream = BatchStream(read_parts(inp, parts, columns), task, cfg.data, _batch_rows(cfg),
+    # Workers fork here, before the writer thread exists.
+    loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
-    outputs: List[Dict[str, Any]] = []
-    rows_in_part: List[np.ndarray] = []
+    writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
+    scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
     try:
-        for item in stream:
-            if isinstance(item, tuple) and item[0] == "part":
-                outputs, rows_in_part = [], []
-                continue
-            if isinstance(item, tuple) and item[0] == "end":
-                work = item[1]
-                tw = time.perf_counter()
-                table = _part_table(work, outputs, rows_in_part, schema, cfg.data.id_columns)
-                if evaluation is not None:
-                    evaluation.add(work.columns[cfg.data.label_column], table)
-                rec = write_part(cfg, ctx.rank, work.part, table, work.truncated, work.skipped)
-                written.append(os.path.join(cfg.output.path, rec.name))
-                fig.write_seconds += time.perf_counter() - tw
-                fig.rows += rec.rows
-                fig.parts += 1
-                fig.truncated += work.truncated
-                fig.skipped += len(work.skipped)
-                continue
-            batch = item
-            tf = time.perf_counter()
-            outputs.append(task.predict(model, batch.tensors))
-            fig.forward_seconds += time.perf_counter() - tf
-            rows_in_part.append(batch.rows)
-            fig.real_tokens += batch.real_tokens
-            fig.padded_tokens += batch.padded_tokens
-            fig.batches += 1
-            tracker.step(len(batch.rows), batch.real_tokens, batch.padded_tokens, stream.times.wait)
-            if ctx.device.type == "cpu" and fig.batches % 64 == 0:
-                release_free_memory()
-            if bar is not None:
-                bar.update(len(batch.rows))
+        for batch in loader:
+            writer.raise_if_failed()
+            outputs, rows = scored.setdefault(batch.part.start, ([], []))
+            if len(batch.rows):
+                tf = time.perf_counter()
+                outputs.append(task.predict(model, batch.tensors))
+                fig.forward_seconds += time.perf_counter() - tf
+                rows.append(batch.rows)
+                fig.real_tokens += batch.real_tokens
+                fig.padded_tokens += batch.padded_tokens
+                fig.batches += 1
+                tracker.step(len(batch.rows), batch.real_tokens, batch.padded_tokens, loader.wait_seconds)
+                if ctx.device.type == "cpu" and fig.batches % 64 == 0:
+                    release_free_memory()
+                if bar is not None:
+                    bar.update(len(batch.rows))
+            fig.read_seconds += batch.read_seconds
+            fig.tokenize_seconds += batch.tokenize_seconds
+            if batch.finished is not None:
+                writer.put(batch.finished, *scored.pop(batch.part.start))
+        writer.finish()
+    except Exception as e:
+        named = loader.explain(e)
+        if named is None:
+            raise
+        raise named from None
     finally:
-        stream.close()
+        loader.close()
+        writer.close()
         tracker.stop_live()
         if bar is not None:
             bar.close()
     fig.seconds = time.perf_counter() - t_loop
-    fig.read_seconds, fig.tokenize_seconds, fig.wait_seconds = stream.times.read, stream.times.tokenize, stream.times.wait
+    fig.wait_seconds = loader.wait_seconds
     fig.total_seconds = time.perf_counter() - t_start
 
-    tracker.log_rank_files(written)
     figures = ctx.allgather_object(fig)  # also the barrier: every rank has finished writing
     confusion = ctx.allgather_object(evaluation.counts if evaluation else None)
     if ctx.is_main:
@@ -165,18 +166,77 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     return fig.as_dict()
 
 
-def _batch_rows(cfg: JobConfig) -> int:
-    # With a token budget, batch_size is only an upper bound on rows.
-    return cfg.data.batch_size if cfg.data.max_tokens_per_batch <= 0 else max(cfg.data.batch_size, 1 << 16)
+class _PartWriter:
+    """A thread beside the model loop: a scored part becomes a table in input order, a Parquet part
+    (writer.write_part) and an MLflow artifact. At most two parts wait; a failed write fails the job
+    at the model loop's next batch."""
+
+    def __init__(self, cfg: JobConfig, rank: int, schema: pa.Schema, evaluation, tracker, fig):
+        self.cfg, self.rank, self.schema, self.evaluation, self.tracker, self.fig = (
+            cfg, rank, schema, evaluation, tracker, fig)
+        self.queue: "queue.Queue" = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hvd_infer-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, work, outputs: List[Dict[str, Any]], rows: List[np.ndarray]) -> None:
+        while True:
+            self.raise_if_failed()
+            try:
+                self.queue.put((work, outputs, rows), timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait until every part handed over is written."""
+        self.put(None, [], [])
+        self.thread.join()
+        self.raise_if_failed()
+
+    def close(self) -> None:
+        """Stop after the part being written (which is whole or absent, never half)."""
+        self._stop.set()
+        self.thread.join(timeout=60)
+
+    def _run(self) -> None:
+        from hvd_infer.writer import write_part
+
+        fig, cfg = self.fig, self.cfg
+        while not self._stop.is_set():
+            try:
+                work, outputs, rows = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if work is None:
+                return
+            try:
+                t = time.perf_counter()
+                table = _part_table(work, outputs, rows, self.schema, cfg.data.id_columns)
+                if self.evaluation is not None:
+                    self.evaluation.add(work.columns[cfg.data.label_column], table)
+                rec = write_part(cfg, self.rank, work.part, table, work.truncated, work.skipped)
+                self.tracker.log_rank_files([os.path.join(cfg.output.path, rec.name)])
+                fig.write_seconds += time.perf_counter() - t
+                fig.rows += rec.rows
+                fig.parts += 1
+                fig.truncated += work.truncated
+                fig.skipped += len(work.skipped)
+            except BaseException as e:  # raised by the model loop
+                self.error = e
+                return
 
 
 def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
     """Predictions back in input order, ids first, typed as the output schema says."""
-    arrays = {}
-    if outputs:
-        order = np.argsort(np.concatenate(rows_in_part), kind="stable")
-        for name in outputs[0]:
-            arrays[name] = pa.concat_arrays([_as_arrow(o[name]) for o in outputs]).take(pa.array(order))
+    from hvd_infer.batcher import in_input_order
+
+    arrays = in_input_order(outputs, rows_in_part)
     cols = []
     for f in schema:
         if f.name in id_columns:
@@ -186,10 +246,6 @@ def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List
         else:
             cols.append(pa.array([], type=f.type))
     return pa.Table.from_arrays(cols, schema=schema)
-
-
-def _as_arrow(values) -> pa.Array:
-    return values if isinstance(values, pa.Array) else pa.array(values)
 
 
 def _progress(cfg: JobConfig, ctx, rows: int):
@@ -220,7 +276,7 @@ class _LineWriter:
         self.stream.flush()
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

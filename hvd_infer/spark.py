@@ -165,16 +165,21 @@ class _Predictor:
     def __init__(self, cfg):
         import torch
 
+        from hvd_infer.batcher import batch_limits
         from hvd_infer.model import load_model
-        from hvd_infer.runner import _quiet_libraries
+        from hvd_infer.runner import quiet_libraries
         from hvd_infer.tasks import get_task
 
-        _quiet_libraries()
+        quiet_libraries()
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.cfg = cfg
         self.task = get_task(cfg.model.task)(cfg)
-        self.model, _, _ = load_model(cfg, self.task, _task_device())
+        device = _task_device()
+        self.model, _, _ = load_model(cfg, self.task, device)
+        self.batch_rows, self.max_tokens = batch_limits(cfg.data, cfg.model.task, self.model.config, device,
+                                                        self.task.max_length,
+                                                        next(self.model.module.parameters()).element_size())
 
     def predict_fn(self):
         if self.cfg.data.text_pair_column:
@@ -182,23 +187,21 @@ class _Predictor:
         return lambda texts: self.predict(texts, None)
 
     def predict(self, texts: np.ndarray, pairs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
-        from hvd_infer.batcher import length_sorted_batches
+        from hvd_infer.batcher import in_input_order, length_sorted_batches
 
         d = self.cfg.data
         enc = self.task.encode(self._text(texts, d.text_column),
                                self._text(pairs, d.text_pair_column) if pairs is not None else None)
         outputs, order = [], []
-        for rows in length_sorted_batches(enc.lengths, d.batch_size, d.max_tokens_per_batch, d.sort_window):
-            outputs.append(self.task.predict(self.model, self.task.collate([enc.features[i] for i in rows])))
+        for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, d.sort_window):
+            outputs.append(self.task.predict(self.model, self.task.collate(enc.features[rows])))
             order.append(rows)
-        back = pa.array(np.argsort(np.concatenate(order), kind="stable"))
-        return {name: _numpy_column(pa.concat_arrays([_as_arrow(o[name]) for o in outputs]).take(back))
-                for name in outputs[0]}
+        return {name: _numpy_column(column) for name, column in in_input_order(outputs, order).items()}
 
     def _text(self, values: np.ndarray, column: str) -> np.ndarray:
-        from hvd_infer.batcher import _null_mask
+        from hvd_infer.batcher import null_mask
 
-        bad = _null_mask(values)
+        bad = null_mask(values)
         if bad.any():
             if self.cfg.data.on_null == "error":
                 from hvd_infer.errors import DataError
@@ -219,10 +222,6 @@ def _task_device():
         return torch.device("cpu")
     gpus = TaskContext.get().resources().get("gpu") if TaskContext.get() else None
     return torch.device("cuda", int(gpus.addresses[0]) if gpus else 0)
-
-
-def _as_arrow(values) -> pa.Array:
-    return values if isinstance(values, pa.Array) else pa.array(values)
 
 
 def _numpy_column(arr: pa.Array) -> np.ndarray:

@@ -11,6 +11,8 @@ class RankFigures:
     host: str = ""
     device: str = ""
     threads: int = 0
+    workers: int = 0  # data loader processes (0: a thread)
+    max_tokens_per_batch: int = 0  # the token budget used (0: batches by rows)
     rows: int = 0
     parts: int = 0
     batches: int = 0
@@ -22,6 +24,7 @@ class RankFigures:
     forward_seconds: float = 0.0
     write_seconds: float = 0.0
     wait_seconds: float = 0.0  # the model thread waiting on data
+    # read_seconds and tokenize_seconds are summed over this rank's loader workers, which run side by side
     real_tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
@@ -72,7 +75,9 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
     lines.append(f"stages, summed over ranks: read {m['read_seconds']:.2f} s, tokenize {m['tokenize_seconds']:.2f} s, "
                  f"forward {forward:.2f} s, write {m['write_seconds']:.2f} s; model waited on data "
                  f"{100 * m['data_wait_fraction']:.1f}% of forward time")
-    lines.append(f"padding efficiency {m['padding_efficiency']:.3f} (real tokens / padded tokens)")
+    lines.append(f"padding efficiency {m['padding_efficiency']:.3f} (real tokens / padded tokens); "
+                 f"data.workers {figures[0].workers} per rank"
+                 + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
     if m["skipped_texts"]:

@@ -21,7 +21,10 @@ def test_reads_exactly_the_planned_rows(dataset):
     seen = []
     for rank in range(3):
         parts = plan_parts(inp.row_groups, rank, 3, 20)
-        for part, cols in read_parts(inp, parts, ["id", "doc", "text"]):
+        for part, chunks in read_parts(inp, parts, ["id", "doc", "text"]):
+            chunks = list(chunks)
+            assert len(chunks) == len(part.pieces)  # one chunk per row group slice: streamed, not whole parts
+            cols = {c: np.concatenate([ch[c] for ch in chunks]) for c in ["id", "doc", "text"]}
             assert len(cols["id"]) == part.rows
             expected = table.slice(part.start, part.rows)
             assert cols["id"].tolist() == expected.column("id").to_pylist()

@@ -1,8 +1,9 @@
 """The Task interface: encode rows, run the model on a batch, give prediction columns."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -12,9 +13,58 @@ from hvd_infer.config import JobConfig
 
 
 @dataclass
+class TokenRows:
+    """Token ids of many rows in flat arrays: sequence j is ids[offsets[j]:offsets[j + 1]].
+
+    Selecting the rows of a batch and padding them are a few numpy operations, not a Python
+    loop per row. A row may be several sequences (`group`: zero-shot has one pair per
+    candidate label); `extra` holds per-row objects a task's predict needs besides the ids.
+    """
+    ids: np.ndarray  # int64, every sequence's ids back to back
+    offsets: np.ndarray  # int64, one more than there are sequences, offsets[0] == 0
+    types: Optional[np.ndarray] = None  # token_type_ids, laid out as ids (pairs on BERT-style models)
+    group: int = 1  # sequences per row
+    extra: Optional[List[Any]] = None  # per row, for the task's predict (NER: character offsets and text)
+
+    @classmethod
+    def from_lists(cls, ids: List[List[int]], types: Optional[List[List[int]]] = None, group: int = 1,
+                   extra: Optional[List[Any]] = None) -> "TokenRows":
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=total)
+        flat_types = (np.fromiter(itertools.chain.from_iterable(types), dtype=np.int64, count=total)
+                      if types is not None else None)
+        return cls(flat, offsets, flat_types, group, extra)
+
+    def __len__(self) -> int:
+        return (len(self.offsets) - 1) // self.group
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per row (all its sequences): the cost used for length sorting and token budgets."""
+        return np.diff(self.offsets).reshape(-1, self.group).sum(axis=1)
+
+    def __getitem__(self, rows: Union[int, np.ndarray, Sequence[int]]) -> Union[List[int], "TokenRows"]:
+        """An int gives that row's ids (a row of one sequence); an index array gives those rows."""
+        if isinstance(rows, (int, np.integer)):
+            return self.ids[self.offsets[rows]:self.offsets[rows + 1]].tolist()
+        rows = np.asarray(rows, dtype=np.int64)
+        seqs = (rows[:, None] * self.group + np.arange(self.group)).reshape(-1)
+        starts = self.offsets[seqs]
+        lengths = self.offsets[seqs + 1] - starts
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TokenRows(self.ids[take], offsets, self.types[take] if self.types is not None else None, self.group,
+                         [self.extra[i] for i in rows] if self.extra is not None else None)
+
+
+@dataclass
 class Encoded:
-    """Token ids of a chunk of rows; `features[i]` belongs to row i, in whatever form the task's collate takes."""
-    features: List[Any]
+    """Token ids of a chunk of rows: `features[rows]` are the rows a batch takes to the task's collate."""
+    features: TokenRows
     lengths: np.ndarray  # tokens per row, the cost used for length sorting and token budgets
     truncated: int = 0  # rows whose text was cut at model.max_length
 
@@ -57,17 +107,15 @@ class Task:
 
     # -- data --------------------------------------------------------------
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> Encoded:
-        """A row's feature is its token ids, or {input_ids, token_type_ids} for a pair on a model that uses types."""
+        """A row's feature is its token ids, with token_type_ids for a pair on a model that uses types."""
         types = pairs is not None and self.token_types
         enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None,
                              truncation=True, max_length=self.max_length,
                              return_attention_mask=False, return_token_type_ids=types)
-        ids = enc["input_ids"]
-        features = ([{"input_ids": i, "token_type_ids": t} for i, t in zip(ids, enc["token_type_ids"])]
-                    if types else ids)
-        return Encoded(features, token_counts(ids), count_truncated(enc))
+        features = TokenRows.from_lists(enc["input_ids"], enc["token_type_ids"] if types else None)
+        return Encoded(features, features.lengths, count_truncated(enc))
 
-    def collate(self, features: List[Any]) -> Dict[str, Any]:
+    def collate(self, features: TokenRows) -> Dict[str, Any]:
         """Tensors for the model, with "input_ids" (the batcher counts padding from it).
 
         A task may add entries that are not tensors (offsets, texts) for its own predict to take
@@ -75,7 +123,7 @@ class Task:
         """
         return self.pad_batch(features)
 
-    def pad_batch(self, features: List[Any], side: str = "right") -> Dict[str, torch.Tensor]:
+    def pad_batch(self, features: TokenRows, side: str = "right") -> Dict[str, torch.Tensor]:
         """pad() with this job's pad id and data.pad_to_multiple_of: every task's collate uses it."""
         return pad(features, self.pad_id, side=side, multiple=self.pad_multiple)
 
@@ -85,35 +133,34 @@ class Task:
         raise NotImplementedError
 
 
-def token_counts(ids: List[List[int]]) -> np.ndarray:
-    return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-
-
 def count_truncated(enc) -> int:
     """Sequences a fast tokenizer cut at max_length."""
     return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
 
 
-def pad(features: List[Any], pad_id: int, side: str = "right", multiple: int = 1) -> Dict[str, torch.Tensor]:
-    """Pad token id lists (or dicts of equal-length lists, input_ids among them) to one width, with a mask.
+def pad(tokens: Union[TokenRows, List[List[int]]], pad_id: int, side: str = "right",
+        multiple: int = 1) -> Dict[str, torch.Tensor]:
+    """Every sequence of `tokens` (or of a list of id lists) padded to one width: input_ids (pad_id),
+    token_type_ids (0), attention_mask.
 
-    input_ids are padded with pad_id and other keys (token_type_ids) with 0; side="left" for decoders
-    that generate from the last position. The width is rounded up to `multiple`: every distinct
-    (rows, width) shape makes the CPU allocator and oneDNN keep buffers of its own, so with one
-    width per token count a rank's memory grew ~2x over a long job (measured, MiniLM); with
-    multiples of 8 it stays flat, and the kernels get aligned shapes.
+    side="left" for decoders that generate from the last position. The width is rounded up to
+    `multiple`: every distinct (rows, width) shape makes the CPU allocator and oneDNN keep buffers
+    of their own, so with one width per token count a rank's memory grew ~2x over a long job
+    (measured, MiniLM); with multiples of 8 it stays flat, and the kernels get aligned shapes.
     """
-    rows = [f if isinstance(f, dict) else {"input_ids": f} for f in features]
-    width = max(len(r["input_ids"]) for r in rows)
-    width = -(-width // multiple) * multiple
-    out = {k: np.full((len(rows), width), pad_id if k == "input_ids" else 0, dtype=np.int64) for k in rows[0]}
-    out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        cols = slice(0, n) if side == "right" else slice(width - n, width)
-        for k, v in r.items():
-            out[k][i, cols] = v
-        out["attention_mask"][i, cols] = 1
+    if not isinstance(tokens, TokenRows):
+        tokens = TokenRows.from_lists(tokens)
+    lengths = np.diff(tokens.offsets)
+    width = -(-int(lengths.max(initial=0)) // multiple) * multiple
+    positions = np.arange(width)
+    # Row-major order of the mask's True cells is exactly the order of the flat ids.
+    mask = positions < lengths[:, None] if side == "right" else positions >= (width - lengths)[:, None]
+    out = {"input_ids": np.full((len(lengths), width), pad_id, dtype=np.int64)}
+    out["input_ids"][mask] = tokens.ids
+    if tokens.types is not None:
+        out["token_type_ids"] = np.zeros((len(lengths), width), dtype=np.int64)
+        out["token_type_ids"][mask] = tokens.types
+    out["attention_mask"] = mask.astype(np.int64)
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 

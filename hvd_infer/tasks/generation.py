@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 
 from hvd_infer.errors import ConfigError, ModelError
-from hvd_infer.tasks.base import Encoded, Task, count_truncated, token_counts
+from hvd_infer.tasks.base import Encoded, Task, TokenRows, count_truncated
 
 
 class TextGeneration(Task):
@@ -75,7 +75,8 @@ class TextGeneration(Task):
         if not all(ids):  # an empty prompt (data.on_null=empty) starts from bos, as unconditional generation does
             start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
             ids = [x or start for x in ids]
-        return Encoded(ids, token_counts(ids), count_truncated(enc))
+        features = TokenRows.from_lists(ids)
+        return Encoded(features, features.lengths, count_truncated(enc))
 
     def collate(self, features):
         return self.pad_batch(features, side="left")

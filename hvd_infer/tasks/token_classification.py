@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from hvd_infer.errors import ConfigError, ModelError
-from hvd_infer.tasks.base import Encoded, Task, count_truncated, token_counts
+from hvd_infer.tasks.base import Encoded, Task, TokenRows, count_truncated
 
 ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
                     pa.field("start", pa.int64()), pa.field("end", pa.int64()), pa.field("word", pa.string())])
@@ -60,12 +60,13 @@ class TokenClassification(Task):
                              return_special_tokens_mask=True, return_attention_mask=False,
                              return_token_type_ids=False)
         ids = enc["input_ids"]
-        features = list(zip(ids, enc["offset_mapping"], enc["special_tokens_mask"], texts))
-        return Encoded(features, token_counts(ids), count_truncated(enc))
+        features = TokenRows.from_lists(ids, extra=list(zip(ids, enc["offset_mapping"], enc["special_tokens_mask"],
+                                                            texts)))
+        return Encoded(features, features.lengths, count_truncated(enc))
 
     def collate(self, features):
-        batch = self.pad_batch([f[0] for f in features])
-        batch["rows"] = features  # offsets, special tokens and text, for predict
+        batch = self.pad_batch(features)
+        batch["rows"] = features.extra  # ids, offsets, special tokens and text, for predict
         return batch
 
     def predict(self, model, batch):

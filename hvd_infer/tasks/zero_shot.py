@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from hvd_infer.errors import ConfigError, ModelError
-from hvd_infer.tasks.base import Encoded, Task, float_list_array
+from hvd_infer.tasks.base import Encoded, Task, TokenRows, float_list_array
 
 
 def _label_id(id2label, prefix: str):
@@ -77,16 +77,10 @@ class ZeroShotClassification(Task):
         enc = self.tokenizer([t for t in texts for _ in range(k)], self.hypotheses * len(texts),
                              truncation="only_first", max_length=self.max_length,
                              return_attention_mask=False, return_token_type_ids=self.token_types)
-        ids = enc["input_ids"]
-        pairs_of = ([{"input_ids": i, "token_type_ids": t} for i, t in zip(ids, enc["token_type_ids"])]
-                    if self.token_types else ids)
-        features = [pairs_of[r * k:(r + 1) * k] for r in range(len(texts))]
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids)).reshape(-1, k)
-        cut = np.fromiter((bool(e.overflowing) for e in enc.encodings), dtype=bool, count=len(ids)).reshape(-1, k)
-        return Encoded(features, lengths.sum(axis=1), int(cut.any(axis=1).sum()))
-
-    def collate(self, features):
-        return self.pad_batch([pair for row in features for pair in row])
+        features = TokenRows.from_lists(enc["input_ids"], enc["token_type_ids"] if self.token_types else None, group=k)
+        cut = np.fromiter((bool(e.overflowing) for e in enc.encodings), dtype=bool,
+                          count=len(enc.encodings)).reshape(-1, k)
+        return Encoded(features, features.lengths, int(cut.any(axis=1).sum()))
 
     def predict(self, model, batch):
         k = len(self.labels)

@@ -106,7 +106,7 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp) -> Tuple[Any, Any, Dict[s
 
 def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     """Score the input's first model.check_rows rows in float32 and each candidate; the fastest that agrees wins."""
-    from hvd_infer.batcher import length_sorted_batches
+    from hvd_infer.batcher import batch_limits, length_sorted_batches
     from hvd_infer.dataset import read_head
     from hvd_infer.model import load_model
 
@@ -129,8 +129,10 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     texts = sample.column(d.text_column).to_pylist()
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None
     enc = task.encode(texts, pairs)
-    batches = [task.collate([enc.features[i] for i in rows])
-               for rows in length_sorted_batches(enc.lengths, d.batch_size, d.max_tokens_per_batch, d.sort_window)]
+    rows_per_batch, max_tokens = batch_limits(d, cfg.model.task, model.config, device, task.max_length,
+                                              next(model.module.parameters()).element_size())
+    batches = [task.collate(enc.features[rows])
+               for rows in length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)]
     decision.seconds["float32"], reference = _score(task, model, batches)
     best = FLOAT32
     for candidate in candidates(device):

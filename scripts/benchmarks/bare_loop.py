@@ -20,13 +20,14 @@ def bare_batches(tokenizer, texts: List[str], batch_size: int, max_length: int):
     padded to the longest row, not a multiple of 8: the best padding the corpus allows.
     """
     from hvd_infer.batcher import length_sorted_batches
-    from hvd_infer.tasks.base import pad, token_counts
+    from hvd_infer.tasks.base import TokenRows, pad
 
     ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False,
                     return_token_type_ids=False)["input_ids"]
-    lengths = token_counts(ids)
+    tokens = TokenRows.from_lists(ids)
+    lengths = tokens.lengths
     pad_id = tokenizer.pad_token_id or 0
-    batches = [(rows, pad([ids[r] for r in rows], pad_id))
+    batches = [(rows, pad(tokens[rows], pad_id))
                for rows in length_sorted_batches(lengths, batch_size, 0, max(1, len(ids)))]
     padded = sum(tensors["input_ids"].numel() for _, tensors in batches)
     return batches, int(lengths.sum()) / padded, int((lengths >= max_length).sum())

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from hvd_infer.config import JobConfig
+from hvd_infer.errors import ConfigError, ModelError
 
 
 @dataclass
@@ -74,15 +75,28 @@ class Task:
 
     name = ""
     auto_model = "AutoModelForSequenceClassification"  # transformers class that loads the model
+    # The head model.path must have: (architecture name suffix, the head's name, what the task needs).
+    head: Optional[Tuple[str, str, str]] = None
+    # For tasks that score data.text_column alone: why a second text makes no sense for them.
+    single_text: Optional[str] = None
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.max_length = cfg.model.max_length
         self.pad_multiple = cfg.data.pad_to_multiple_of
+        if self.single_text and cfg.data.text_pair_column:
+            raise ConfigError(f"data.text_pair_column cannot be used with model.task={self.name}: {self.single_text}")
 
     # -- model -------------------------------------------------------------
     def check_model_config(self, hf_config, path: str) -> None:
         """Raise ModelError when the model cannot do this task (before weights load)."""
+        if self.head is None:
+            return
+        suffix, head_name, needs = self.head
+        archs = getattr(hf_config, "architectures", None) or []
+        if not any(a.endswith(suffix) for a in archs):
+            raise ModelError(f"model.path {path} has no {head_name} head (architectures: {archs or 'none'}); "
+                             f"model.task={self.name} needs {needs}")
 
     def read_model_dir(self, hf_config, local_dir: str, path: str) -> None:
         """Read what the task needs from the model's files besides config.json (before weights load).

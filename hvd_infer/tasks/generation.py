@@ -30,11 +30,10 @@ class TextGeneration(Task):
     auto_model = "AutoModelForCausalLM"
     padding_side = "left"
 
+    single_text = "the prompt is data.text_column alone"
+
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.data.text_pair_column:
-            raise ConfigError("data.text_pair_column cannot be used with model.task=text-generation: "
-                              "the prompt is data.text_column alone")
         self.options = cfg.generation
 
     def check_model_config(self, hf_config, path):

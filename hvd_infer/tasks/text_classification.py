@@ -5,21 +5,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hvd_infer.errors import ModelError
 from hvd_infer.tasks.base import Task, float_list_array
 
 
 class TextClassification(Task):
     name = "text-classification"
     auto_model = "AutoModelForSequenceClassification"
-
-    def check_model_config(self, hf_config, path):
-        archs = getattr(hf_config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ModelError(
-                f"model.path {path} has no sequence classification head (architectures: {archs or 'none'}); "
-                "model.task=text-classification needs a model saved from AutoModelForSequenceClassification "
-                "(use model.task=embedding for a bare encoder)")
+    head = ("ForSequenceClassification", "sequence classification",
+            "a model saved from AutoModelForSequenceClassification (use model.task=embedding for a bare encoder)")
 
     def setup(self, model, tokenizer):
         super().setup(model, tokenizer)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.errors import ModelError
 from hvd_infer.tasks.base import Encoded, Task, TokenRows, count_truncated
 
 ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
@@ -25,19 +25,9 @@ ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.
 class TokenClassification(Task):
     name = "token-classification"
     auto_model = "AutoModelForTokenClassification"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        if cfg.data.text_pair_column:
-            raise ConfigError("data.text_pair_column cannot be used with model.task=token-classification: "
-                              "entities are found in data.text_column alone")
-
-    def check_model_config(self, hf_config, path):
-        archs = getattr(hf_config, "architectures", None) or []
-        if not any(a.endswith("ForTokenClassification") for a in archs):
-            raise ModelError(f"model.path {path} has no token classification head (architectures: "
-                             f"{archs or 'none'}); model.task=token-classification needs a model saved from "
-                             "AutoModelForTokenClassification (an NER model)")
+    head = ("ForTokenClassification", "token classification",
+            "a model saved from AutoModelForTokenClassification (an NER model)")
+    single_text = "entities are found in data.text_column alone"
 
     def setup(self, model, tokenizer):
         super().setup(model, tokenizer)

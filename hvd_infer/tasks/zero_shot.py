@@ -30,23 +30,19 @@ def _label_id(id2label, prefix: str):
 class ZeroShotClassification(Task):
     name = "zero-shot-classification"
     auto_model = "AutoModelForSequenceClassification"
+    head = ("ForSequenceClassification", "sequence classification",
+            "an NLI model (e.g. one fine-tuned on MNLI) saved from AutoModelForSequenceClassification")
+    single_text = "the text is the NLI premise and each candidate label makes the hypothesis"
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.data.text_pair_column:
-            raise ConfigError("data.text_pair_column cannot be used with model.task=zero-shot-classification: "
-                              "the text is the NLI premise and each candidate label makes the hypothesis")
         z = cfg.zero_shot
         self.labels = list(z.candidate_labels)
         self.hypotheses = [z.hypothesis_template.format(label) for label in self.labels]
         self.per_label = z.multi_label or len(self.labels) == 1
 
     def check_model_config(self, hf_config, path):
-        archs = getattr(hf_config, "architectures", None) or []
-        if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ModelError(f"model.path {path} has no sequence classification head (architectures: "
-                             f"{archs or 'none'}); model.task=zero-shot-classification needs an NLI model "
-                             "(e.g. one fine-tuned on MNLI) saved from AutoModelForSequenceClassification")
+        super().check_model_config(hf_config, path)
         if _label_id(hf_config.id2label, "entail") is None:
             raise ModelError(f"model.path {path} is not an NLI model: none of its labels "
                              f"({', '.join(map(str, hf_config.id2label.values()))}) is 'entailment'; "

@@ -17,7 +17,6 @@ from sentence_transformers import SentenceTransformer
 
 import builders
 from conftest import horovodrun, python_m
-from test_spark import loopback_env  # noqa: F401  (a fixture)
 from hvd_infer.config import load_config
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
@@ -195,9 +194,9 @@ def test_spark_udf_column_from_fixed_size_list():
 def test_spark_predict_udf_equals_sentence_transformers(st_models, loopback_env):
     """predict_udf returns the vectors as an array column (Spark has no fixed-size lists)."""
     from hvd_infer.spark import predict_udf
-    from test_spark import session
+    from conftest import spark_session
 
-    spark = session("local[1]", **{"spark.ui.enabled": "false"})
+    spark = spark_session("local[1]", **{"spark.ui.enabled": "false"})
     try:
         df = spark.createDataFrame(list(enumerate(TEXTS)), "id long, text string")
         udf = predict_udf({"model": {"path": st_models["cls-prompts"], "task": "embedding"}, "data": {"path": "/d"},

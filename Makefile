@@ -9,7 +9,7 @@ install:
 
 demo: install  ## fine-tune the demo model (once), then score the test split on $(NP) ranks
 	$(PY) scripts/make_demo.py
-	$(VENV)/bin/horovodrun -np $(NP) -H localhost:$(NP) $(PY) -m hvd_infer
+	$(VENV)/bin/hvd-infer -np $(NP)
 
 test: install  ## the whole suite: unit tests and real multi-rank, Spark and MLflow runs
 	$(PY) -m pytest tests -q

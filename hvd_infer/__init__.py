@@ -1,6 +1,7 @@
 """hvd_infer: Horovod distributed batch inference of Hugging Face models over Parquet.
 
-    horovodrun -np 4 python -m hvd_infer --config conf/job.yaml data.batch_size=64
+    hvd-infer -np 4 --config conf/job.yaml data.batch_size=64       # checked once, then 4 Horovod ranks
+    horovodrun -np 4 python -m hvd_infer --config conf/job.yaml      # or torchrun --nproc-per-node 4 -m hvd_infer ...
     hvd_infer.run("conf/job.yaml")           # one rank's share; picklable for Spark launchers
 """
 from hvd_infer.config import JobConfig, load_config

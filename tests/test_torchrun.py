@@ -101,10 +101,12 @@ def test_rank_context_collectives_over_gloo(tmp_path):
         "ctx.barrier()\n"
         "ctx.shutdown()\n"
         "assert dist.is_initialized() == (sys.argv[1] == 'caller-made')\n"
-        "print('rank', ctx.rank, 'ok')\n")
+        # One file per rank: the two ranks' prints share torchrun's pipe and can interleave.
+        "open(f'{sys.argv[2]}/rank{ctx.rank}.ok', 'w').close()\n")
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     for group in ("ours", "caller-made"):
-        r = subprocess.run([exe, "--nproc-per-node", "2", str(script), group], capture_output=True, text=True,
-                           timeout=300)
+        (tmp_path / group).mkdir()
+        r = subprocess.run([exe, "--nproc-per-node", "2", str(script), group, str(tmp_path / group)],
+                           capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        assert sorted(r.stdout.split()) == sorted("rank 0 ok rank 1 ok".split()), r.stdout
+        assert sorted(p.name for p in tmp_path.glob(f"{group}/*.ok")) == ["rank0.ok", "rank1.ok"], r.stdout

@@ -55,7 +55,6 @@ def write_corpus(path: str, texts: Sequence[str], files: int = 8, row_group_rows
     """Parquet columns id (int64, first_id + row) and text; reused when already written."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     done = os.path.join(path, "_DONE")
     if os.path.exists(done):
@@ -64,12 +63,20 @@ def write_corpus(path: str, texts: Sequence[str], files: int = 8, row_group_rows
     n = len(texts)
     table = pa.table({"id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
                       "text": pa.array(list(texts), type=pa.string())})
-    bounds = np.linspace(0, n, files + 1).astype(int)
+    write_files(table, path, files, row_group_rows)
+    open(done, "w").close()
+    return path
+
+
+def write_files(table, path: str, files: int, row_group_rows: int) -> None:
+    """table as `files` Parquet files of about equal rows in path, with row groups of row_group_rows."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    bounds = np.linspace(0, table.num_rows, files + 1).astype(int)
     for k in range(files):
         pq.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), os.path.join(path, f"part-{k:04d}.parquet"),
                        row_group_size=row_group_rows)
-    open(done, "w").close()
-    return path
 
 
 def minilm_tokenizer_dir() -> str:
@@ -117,7 +124,9 @@ def cpu_facts() -> Dict[str, Any]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
+    from hvd_infer.context import cpu_cores
+
+    return {"cpu": model, "cores": cpu_cores(),
             **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")}}
 
 

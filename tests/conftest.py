@@ -266,6 +266,17 @@ def _master_state(ui_port):
         return None
 
 
+def http_ready(url):
+    """True once url answers (any HTTP status), False while nothing listens yet."""
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=2)
+        return True
+    except OSError:
+        return False
+
+
 def wait_for(check, what, timeout=90):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -6,25 +6,17 @@ rank, the input as a dataset, the Source; and a run that dies is marked FAILED.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
 import builders
-from conftest import REPO, horovodrun, python_m
+from conftest import REPO, free_port, horovodrun, http_ready, python_m, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url):
@@ -42,14 +34,7 @@ def mlflow_server(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+        wait_for(lambda: http_ready(url + "/health"), "mlflow server to start", timeout=60)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -6,12 +6,10 @@ nothing in hvd_infer knows it talks to moto.
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import psutil
@@ -19,17 +17,11 @@ import pyarrow.dataset as pads
 import pytest
 
 import builders
-from conftest import horovodrun, python_m
+from conftest import free_port, horovodrun, http_ready, python_m, wait_for
 from test_failures import _classifier_from_minilm
 from test_multirank import reference_probs
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +38,7 @@ def s3():
                             env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(url + "/moto-api/", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("moto_server did not start")
+        wait_for(lambda: http_ready(url + "/moto-api/"), "moto_server to start", timeout=60)
         iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bootstrap",
                            aws_secret_access_key="bootstrap")
         iam.create_user(UserName="scorer")

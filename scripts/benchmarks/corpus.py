@@ -18,9 +18,8 @@ def make_corpus(rows: int):
 
 def write_corpus(work: str, rows: int, files: int, row_group_rows: int) -> str:
     """A Parquet corpus of `rows` rows in `files` files of row groups of `row_group_rows`; reused if present."""
-    import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    from feed_inputs import write_files  # scripts/ is on sys.path (bench.py)
 
     path = os.path.join(work, "data", f"rows-{rows}-files-{files}-rg-{row_group_rows}")
     if os.path.exists(os.path.join(path, "_DONE")):
@@ -29,11 +28,7 @@ def write_corpus(work: str, rows: int, files: int, row_group_rows: int) -> str:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    bounds = np.linspace(0, rows, files + 1).astype(int)
-    for k in range(files):
-        pq.write_table(table.slice(bounds[k], bounds[k + 1] - bounds[k]), os.path.join(tmp, f"part-{k:04d}.parquet"),
-                       row_group_size=row_group_rows)
+    write_files(pa.Table.from_pandas(df, preserve_index=False), tmp, files, row_group_rows)
     open(os.path.join(tmp, "_DONE"), "w").close()
     shutil.rmtree(path, ignore_errors=True)
     os.rename(tmp, path)

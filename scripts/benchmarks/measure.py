@@ -11,7 +11,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 from benchmarks import REPO
-from hvd_infer.context import cpu_cores
 
 
 def log(msg: str) -> None:
@@ -22,18 +21,9 @@ def machine() -> Dict[str, Any]:
     import torch
     import transformers
 
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": cpu_cores(), "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "avx512_vnni": "avx512_vnni" in flags, "avx512f": "avx512f" in flags,
+    from feed_inputs import cpu_facts  # scripts/ is on sys.path (bench.py)
+
+    return {**cpu_facts(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "load_average_at_start": os.getloadavg()}
 

@@ -109,18 +109,24 @@ def test_killed_worker_fails_the_job_naming_the_part_then_resume_completes(tiny_
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.1)
         workers = _loader_workers(proc.pid)
+        while len(workers) != 2 and proc.poll() is None and time.time() < deadline:  # a transient child, or not forked yet
+            time.sleep(0.1)
+            workers = _loader_workers(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)
         killed = time.time()
         stdout, stderr = proc.communicate(timeout=60)
-        assert proc.returncode != 0 and time.time() - killed < 15, (proc.returncode, stderr[-3000:])
+        # A bound against a hang, not a timing target (the box is shared): torch notices a dead worker at once.
+        assert proc.returncode != 0 and time.time() - killed < 60, (proc.returncode, stderr[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()
     lines = [l for l in stderr.splitlines() if "hvd_infer: error:" in l]
     assert len(lines) == 1, stderr[-3000:]
     assert "data loader process died" in lines[0] and "the part of input rows" in lines[0], lines[0]
-    assert "killed by signal" in lines[0] and "output.mode=resume" in lines[0]
+    # torch reports the death from its SIGCHLD handler ("is killed by signal: Killed") or, when the rank
+    # was already waiting on that worker's queue, as "exited unexpectedly": both name the part.
+    assert ("killed by signal" in lines[0] or "exited unexpectedly" in lines[0]) and "output.mode=resume" in lines[0]
     assert "Traceback" not in stderr
     assert not (out / "_SUCCESS").exists()
     written = [n for n in os.listdir(out) if n.startswith("part-")]

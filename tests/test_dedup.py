@@ -143,6 +143,19 @@ def test_greedy_generation(models):
     check_dedup_changes_nothing(cfg, texts)
 
 
+def test_spark_udf_function(models):
+    """What predict_udf runs on each Arrow batch (no Spark session needed): repeats within the batch once."""
+    from hvd_infer.spark import _Predictor
+
+    texts = np.array(repeated(builders.texts(8, seed=16, long_every=4), 40, seed=17, nulls=[None]), dtype=object)
+    pairs = np.array(repeated(["one pair", "another pair"], 40, seed=18), dtype=object)
+    cfg = job(models["cls"], "text-classification", {"text_pair_column": "pair", "on_null": "empty"})
+    on = _Predictor(cfg).predict(texts, pairs)
+    off = _Predictor(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dedup=False))).predict(texts, pairs)
+    assert on["label"].tolist() == off["label"].tolist()
+    np.testing.assert_allclose(on["probs"], off["probs"], atol=ATOL)
+
+
 def test_sampled_generation_scores_every_row(models, tmp_path):
     texts = repeated(PROMPTS, 12, seed=13)
     cfg = job(models["lm"], "text-generation", {}, generation={"max_new_tokens": 4, "do_sample": True})

@@ -1,12 +1,15 @@
 """Turn a part's rows into batches of similar length, and predictions back into input order.
 
 Per part: apply data.on_null, tokenize data.sort_window rows at a time, sort them by token
-count, and cut padded batches (by rows, or by a token budget). The part's last batch carries
-what the writer needs besides the predictions (ids, labels, skipped rows). Where this runs
-(worker processes or a thread) is loader.py's business; this module is plain functions.
+count, and cut padded batches (by rows, or by a token budget). With data.dedup a row whose
+(text, pair) an earlier row of the part already holds is not tokenized nor scored: at the part's
+end it gets that row's prediction. The part's last batch carries what the writer needs besides
+the predictions (ids, labels, skipped rows, which rows copy which). Where this runs (worker
+processes or a thread) is loader.py's business; this module is plain functions.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -30,7 +33,8 @@ class PartWork:
     columns: Columns  # input columns of the kept rows (ids, label)
     rows: int  # rows kept (skipped null texts excluded)
     skipped: List[Any] = field(default_factory=list)  # ids of rows skipped for null/empty text
-    truncated: int = 0
+    truncated: int = 0  # under data.dedup, of the distinct texts scored
+    source: Optional[np.ndarray] = None  # data.dedup: per kept row, the kept row whose prediction it gets
 
 
 @dataclass
@@ -44,6 +48,9 @@ class Batch:
     read_seconds: float = 0.0  # spent reading and tokenizing since the previous batch of this producer
     tokenize_seconds: float = 0.0
     finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
+    # Rows of the part that get a prediction of this or an earlier batch of the part instead of a forward
+    # of their own (data.dedup): input rows this batch accounts for are len(rows) + repeats.
+    repeats: int = 0
 
     def pin_memory(self) -> "Batch":
         """Page-locked host tensors: the copy to the GPU overlaps compute (DataLoader calls this)."""
@@ -73,16 +80,43 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int,
     return batches
 
 
-def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray]) -> Dict[str, pa.Array]:
+def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray],
+                   source: Optional[np.ndarray] = None) -> Dict[str, pa.Array]:
     """Each output column over all batches, row i of the input at position i.
 
-    outputs[b] holds batch b's columns and batch_rows[b] the input rows they belong to; the
-    rows of all batches together are 0..n-1 once each (length sorting permuted them).
+    outputs[b] holds batch b's columns and batch_rows[b] the input rows they belong to. Without
+    `source` the rows of all batches together are 0..n-1 once each (length sorting permuted
+    them); with it (data.dedup, see distinct_rows) input row i takes the prediction of row source[i].
     """
     if not outputs:
         return {}
-    order = pa.array(np.argsort(np.concatenate(batch_rows), kind="stable"))
+    scored = np.concatenate(batch_rows)
+    position = np.zeros(int(scored.max(initial=-1)) + 1, dtype=np.int64)
+    position[scored] = np.arange(len(scored))
+    order = pa.array(position if source is None else position[source])
     return {name: pa.concat_arrays([as_arrow(o[name]) for o in outputs]).take(order) for name in outputs[0]}
+
+
+def dedup_off(cfg: DataConfig, task) -> Optional[str]:
+    """Why rows repeating a text are scored again in this job (None: data.dedup copies their predictions)."""
+    return "data.dedup=false" if not cfg.dedup else task.repeats_differ()
+
+
+def distinct_rows(seen: Dict[bytes, int], texts: np.ndarray, pairs: Optional[np.ndarray],
+                  first_row: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(indices of the rows whose (text, pair) is new, the row each row copies its prediction from).
+
+    texts[i] is row first_row + i; `seen` maps a (text, pair) already met to the first row holding
+    it, and grows. Keys are 128-bit BLAKE2 digests, not the texts: a part's distinct texts are not
+    kept alive, and a collision (~n^2 / 2^129) is far below any hardware error rate.
+    """
+    source = np.empty(len(texts), dtype=np.int64)
+    for i, text in enumerate(texts):
+        key = text.encode()
+        if pairs is not None:  # the length prefix keeps ("ab", "c") and ("a", "bc") apart
+            key = len(key).to_bytes(8, "little") + key + pairs[i].encode()
+        source[i] = seen.setdefault(hashlib.blake2b(key, digest_size=16).digest(), first_row + i)
+    return np.flatnonzero(source == first_row + np.arange(len(texts))), source
 
 
 def as_arrow(values: Any) -> pa.Array:
@@ -153,6 +187,8 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
     kept: Dict[str, List[np.ndarray]] = {c: [] for c in carried}
     buffer: Dict[str, List[np.ndarray]] = {c: [] for c in text_columns}  # kept texts not yet tokenized
     buffered = 0
+    seen: Optional[Dict[bytes, int]] = {} if dedup_off(cfg, task) is None else None
+    sources: List[np.ndarray] = []
     read = tokenize = 0.0
     pending: Optional[Batch] = None
     first_row = part.start  # global row of the next chunk's first row
@@ -177,23 +213,34 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
             window = {c: v[:cfg.sort_window] for c, v in window.items()}
             size = len(window[cfg.text_column])
             buffered -= size
-            enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
-            work.truncated += enc.truncated
-            for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, size):
-                tensors = task.collate(enc.features[rows])
-                real = int(enc.lengths[rows].sum())
-                padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
-                tokenize += time.perf_counter() - t
-                if pending is not None:
-                    yield pending
-                t = time.perf_counter()
-                pending = Batch(part, rows + work.rows, tensors, real, padded, read, tokenize)
-                read = tokenize = 0.0
+            new = np.arange(size)
+            if seen is not None:
+                new, source = distinct_rows(seen, window[cfg.text_column], window.get(cfg.text_pair_column),
+                                            work.rows)
+                sources.append(source)
+                window = {c: v[new] for c, v in window.items()}
+            if len(new):
+                enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
+                work.truncated += enc.truncated
+                for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, len(new)):
+                    tensors = task.collate(enc.features[rows])
+                    real = int(enc.lengths[rows].sum())
+                    padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
+                    tokenize += time.perf_counter() - t
+                    if pending is not None:
+                        yield pending
+                    t = time.perf_counter()
+                    pending = Batch(part, new[rows] + work.rows, tensors, real, padded, read, tokenize)
+                    read = tokenize = 0.0
+            if pending is not None:  # the part's first window always has a new row, so a batch exists
+                pending.repeats += size - len(new)
             work.rows += size
         tokenize += time.perf_counter() - t
         if cols is None:
             break
     work.columns = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in kept.items()}
+    if sources:
+        work.source = np.concatenate(sources)
     if pending is None:
         pending = Batch(part, np.array([], dtype=np.int64), {}, 0, 0)
     pending.read_seconds += read

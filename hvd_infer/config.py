@@ -74,6 +74,10 @@ class DataConfig:
     sort_window: int = bounded(4096, 1)  # rows sorted by length together, to keep padding small
     pad_to_multiple_of: int = bounded(8, 1, note=" (1 = no rounding)")  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
     on_null: Literal["error", "skip", "empty"] = "error"  # null or empty text: fail, drop (ids in the manifest), or score ""
+    # Score each distinct (text, pair) of a part once and copy its prediction to the part's other rows that
+    # repeat it (outputs unchanged; the summary counts the forward rows saved). Off by itself where equal inputs
+    # may get different outputs (text-generation with generation.do_sample=true)
+    dedup: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for data.path (endpoint_url, key, ...); {} = the store's defaults, e.g. AWS_* variables
     # Processes per rank that read and tokenize, each owning whole parts; 0: one thread in the rank's
     # process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 1

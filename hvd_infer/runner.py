@@ -72,7 +72,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
 
 def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
-    from hvd_infer.batcher import batch_limits
+    from hvd_infer.batcher import batch_limits, dedup_off
     from hvd_infer.context import cpu_cores, release_free_memory
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.loader import BatchLoader, resolve_workers
@@ -87,6 +87,8 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     except Exception as e:
         error = e
     ctx.agree(error)
+    off = dedup_off(cfg.data, task)
+    facts["dedup"] = "on" if off is None else f"off: {off}"
     fig = RankFigures(rank=ctx.rank, host=os.uname().nodename, device=str(ctx.device), threads=ctx.threads,
                       load_seconds=time.perf_counter() - t)
 
@@ -119,11 +121,14 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                 fig.real_tokens += batch.real_tokens
                 fig.padded_tokens += batch.padded_tokens
                 fig.batches += 1
-                tracker.step(len(batch.rows), batch.real_tokens, batch.padded_tokens, loader.wait_seconds)
+                fig.repeats += batch.repeats
+                # Progress and live metrics count input rows; tokens count forward work.
+                tracker.step(len(batch.rows) + batch.repeats, batch.real_tokens, batch.padded_tokens,
+                             loader.wait_seconds)
                 if ctx.device.type == "cpu" and fig.batches % 64 == 0:
                     release_free_memory()
                 if bar is not None:
-                    bar.update(len(batch.rows))
+                    bar.update(len(batch.rows) + batch.repeats)
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds
             if batch.finished is not None:
@@ -236,7 +241,7 @@ def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List
     """Predictions back in input order, ids first, typed as the output schema says."""
     from hvd_infer.batcher import in_input_order
 
-    arrays = in_input_order(outputs, rows_in_part)
+    arrays = in_input_order(outputs, rows_in_part, work.source)
     cols = []
     for f in schema:
         if f.name in id_columns:

@@ -187,16 +187,21 @@ class _Predictor:
         return lambda texts: self.predict(texts, None)
 
     def predict(self, texts: np.ndarray, pairs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
-        from hvd_infer.batcher import in_input_order, length_sorted_batches
+        from hvd_infer.batcher import dedup_off, distinct_rows, in_input_order, length_sorted_batches
 
         d = self.cfg.data
-        enc = self.task.encode(self._text(texts, d.text_column),
-                               self._text(pairs, d.text_pair_column) if pairs is not None else None)
+        texts = self._text(texts, d.text_column)
+        pairs = self._text(pairs, d.text_pair_column) if pairs is not None else None
+        new, source = np.arange(len(texts)), None
+        if dedup_off(d, self.task) is None:  # repeats within this call of the UDF (one Arrow batch)
+            new, source = distinct_rows({}, texts, pairs, 0)
+            texts, pairs = texts[new], pairs[new] if pairs is not None else None
+        enc = self.task.encode(texts, pairs)
         outputs, order = [], []
         for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, d.sort_window):
             outputs.append(self.task.predict(self.model, self.task.collate(enc.features[rows])))
-            order.append(rows)
-        return {name: _numpy_column(column) for name, column in in_input_order(outputs, order).items()}
+            order.append(new[rows])
+        return {name: _numpy_column(column) for name, column in in_input_order(outputs, order, source).items()}
 
     def _text(self, values: np.ndarray, column: str) -> np.ndarray:
         from hvd_infer.batcher import null_mask

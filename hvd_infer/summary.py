@@ -29,6 +29,7 @@ class RankFigures:
     padded_tokens: int = 0
     truncated: int = 0
     skipped: int = 0
+    repeats: int = 0  # rows that got the prediction of an earlier row of their part with the same text (data.dedup)
 
     @property
     def rows_per_second(self) -> float:
@@ -54,6 +55,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
         "padding_efficiency": real / padded if padded else 1.0,
         "truncated_texts": sum(f.truncated for f in figures),
         "skipped_texts": sum(f.skipped for f in figures),
+        "dedup_saved_rows": sum(f.repeats for f in figures),  # forward rows data.dedup saved
         "world_size": ctx.size,
     }
     for stage in ("read", "tokenize", "forward", "write", "wait"):
@@ -80,6 +82,13 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
                  + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
+    dedup = facts.get("dedup", "off")
+    if dedup == "on":
+        saved = int(m["dedup_saved_rows"])
+        lines.append(f"data.dedup: {saved} rows repeated a text scored earlier in their part and got its prediction: "
+                     f"{saved} forward rows saved ({100 * saved / rows if rows else 0:.1f}% of rows)")
+    elif cfg.data.dedup:
+        lines.append(f"data.dedup {dedup}; 0 forward rows saved")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}

@@ -22,6 +22,8 @@ one model (the demo's fine-tuned classifier, or --model DIR) and the same cores 
            included), writing Parquet.
   d        hvd_infer under horovodrun as a subprocess: end to end is the wall clock of the command,
            steady state the runner's own rows/s from the output's _manifest.json.
+  dedup    hvd_infer (all cores) on --dedup-rows rows of which 30% repeat one of the 100 rows before
+           them, with data.dedup=false and then true (the default): the rows/s ratio is the gain.
 
 hvd_infer runs log to a temporary sqlite MLflow store (created before the timed runs, as a real
 user's store would be), output.mode=overwrite, runtime.progress=false. Results are printed and
@@ -61,7 +63,9 @@ from benchmarks.report import (agreement, baseline, hvd_records, print_report, r
 from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
-STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "pipeline", "spark", "hvd-np1", "hvd", "hvd-bf16", "hvd-int8"]
+STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "pipeline", "spark", "hvd-np1", "hvd", "hvd-bf16", "hvd-int8",
+          "dedup"]
+DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
 def rss_mode(args, model_dir: str, work: str, src: str) -> Dict[str, Any]:
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--hvd-src", default=REPO, help="run hvd_infer from this source tree (to A/B a change)")
     p.add_argument("--hvd-extra", default="", help="extra key=value overrides for every hvd_infer run, comma separated")
     p.add_argument("--hvd-env", default="", help="KEY=VALUE,... set for every hvd_infer run (e.g. HOROVOD_CYCLE_TIME=5)")
+    p.add_argument("--dedup-rows", type=int, default=2000, help="rows of the dedup stage's corpus (30%% repeated)")
     p.add_argument("--bf16-rows", type=int, default=0,
                    help="rows for the bf16 stages (default: all, or a quarter on CPUs without native bf16)")
     p.add_argument("--launcher-args", default="", help="extra horovodrun arguments, space separated (e.g. --gloo)")
@@ -232,7 +237,7 @@ def main(argv=None) -> int:
 
     # (d) hvd_infer under horovodrun
     tracking_uri = None if args.no_mlflow else f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='bench-mlflow-'), 'mlflow.db')}"
-    if any(s.startswith("hvd") and s not in skip for s in STAGES):
+    if any((s.startswith("hvd") or s == "dedup") and s not in skip for s in STAGES):
         warm_page_cache()
         if tracking_uri:
             report["mlflow_store_init_seconds"] = round(init_mlflow_store(tracking_uri), 2)
@@ -255,6 +260,18 @@ def main(argv=None) -> int:
         if rows < n:
             extra["reference"] = "a-sub"
         hvd_records(results, res, name, np_, rows, what, **extra)
+
+    # (e) data.dedup: the same job with it off, then on, on a corpus where 30% of the rows repeat
+    if "dedup" not in skip:
+        rows = min(n, args.dedup_rows)
+        dup_data = write_corpus(work, rows, args.files, args.row_group_rows, repeats=DEDUP_REPEATS)
+        for name, on in (("hvd-dedup-off", "false"), ("hvd-dedup", "true")):
+            log(f"{name}: horovodrun -np {np_full} on {rows} rows, {100 * DEDUP_REPEATS:.0f}% repeated ...")
+            res = run_hvd(name, np_full, model_dir, dup_data, work, tracking_uri,
+                          hvd_extra + [f"data.dedup={on}"], src, env=hvd_env)
+            hvd_records(results, res, name, np_full, rows,
+                        f"hvd_infer np={np_full}, {100 * DEDUP_REPEATS:.0f}% repeated rows, data.dedup={on}",
+                        dedup_saved_rows=res["summary"].get("dedup_saved_rows", 0))
 
     # The bare loop again: on a shared machine the baseline is the better of the two.
     if "a" not in skip:

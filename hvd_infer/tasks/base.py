@@ -108,6 +108,10 @@ class Task:
         """What the task decided from the model (for MLflow params); "notes": lines for the job summary."""
         return {}
 
+    def repeats_differ(self) -> Optional[str]:
+        """Why two rows with the same input may get different outputs, which turns data.dedup off; None: they cannot."""
+        return None
+
     def setup(self, model, tokenizer) -> None:
         """Called once after loading: keep what post-processing needs (labels, pad id)."""
         self.tokenizer = tokenizer

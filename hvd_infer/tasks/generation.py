@@ -52,6 +52,11 @@ class TextGeneration(Task):
             raise ModelError(f"generation.max_new_tokens={self.options.max_new_tokens} leaves no room for a prompt "
                              f"in the context of model.path {path}, {context} tokens")
 
+    def repeats_differ(self):
+        if self.options.do_sample:
+            return "generation.do_sample=true draws a sample for every row, repeated prompts included"
+        return None
+
     def setup(self, model, tokenizer):
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:

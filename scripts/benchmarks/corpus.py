@@ -16,15 +16,30 @@ def make_corpus(rows: int):
     return mod.make_corpus(rows, seed=0)
 
 
-def write_corpus(work: str, rows: int, files: int, row_group_rows: int) -> str:
-    """A Parquet corpus of `rows` rows in `files` files of row groups of `row_group_rows`; reused if present."""
+def write_corpus(work: str, rows: int, files: int, row_group_rows: int, repeats: float = 0.0) -> str:
+    """A Parquet corpus of `rows` rows in `files` files of row groups of `row_group_rows`; reused if present.
+
+    repeats > 0: that fraction of rows (after the first 100) copy the text and label of one of the
+    100 rows before them, as templated messages and log lines do: close enough to fall in the same
+    part of a rank, where hvd_infer's data.dedup finds them.
+    """
     import pyarrow as pa
     from feed_inputs import write_files  # scripts/ is on sys.path (bench.py)
 
-    path = os.path.join(work, "data", f"rows-{rows}-files-{files}-rg-{row_group_rows}")
+    path = os.path.join(work, "data", f"rows-{rows}-files-{files}-rg-{row_group_rows}"
+                                      + (f"-repeats-{round(100 * repeats)}" if repeats else ""))
     if os.path.exists(os.path.join(path, "_DONE")):
         return path
     df = make_corpus(rows)
+    if repeats:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        copies = np.flatnonzero(rng.random(rows) < repeats * rows / max(1, rows - 100))
+        copies = copies[copies >= 100]
+        for i in copies:  # in order: a copy may copy a copy
+            j = i - rng.integers(1, 101)
+            df.loc[i, ["text", "label"]] = df.loc[j, ["text", "label"]].values
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -22,6 +22,8 @@ one model (the demo's fine-tuned classifier, or --model DIR) and the same cores 
            included), writing Parquet.
   d        hvd_infer under horovodrun as a subprocess: end to end is the wall clock of the command,
            steady state the runner's own rows/s from the output's _manifest.json.
+  hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
+           the check's seconds (inside end to end) and each candidate's timing and agreement.
   dedup    hvd_infer (all cores) on --dedup-rows rows of which 30% repeat one of the 100 rows before
            them, with data.dedup=false and then true (the default): the rows/s ratio is the gain.
 
@@ -64,8 +66,19 @@ from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "pipeline", "spark", "hvd-np1", "hvd", "hvd-bf16", "hvd-int8",
-          "dedup"]
+          "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
+
+
+def auto_check(job_log: str) -> Dict[str, Any]:
+    """The precision model.dtype=auto-check chose and what the check cost, from the job's summary line."""
+    import re
+
+    m = re.search(r"model\.dtype=auto-check on (\d+) rows chose (\S+) \(check took ([\d.]+) s\): (.*)", job_log)
+    if not m:
+        return {}
+    return {"auto_check_choice": m.group(2), "auto_check_rows": int(m.group(1)),
+            "auto_check_seconds": float(m.group(3)), "auto_check": m.group(0).strip()}
 
 
 def rss_mode(args, model_dir: str, work: str, src: str) -> Dict[str, Any]:
@@ -108,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--hvd-src", default=REPO, help="run hvd_infer from this source tree (to A/B a change)")
     p.add_argument("--hvd-extra", default="", help="extra key=value overrides for every hvd_infer run, comma separated")
     p.add_argument("--hvd-env", default="", help="KEY=VALUE,... set for every hvd_infer run (e.g. HOROVOD_CYCLE_TIME=5)")
+    p.add_argument("--check-rows", type=int, default=512, help="model.check_rows of the hvd-auto stage "
+                                                                   "(model.dtype=auto-check; 512 is the default)")
     p.add_argument("--dedup-rows", type=int, default=2000, help="rows of the dedup stage's corpus (30%% repeated)")
     p.add_argument("--bf16-rows", type=int, default=0,
                    help="rows for the bf16 stages (default: all, or a quarter on CPUs without native bf16)")
@@ -245,13 +260,18 @@ def main(argv=None) -> int:
     hvd_runs = [("hvd-np1", 1, [], "hvd_infer np=1", n)] if np_full != 1 else []
     hvd_runs += [("hvd", np_full, [], f"hvd_infer np={np_full}", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
-                 ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n)]
+                 ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n),
+                 ("hvd-auto", np_full, ["model.dtype=auto-check", f"model.check_rows={args.check_rows}"],
+                  f"hvd_infer np={np_full} model.dtype=auto-check", n)]
     for name, np_, extra_over, what, rows in hvd_runs:
         if name in skip:
             continue
         log(f"{name}: horovodrun -np {np_} on {rows} rows ...")
         run_data = data if rows == n else write_corpus(work, rows, args.files, args.row_group_rows)
-        res = run_hvd(name, np_, model_dir, run_data, work, tracking_uri, hvd_extra + extra_over, src, env=hvd_env)
+        # data.dedup=false: the bare loop scores every row, so hvd_infer does too (the corpus repeats ~2.5% of
+        # its texts); the dedup stage measures what dedup gains.
+        res = run_hvd(name, np_, model_dir, run_data, work, tracking_uri,
+                      hvd_extra + ["data.dedup=false"] + extra_over, src, env=hvd_env)
         labels[name] = read_labels(res["out"], "label", ids[:rows], label2id)
         extra = {}
         ref = "hvd" if name in ("hvd-bf16", "hvd-int8") else "a"
@@ -259,6 +279,9 @@ def main(argv=None) -> int:
             extra[f"agreement_vs_{ref}"] = agreement(labels[name], labels[ref][:rows])
         if rows < n:
             extra["reference"] = "a-sub"
+        if name == "hvd-auto":
+            extra.update(auto_check(res["log"]))
+            log(f"hvd-auto: {extra.get('auto_check', 'no auto-check line in the job output')}")
         hvd_records(results, res, name, np_, rows, what, **extra)
 
     # (e) data.dedup: the same job with it off, then on, on a corpus where 30% of the rows repeat

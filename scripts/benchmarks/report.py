@@ -132,6 +132,9 @@ def print_report(report: Dict[str, Any]) -> None:
         if r.get("dedup_saved_rows") and not r["name"].endswith("steady"):
             notes.append(f"data.dedup saved {r['dedup_saved_rows']} forward rows "
                          f"({100 * r['dedup_saved_rows'] / r['rows']:.1f}%)")
+        if r.get("auto_check_choice") and not r["name"].endswith("steady"):
+            notes.append(f"auto-check chose {r['auto_check_choice']} on {r['auto_check_rows']} rows "
+                         f"(check {r['auto_check_seconds']:.1f} s of the end to end)")
         if r["name"].endswith("steady") and "per_rank_stage_seconds" in r:
             s = r["per_rank_stage_seconds"]
             notes.append(f"per rank: read {s['read']:.2f} tok {s['tokenize']:.2f} fwd {s['forward']:.2f} "

@@ -31,6 +31,10 @@ class PartWork:
     rows: int  # rows kept (skipped null texts excluded)
     skipped: List[Any] = field(default_factory=list)  # ids of rows skipped for null/empty text
     truncated: int = 0
+    # model.long_texts=chunk: the batches hold windows; window_row[w] is the kept row of the part's window w
+    window_row: Optional[np.ndarray] = None
+    chunked: int = 0  # rows longer than one window
+    chunk_windows: int = 0  # the windows those rows were split into
 
 
 @dataclass
@@ -44,6 +48,12 @@ class Batch:
     read_seconds: float = 0.0  # spent reading and tokenizing since the previous batch of this producer
     tokenize_seconds: float = 0.0
     finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
+    first_windows: Optional[int] = None  # long_texts=chunk (rows are windows): rows whose first window is here
+
+    @property
+    def row_count(self) -> int:
+        """Rows this batch starts: each row is counted once, in the batch of its first window."""
+        return len(self.rows) if self.first_windows is None else self.first_windows
 
     def pin_memory(self) -> "Batch":
         """Page-locked host tensors: the copy to the GPU overlaps compute (DataLoader calls this)."""
@@ -83,6 +93,31 @@ def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray]) 
         return {}
     order = pa.array(np.argsort(np.concatenate(batch_rows), kind="stable"))
     return {name: pa.concat_arrays([as_arrow(o[name]) for o in outputs]).take(order) for name in outputs[0]}
+
+
+def rows_from_windows(task, outputs: List[Dict[str, Any]], batch_windows: List[np.ndarray],
+                      window_row: np.ndarray) -> Dict[str, Any]:
+    """long_texts=chunk: each row's prediction columns, rows in input order, assembled from its windows.
+
+    outputs[b] holds batch b's raw outputs per window (task.predict) and batch_windows[b] the windows
+    they belong to; window_row[w] is window w's row. A row's windows are consecutive, so once all
+    batches are in, a row whose windows landed in different batches is whole.
+    """
+    if not outputs:
+        return {}
+    order = np.argsort(np.concatenate(batch_windows), kind="stable")
+    raw = {k: _stack([o[k] for o in outputs])[order] for k in outputs[0]}
+    starts = np.flatnonzero(np.r_[True, window_row[1:] != window_row[:-1]])
+    return task.columns(task.merge_windows(raw, np.r_[starts, len(window_row)]))
+
+
+def _stack(values: List[Any]) -> np.ndarray:
+    """Per-batch outputs as one array along the first axis (lists of Python objects as an object array)."""
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
+    out = np.empty(sum(map(len, values)), dtype=object)
+    out[:] = [x for v in values for x in v]
+    return out
 
 
 def as_arrow(values: Any) -> pa.Array:
@@ -150,6 +185,7 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
     carried = list(dict.fromkeys(cfg.id_columns + ([cfg.label_column] if cfg.label_column else [])))
     text_columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     work = PartWork(part, {}, 0)
+    window_rows: List[np.ndarray] = []  # long_texts=chunk: each window's row, per sort window
     kept: Dict[str, List[np.ndarray]] = {c: [] for c in carried}
     buffer: Dict[str, List[np.ndarray]] = {c: [] for c in text_columns}  # kept texts not yet tokenized
     buffered = 0
@@ -179,7 +215,15 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
             buffered -= size
             enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
             work.truncated += enc.truncated
-            for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, size):
+            offset, first = work.rows, None
+            if enc.window_row is not None:  # units are windows, numbered in the part from `offset`
+                offset = sum(map(len, window_rows))
+                first = np.r_[True, enc.window_row[1:] != enc.window_row[:-1]]
+                per_row = np.bincount(enc.window_row, minlength=size)
+                work.chunked += int((per_row > 1).sum())
+                work.chunk_windows += int(per_row[per_row > 1].sum())
+                window_rows.append(enc.window_row + work.rows)
+            for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, len(enc.lengths)):
                 tensors = task.collate(enc.features[rows])
                 real = int(enc.lengths[rows].sum())
                 padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
@@ -187,13 +231,16 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
                 if pending is not None:
                     yield pending
                 t = time.perf_counter()
-                pending = Batch(part, rows + work.rows, tensors, real, padded, read, tokenize)
+                pending = Batch(part, rows + offset, tensors, real, padded, read, tokenize,
+                                first_windows=None if first is None else int(first[rows].sum()))
                 read = tokenize = 0.0
             work.rows += size
         tokenize += time.perf_counter() - t
         if cols is None:
             break
     work.columns = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in kept.items()}
+    if task.chunk:
+        work.window_row = np.concatenate(window_rows) if window_rows else np.array([], dtype=np.int64)
     if pending is None:
         pending = Batch(part, np.array([], dtype=np.int64), {}, 0, 0)
     pending.read_seconds += read

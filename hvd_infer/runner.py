@@ -105,7 +105,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     # Workers fork here, before the writer thread exists.
     loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
-    writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
+    writer = _PartWriter(cfg, ctx.rank, task, schema, evaluation, tracker, fig)
     scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
     try:
         for batch in loader:
@@ -118,12 +118,13 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                 rows.append(batch.rows)
                 fig.real_tokens += batch.real_tokens
                 fig.padded_tokens += batch.padded_tokens
+                fig.largest_batch_tokens = max(fig.largest_batch_tokens, batch.padded_tokens)
                 fig.batches += 1
-                tracker.step(len(batch.rows), batch.real_tokens, batch.padded_tokens, loader.wait_seconds)
+                tracker.step(batch.row_count, batch.real_tokens, batch.padded_tokens, loader.wait_seconds)
                 if ctx.device.type == "cpu" and fig.batches % 64 == 0:
                     release_free_memory()
                 if bar is not None:
-                    bar.update(len(batch.rows))
+                    bar.update(batch.row_count)
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds
             if batch.finished is not None:
@@ -171,9 +172,9 @@ class _PartWriter:
     (writer.write_part) and an MLflow artifact. At most two parts wait; a failed write fails the job
     at the model loop's next batch."""
 
-    def __init__(self, cfg: JobConfig, rank: int, schema: pa.Schema, evaluation, tracker, fig):
-        self.cfg, self.rank, self.schema, self.evaluation, self.tracker, self.fig = (
-            cfg, rank, schema, evaluation, tracker, fig)
+    def __init__(self, cfg: JobConfig, rank: int, task, schema: pa.Schema, evaluation, tracker, fig):
+        self.cfg, self.rank, self.task, self.schema, self.evaluation, self.tracker, self.fig = (
+            cfg, rank, task, schema, evaluation, tracker, fig)
         self.queue: "queue.Queue" = queue.Queue(maxsize=2)
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
@@ -217,7 +218,7 @@ class _PartWriter:
                 return
             try:
                 t = time.perf_counter()
-                table = _part_table(work, outputs, rows, self.schema, cfg.data.id_columns)
+                table = _part_table(self.task, work, outputs, rows, self.schema, cfg.data.id_columns)
                 if self.evaluation is not None:
                     self.evaluation.add(work.columns[cfg.data.label_column], table)
                 rec = write_part(cfg, self.rank, work.part, table, work.truncated, work.skipped)
@@ -226,16 +227,20 @@ class _PartWriter:
                 fig.rows += rec.rows
                 fig.parts += 1
                 fig.truncated += work.truncated
+                fig.chunked += work.chunked
+                fig.chunk_windows += work.chunk_windows
                 fig.skipped += len(work.skipped)
             except BaseException as e:  # raised by the model loop
                 self.error = e
                 return
 
 
-def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
+def _part_table(task, work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
     """Predictions back in input order, ids first, typed as the output schema says."""
-    from hvd_infer.batcher import in_input_order
+    from hvd_infer.batcher import in_input_order, rows_from_windows
 
+    if work.window_row is not None:  # long_texts=chunk: the outputs are windows'; rows first
+        outputs, rows_in_part = [rows_from_windows(task, outputs, rows_in_part, work.window_row)], [np.arange(work.rows)]
     arrays = in_input_order(outputs, rows_in_part)
     cols = []
     for f in schema:

@@ -187,15 +187,17 @@ class _Predictor:
         return lambda texts: self.predict(texts, None)
 
     def predict(self, texts: np.ndarray, pairs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
-        from hvd_infer.batcher import in_input_order, length_sorted_batches
+        from hvd_infer.batcher import in_input_order, length_sorted_batches, rows_from_windows
 
         d = self.cfg.data
         enc = self.task.encode(self._text(texts, d.text_column),
                                self._text(pairs, d.text_pair_column) if pairs is not None else None)
         outputs, order = [], []
-        for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, d.sort_window):
+        for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, len(enc.lengths)):
             outputs.append(self.task.predict(self.model, self.task.collate(enc.features[rows])))
             order.append(rows)
+        if enc.window_row is not None:  # long_texts=chunk: the outputs are windows'
+            outputs, order = [rows_from_windows(self.task, outputs, order, enc.window_row)], [np.arange(len(texts))]
         return {name: _numpy_column(column) for name, column in in_input_order(outputs, order).items()}
 
     def _text(self, values: np.ndarray, column: str) -> np.ndarray:

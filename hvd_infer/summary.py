@@ -27,7 +27,10 @@ class RankFigures:
     # read_seconds and tokenize_seconds are summed over this rank's loader workers, which run side by side
     real_tokens: int = 0
     padded_tokens: int = 0
+    largest_batch_tokens: int = 0  # padded tokens of this rank's largest batch: what bounds its activations
     truncated: int = 0
+    chunked: int = 0  # model.long_texts=chunk: rows longer than one window
+    chunk_windows: int = 0  # the windows those rows were split into
     skipped: int = 0
 
     @property
@@ -52,7 +55,10 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
         "wall_seconds": wall, "end_to_end_rows_per_second": rows / wall if wall else 0.0,
         "load_seconds": max(f.load_seconds for f in figures),
         "padding_efficiency": real / padded if padded else 1.0,
+        "largest_batch_tokens": max(f.largest_batch_tokens for f in figures),
         "truncated_texts": sum(f.truncated for f in figures),
+        "chunked_texts": sum(f.chunked for f in figures),
+        "chunk_windows": sum(f.chunk_windows for f in figures),
         "skipped_texts": sum(f.skipped for f in figures),
         "world_size": ctx.size,
     }
@@ -80,6 +86,9 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
                  + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
+    if m["chunked_texts"]:
+        lines.append(f"chunked {int(m['chunked_texts'])} texts longer than model.max_length={cfg.model.max_length} "
+                     f"tokens into {int(m['chunk_windows'])} windows (model.stride={cfg.model.stride})")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}

@@ -218,6 +218,18 @@ def test_huge_document_is_bounded_by_the_token_budget(models, tmp_path):
                                atol=1e-5)
 
 
+def test_spark_udf_predictor_chunks_too(models):
+    """predict_udf's per-worker predictor (no Spark needed to call it): the same rows as the reference."""
+    from hvd_infer.config import load_config
+    from hvd_infer.spark import _Predictor
+
+    texts = long_texts(9, seed=7)
+    cfg = load_config({"model": {"path": models["cls"], "max_length": MAX_LEN, "long_texts": "chunk", "stride": STRIDE},
+                       "data": {"path": "/d", "batch_size": 4}, "output": {"path": "/o"}})
+    got = _Predictor(cfg).predict(np.array(texts, dtype=object), None)
+    np.testing.assert_allclose(got["probs"], classification_reference(models["cls"], texts, "mean"), atol=1e-5)
+
+
 # -- refusals, in one line before any rank scores ---------------------------------------------------
 @pytest.mark.parametrize("extra, message", [
     (["model.task=text-generation"], "model.long_texts=chunk cannot be used with model.task=text-generation"),

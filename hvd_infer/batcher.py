@@ -31,9 +31,7 @@ class PartWork:
     rows: int  # rows kept (skipped null texts excluded)
     skipped: List[Any] = field(default_factory=list)  # ids of rows skipped for null/empty text
     truncated: int = 0
-    # model.long_texts=chunk: the batches hold windows; window_row[w] is the kept row of the part's window w
-    window_row: Optional[np.ndarray] = None
-    chunked: int = 0  # rows longer than one window
+    chunked: int = 0  # model.long_texts=chunk: rows longer than one window
     chunk_windows: int = 0  # the windows those rows were split into
 
 
@@ -48,7 +46,12 @@ class Batch:
     read_seconds: float = 0.0  # spent reading and tokenizing since the previous batch of this producer
     tokenize_seconds: float = 0.0
     finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
-    first_windows: Optional[int] = None  # long_texts=chunk (rows are windows): rows whose first window is here
+    # model.long_texts=chunk: `rows` number windows of the sort window (data.sort_window rows) being batched.
+    first_windows: Optional[int] = None  # rows whose first window is in this batch
+    # On a sort window's last batch: its rows (in the part), whole once this batch is scored, and the row
+    # (0 = the first of whole_rows) of each of its windows, for rows_from_windows.
+    whole_rows: Optional[np.ndarray] = None
+    window_row: Optional[np.ndarray] = None
 
     @property
     def row_count(self) -> int:
@@ -100,8 +103,8 @@ def rows_from_windows(task, outputs: List[Dict[str, Any]], batch_windows: List[n
     """long_texts=chunk: each row's prediction columns, rows in input order, assembled from its windows.
 
     outputs[b] holds batch b's raw outputs per window (task.predict) and batch_windows[b] the windows
-    they belong to; window_row[w] is window w's row. A row's windows are consecutive, so once all
-    batches are in, a row whose windows landed in different batches is whole.
+    they belong to; window_row[w] is window w's row (0, 1, ...). Called once all batches of these
+    windows are scored, so a row whose windows landed in different batches is whole.
     """
     if not outputs:
         return {}
@@ -185,7 +188,6 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
     carried = list(dict.fromkeys(cfg.id_columns + ([cfg.label_column] if cfg.label_column else [])))
     text_columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     work = PartWork(part, {}, 0)
-    window_rows: List[np.ndarray] = []  # long_texts=chunk: each window's row, per sort window
     kept: Dict[str, List[np.ndarray]] = {c: [] for c in carried}
     buffer: Dict[str, List[np.ndarray]] = {c: [] for c in text_columns}  # kept texts not yet tokenized
     buffered = 0
@@ -216,13 +218,11 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
             enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
             work.truncated += enc.truncated
             offset, first = work.rows, None
-            if enc.window_row is not None:  # units are windows, numbered in the part from `offset`
-                offset = sum(map(len, window_rows))
-                first = np.r_[True, enc.window_row[1:] != enc.window_row[:-1]]
+            if enc.window_row is not None:  # the units are windows, numbered in this sort window
+                offset, first = 0, np.r_[True, enc.window_row[1:] != enc.window_row[:-1]]
                 per_row = np.bincount(enc.window_row, minlength=size)
                 work.chunked += int((per_row > 1).sum())
                 work.chunk_windows += int(per_row[per_row > 1].sum())
-                window_rows.append(enc.window_row + work.rows)
             for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, len(enc.lengths)):
                 tensors = task.collate(enc.features[rows])
                 real = int(enc.lengths[rows].sum())
@@ -234,13 +234,13 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
                 pending = Batch(part, rows + offset, tensors, real, padded, read, tokenize,
                                 first_windows=None if first is None else int(first[rows].sum()))
                 read = tokenize = 0.0
+            if enc.window_row is not None:  # its rows are whole once its last batch is scored
+                pending.whole_rows, pending.window_row = np.arange(work.rows, work.rows + size), enc.window_row
             work.rows += size
         tokenize += time.perf_counter() - t
         if cols is None:
             break
     work.columns = {c: np.concatenate(v) if v else np.array([], dtype=object) for c, v in kept.items()}
-    if task.chunk:
-        work.window_row = np.concatenate(window_rows) if window_rows else np.array([], dtype=np.int64)
     if pending is None:
         pending = Batch(part, np.array([], dtype=np.int64), {}, 0, 0)
     pending.read_seconds += read

@@ -72,7 +72,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
 
 def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
-    from hvd_infer.batcher import batch_limits
+    from hvd_infer.batcher import batch_limits, rows_from_windows
     from hvd_infer.context import cpu_cores, release_free_memory
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.loader import BatchLoader, resolve_workers
@@ -105,17 +105,22 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     # Workers fork here, before the writer thread exists.
     loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
-    writer = _PartWriter(cfg, ctx.rank, task, schema, evaluation, tracker, fig)
+    writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
     scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
+    # model.long_texts=chunk, by part start: outputs of the windows of the sort window being scored, their windows
+    windows: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
     try:
         for batch in loader:
             writer.raise_if_failed()
             outputs, rows = scored.setdefault(batch.part.start, ([], []))
             if len(batch.rows):
                 tf = time.perf_counter()
-                outputs.append(task.predict(model, batch.tensors))
+                out = task.predict(model, batch.tensors)
                 fig.forward_seconds += time.perf_counter() - tf
-                rows.append(batch.rows)
+                # With chunk, windows wait apart until their sort window's rows are whole.
+                outs, units = windows.setdefault(batch.part.start, ([], [])) if task.chunk else (outputs, rows)
+                outs.append(out)
+                units.append(batch.rows)
                 fig.real_tokens += batch.real_tokens
                 fig.padded_tokens += batch.padded_tokens
                 fig.largest_batch_tokens = max(fig.largest_batch_tokens, batch.padded_tokens)
@@ -125,6 +130,9 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                     release_free_memory()
                 if bar is not None:
                     bar.update(batch.row_count)
+            if batch.whole_rows is not None:  # chunk: a sort window's rows, assembled from its windows
+                outputs.append(rows_from_windows(task, *windows.pop(batch.part.start), batch.window_row))
+                rows.append(batch.whole_rows)
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds
             if batch.finished is not None:
@@ -172,9 +180,9 @@ class _PartWriter:
     (writer.write_part) and an MLflow artifact. At most two parts wait; a failed write fails the job
     at the model loop's next batch."""
 
-    def __init__(self, cfg: JobConfig, rank: int, task, schema: pa.Schema, evaluation, tracker, fig):
-        self.cfg, self.rank, self.task, self.schema, self.evaluation, self.tracker, self.fig = (
-            cfg, rank, task, schema, evaluation, tracker, fig)
+    def __init__(self, cfg: JobConfig, rank: int, schema: pa.Schema, evaluation, tracker, fig):
+        self.cfg, self.rank, self.schema, self.evaluation, self.tracker, self.fig = (
+            cfg, rank, schema, evaluation, tracker, fig)
         self.queue: "queue.Queue" = queue.Queue(maxsize=2)
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
@@ -218,7 +226,7 @@ class _PartWriter:
                 return
             try:
                 t = time.perf_counter()
-                table = _part_table(self.task, work, outputs, rows, self.schema, cfg.data.id_columns)
+                table = _part_table(work, outputs, rows, self.schema, cfg.data.id_columns)
                 if self.evaluation is not None:
                     self.evaluation.add(work.columns[cfg.data.label_column], table)
                 rec = write_part(cfg, self.rank, work.part, table, work.truncated, work.skipped)
@@ -235,12 +243,10 @@ class _PartWriter:
                 return
 
 
-def _part_table(task, work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
+def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List[str]) -> pa.Table:
     """Predictions back in input order, ids first, typed as the output schema says."""
-    from hvd_infer.batcher import in_input_order, rows_from_windows
+    from hvd_infer.batcher import in_input_order
 
-    if work.window_row is not None:  # long_texts=chunk: the outputs are windows'; rows first
-        outputs, rows_in_part = [rows_from_windows(task, outputs, rows_in_part, work.window_row)], [np.arange(work.rows)]
     arrays = in_input_order(outputs, rows_in_part)
     cols = []
     for f in schema:

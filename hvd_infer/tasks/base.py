@@ -77,8 +77,8 @@ class Task:
     """Base for encoder tasks (one sequence per row, right padding).
 
     predict = columns(forward(batch)). With model.long_texts=chunk a row is scored as windows: predict
-    gives each window's raw outputs (forward), and batcher.rows_from_windows assembles a row's from
-    all its windows (merge_windows) once its part is scored, then makes the columns.
+    gives each window's raw outputs (forward), and once every window of a sort window's rows is scored
+    batcher.rows_from_windows assembles each row's from its windows (merge_windows), then the columns.
     """
 
     name = ""

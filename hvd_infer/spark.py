@@ -128,6 +128,8 @@ def predict_udf(config: Any = None, **overrides: Any):
     in the Horovod path); rows are tokenized by the task, sorted by length within each chunk of
     data.sort_window rows, and run in batches of data.batch_size. Null or empty text follows
     data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
+    With model.long_texts=chunk a long text's windows are batched with the others and its columns
+    assembled from them, as in the Horovod path.
     """
     from pyspark.ml.functions import predict_batch_udf, supported_scalar_types
     from pyspark.sql import SparkSession

@@ -35,6 +35,8 @@ class PartWork:
     skipped: List[Any] = field(default_factory=list)  # ids of rows skipped for null/empty text
     truncated: int = 0  # under data.dedup, of the distinct texts scored
     source: Optional[np.ndarray] = None  # data.dedup: per kept row, the kept row whose prediction it gets
+    chunked: int = 0  # model.long_texts=chunk: rows longer than one window
+    chunk_windows: int = 0  # the windows those rows were split into
 
 
 @dataclass
@@ -51,6 +53,17 @@ class Batch:
     # Rows of the part that get a prediction of this or an earlier batch of the part instead of a forward
     # of their own (data.dedup): input rows this batch accounts for are len(rows) + repeats.
     repeats: int = 0
+    # model.long_texts=chunk: `rows` number windows of the sort window (data.sort_window rows) being batched.
+    first_windows: Optional[int] = None  # rows whose first window is in this batch
+    # On a sort window's last batch: its rows (in the part), whole once this batch is scored, and the row
+    # (0 = the first of whole_rows) of each of its windows, for rows_from_windows.
+    whole_rows: Optional[np.ndarray] = None
+    window_row: Optional[np.ndarray] = None
+
+    @property
+    def row_count(self) -> int:
+        """Rows this batch starts: each row is counted once, in the batch of its first window."""
+        return len(self.rows) if self.first_windows is None else self.first_windows
 
     def pin_memory(self) -> "Batch":
         """Page-locked host tensors: the copy to the GPU overlaps compute (DataLoader calls this)."""
@@ -117,6 +130,31 @@ def distinct_rows(seen: Dict[bytes, int], texts: np.ndarray, pairs: Optional[np.
             key = len(key).to_bytes(8, "little") + key + pairs[i].encode()
         source[i] = seen.setdefault(hashlib.blake2b(key, digest_size=16).digest(), first_row + i)
     return np.flatnonzero(source == first_row + np.arange(len(texts))), source
+
+
+def rows_from_windows(task, outputs: List[Dict[str, Any]], batch_windows: List[np.ndarray],
+                      window_row: np.ndarray) -> Dict[str, Any]:
+    """long_texts=chunk: each row's prediction columns, rows in input order, assembled from its windows.
+
+    outputs[b] holds batch b's raw outputs per window (task.predict) and batch_windows[b] the windows
+    they belong to; window_row[w] is window w's row (0, 1, ...). Called once all batches of these
+    windows are scored, so a row whose windows landed in different batches is whole.
+    """
+    if not outputs:
+        return {}
+    order = np.argsort(np.concatenate(batch_windows), kind="stable")
+    raw = {k: _stack([o[k] for o in outputs])[order] for k in outputs[0]}
+    starts = np.r_[0, np.cumsum(np.bincount(window_row))]  # every row has a window, rows in order
+    return task.columns(task.merge_windows(raw, starts))
+
+
+def _stack(values: List[Any]) -> np.ndarray:
+    """Per-batch outputs as one array along the first axis (lists of Python objects as an object array)."""
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
+    out = np.empty(sum(map(len, values)), dtype=object)
+    out[:] = [x for v in values for x in v]
+    return out
 
 
 def as_arrow(values: Any) -> pa.Array:
@@ -213,7 +251,7 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
             window = {c: v[:cfg.sort_window] for c, v in window.items()}
             size = len(window[cfg.text_column])
             buffered -= size
-            new = np.arange(size)
+            new = np.arange(size)  # rows of the sort window to score: all, or under data.dedup the distinct ones
             if seen is not None:
                 new, source = distinct_rows(seen, window[cfg.text_column], window.get(cfg.text_pair_column),
                                             work.rows)
@@ -222,7 +260,13 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
             if len(new):
                 enc = task.encode(window[cfg.text_column], window.get(cfg.text_pair_column))
                 work.truncated += enc.truncated
-                for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, len(new)):
+                units, first = new + work.rows, None  # the part's row of each unit the batches take
+                if enc.window_row is not None:  # the units are windows, numbered in this sort window
+                    units, first = np.arange(len(enc.lengths)), np.r_[True, enc.window_row[1:] != enc.window_row[:-1]]
+                    per_row = np.bincount(enc.window_row, minlength=len(new))
+                    work.chunked += int((per_row > 1).sum())
+                    work.chunk_windows += int(per_row[per_row > 1].sum())
+                for rows in length_sorted_batches(enc.lengths, batch_rows, max_tokens, len(enc.lengths)):
                     tensors = task.collate(enc.features[rows])
                     real = int(enc.lengths[rows].sum())
                     padded = int(tensors["input_ids"].numel()) if "input_ids" in tensors else real
@@ -230,8 +274,11 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
                     if pending is not None:
                         yield pending
                     t = time.perf_counter()
-                    pending = Batch(part, new[rows] + work.rows, tensors, real, padded, read, tokenize)
+                    pending = Batch(part, units[rows], tensors, real, padded, read, tokenize,
+                                    first_windows=None if first is None else int(first[rows].sum()))
                     read = tokenize = 0.0
+                if enc.window_row is not None:  # its rows are whole once its last batch is scored
+                    pending.whole_rows, pending.window_row = new + work.rows, enc.window_row
             if pending is not None:  # the part's first window always has a new row, so a batch exists
                 pending.repeats += size - len(new)
             work.rows += size

@@ -55,7 +55,13 @@ class ModelConfig:
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
     deepspeed: bool = True  # wrap with deepspeed.init_inference
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
-    max_length: int = bounded(256, 1)  # tokens; longer texts are truncated and counted
+    max_length: int = bounded(256, 1)  # tokens per sequence; longer texts are truncated and counted, or chunked
+    # Texts longer than max_length: truncate (cut, counted) or chunk (scored whole: windows of max_length tokens
+    # overlapping by model.stride, each scored, the row's result assembled from its windows). Not for text-generation
+    long_texts: Literal["truncate", "chunk"] = "truncate"
+    stride: int = bounded(32, 0)  # long_texts=chunk: tokens each window shares with the one before (< max_length)
+    # long_texts=chunk, text-classification and zero-shot: a row's logits are the mean or max over its windows
+    chunk_aggregation: Literal["mean", "max"] = "mean"
     trust_remote_code: bool = False  # run Python shipped with the model; off unless you trust it
     allow_pickle: bool = False  # load pytorch_model.bin (weights_only) when no safetensors exist
 
@@ -324,11 +330,35 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"data.id_columns has duplicates: {d.id_columns}")
     if not o.path:
         raise ConfigError("output.path is required: the directory the predictions are written to")
+    _check_long_texts(cfg)
     if m.task == "zero-shot-classification" and not cfg.zero_shot.candidate_labels:
         raise ConfigError("zero_shot.candidate_labels is required for model.task=zero-shot-classification, e.g. [sports, politics]")
     if m.task == "zero-shot-classification" and "{}" not in cfg.zero_shot.hypothesis_template:
         raise ConfigError(f"zero_shot.hypothesis_template must contain '{{}}' where the label goes; got {cfg.zero_shot.hypothesis_template!r}")
     return cfg
+
+
+def _check_long_texts(cfg: JobConfig) -> None:
+    m = cfg.model
+    if m.chunk_aggregation != "mean" and m.task not in ("text-classification", "zero-shot-classification"):
+        raise ConfigError(f"model.chunk_aggregation={m.chunk_aggregation} applies to text-classification and "
+                          f"zero-shot-classification; model.task={m.task} assembles its windows its own way, "
+                          "remove model.chunk_aggregation")
+    if m.long_texts != "chunk":
+        return
+    if m.task == "text-generation":
+        raise ConfigError("model.long_texts=chunk cannot be used with model.task=text-generation: a prompt is cut "
+                          "from the left, keeping the end the continuation follows; use model.long_texts=truncate")
+    if cfg.data.text_pair_column and m.task == "text-classification":
+        raise ConfigError(f"model.long_texts=chunk splits one text into windows, not a pair (data.text_pair_column="
+                          f"{cfg.data.text_pair_column}); use model.long_texts=truncate for text pairs")
+    if m.task == "token-classification" and cfg.token_classification.aggregation == "none":
+        raise ConfigError("model.long_texts=chunk merges entities found in overlapping windows, which needs "
+                          "token_classification.aggregation simple, first, average or max (got none), as "
+                          "transformers' pipeline with stride does")
+    if m.stride >= m.max_length:
+        raise ConfigError(f"model.stride={m.stride} must be smaller than model.max_length={m.max_length} (windows of "
+                          "max_length tokens, each sharing model.stride tokens with the one before); lower model.stride")
 
 
 # model.path values that name a model in an MLflow store rather than a directory.

@@ -131,14 +131,14 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     enc = task.encode(texts, pairs)
     rows_per_batch, max_tokens = batch_limits(d, cfg.model.task, model.config, device, task.max_length,
                                               next(model.module.parameters()).element_size())
-    batches = [task.collate(enc.features[rows])
-               for rows in length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)]
-    decision.seconds["float32"], reference = _score(task, model, batches)
+    order = length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)
+    batches = [task.collate(enc.features[rows]) for rows in order]
+    decision.seconds["float32"], reference = _score(task, model, batches, order, enc.window_row)
     best = FLOAT32
     for candidate in candidates(device):
         del model
         model, _, _ = load_model(candidate.config(cfg), task, device)
-        seconds, outputs = _score(task, model, batches)
+        seconds, outputs = _score(task, model, batches, order, enc.window_row)
         decision.seconds[candidate.name] = seconds
         decision.agreement[candidate.name] = agreement(reference, outputs)
         if decision.agreement[candidate.name] >= cfg.model.check_agreement and seconds < decision.seconds[best.name]:
@@ -148,7 +148,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     return decision
 
 
-def _score(task, model, batches) -> Tuple[float, Dict[str, pa.Array]]:
+def _score(task, model, batches, order, window_row) -> Tuple[float, Dict[str, pa.Array]]:
     """Seconds to predict every batch, after one untimed warm-up batch (kernel and weight-packing set-up)."""
     task.predict(model, batches[0])
     t = time.perf_counter()
@@ -156,6 +156,10 @@ def _score(task, model, batches) -> Tuple[float, Dict[str, pa.Array]]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
+    if window_row is not None:  # long_texts=chunk: rows assembled from their windows, compared as rows
+        from hvd_infer.batcher import rows_from_windows
+
+        outputs = [rows_from_windows(task, outputs, order, window_row)]
     columns = {name: pa.concat_arrays([_as_arrow(o[name]) for o in outputs]) for name in outputs[0]}
     return seconds, columns
 

@@ -72,7 +72,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
 
 def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
-    from hvd_infer.batcher import batch_limits, dedup_off
+    from hvd_infer.batcher import batch_limits, dedup_off, rows_from_windows
     from hvd_infer.context import cpu_cores, release_free_memory
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.loader import BatchLoader, resolve_workers
@@ -109,26 +109,35 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                          pin_memory=ctx.device.type == "cuda")
     writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
     scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
+    # model.long_texts=chunk, by part start: outputs of the windows of the sort window being scored, their windows
+    windows: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
     try:
         for batch in loader:
             writer.raise_if_failed()
             outputs, rows = scored.setdefault(batch.part.start, ([], []))
             if len(batch.rows):
                 tf = time.perf_counter()
-                outputs.append(task.predict(model, batch.tensors))
+                out = task.predict(model, batch.tensors)
                 fig.forward_seconds += time.perf_counter() - tf
-                rows.append(batch.rows)
+                # With chunk, windows wait apart until their sort window's rows are whole.
+                outs, units = windows.setdefault(batch.part.start, ([], [])) if task.chunk else (outputs, rows)
+                outs.append(out)
+                units.append(batch.rows)
                 fig.real_tokens += batch.real_tokens
                 fig.padded_tokens += batch.padded_tokens
+                fig.largest_batch_tokens = max(fig.largest_batch_tokens, batch.padded_tokens)
                 fig.batches += 1
                 fig.repeats += batch.repeats
                 # Progress and live metrics count input rows; tokens count forward work.
-                tracker.step(len(batch.rows) + batch.repeats, batch.real_tokens, batch.padded_tokens,
+                tracker.step(batch.row_count + batch.repeats, batch.real_tokens, batch.padded_tokens,
                              loader.wait_seconds)
                 if ctx.device.type == "cpu" and fig.batches % 64 == 0:
                     release_free_memory()
                 if bar is not None:
-                    bar.update(len(batch.rows) + batch.repeats)
+                    bar.update(batch.row_count + batch.repeats)
+            if batch.whole_rows is not None:  # chunk: a sort window's rows, assembled from its windows
+                outputs.append(rows_from_windows(task, *windows.pop(batch.part.start), batch.window_row))
+                rows.append(batch.whole_rows)
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds
             if batch.finished is not None:
@@ -231,6 +240,8 @@ class _PartWriter:
                 fig.rows += rec.rows
                 fig.parts += 1
                 fig.truncated += work.truncated
+                fig.chunked += work.chunked
+                fig.chunk_windows += work.chunk_windows
                 fig.skipped += len(work.skipped)
             except BaseException as e:  # raised by the model loop
                 self.error = e

@@ -128,6 +128,8 @@ def predict_udf(config: Any = None, **overrides: Any):
     in the Horovod path); rows are tokenized by the task, sorted by length within each chunk of
     data.sort_window rows, and run in batches of data.batch_size. Null or empty text follows
     data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
+    With model.long_texts=chunk a long text's windows are batched with the others and its columns
+    assembled from them, as in the Horovod path.
     """
     from pyspark.ml.functions import predict_batch_udf, supported_scalar_types
     from pyspark.sql import SparkSession
@@ -187,7 +189,8 @@ class _Predictor:
         return lambda texts: self.predict(texts, None)
 
     def predict(self, texts: np.ndarray, pairs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
-        from hvd_infer.batcher import dedup_off, distinct_rows, in_input_order, length_sorted_batches
+        from hvd_infer.batcher import (dedup_off, distinct_rows, in_input_order, length_sorted_batches,
+                                       rows_from_windows)
 
         d = self.cfg.data
         texts = self._text(texts, d.text_column)
@@ -198,9 +201,12 @@ class _Predictor:
             texts, pairs = texts[new], pairs[new] if pairs is not None else None
         enc = self.task.encode(texts, pairs)
         outputs, order = [], []
-        for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, d.sort_window):
+        for rows in length_sorted_batches(enc.lengths, self.batch_rows, self.max_tokens, len(enc.lengths)):
             outputs.append(self.task.predict(self.model, self.task.collate(enc.features[rows])))
-            order.append(new[rows])
+            order.append(rows)
+        if enc.window_row is not None:  # long_texts=chunk: the outputs are windows'
+            outputs, order = [rows_from_windows(self.task, outputs, order, enc.window_row)], [np.arange(len(texts))]
+        order = [new[o] for o in order]  # rows of the distinct texts -> rows of the call
         return {name: _numpy_column(column) for name, column in in_input_order(outputs, order, source).items()}
 
     def _text(self, values: np.ndarray, column: str) -> np.ndarray:

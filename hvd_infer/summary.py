@@ -27,7 +27,10 @@ class RankFigures:
     # read_seconds and tokenize_seconds are summed over this rank's loader workers, which run side by side
     real_tokens: int = 0
     padded_tokens: int = 0
+    largest_batch_tokens: int = 0  # padded tokens of this rank's largest batch: what bounds its activations
     truncated: int = 0
+    chunked: int = 0  # model.long_texts=chunk: rows longer than one window
+    chunk_windows: int = 0  # the windows those rows were split into
     skipped: int = 0
     repeats: int = 0  # rows that got the prediction of an earlier row of their part with the same text (data.dedup)
 
@@ -53,7 +56,10 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
         "wall_seconds": wall, "end_to_end_rows_per_second": rows / wall if wall else 0.0,
         "load_seconds": max(f.load_seconds for f in figures),
         "padding_efficiency": real / padded if padded else 1.0,
+        "largest_batch_tokens": max(f.largest_batch_tokens for f in figures),
         "truncated_texts": sum(f.truncated for f in figures),
+        "chunked_texts": sum(f.chunked for f in figures),
+        "chunk_windows": sum(f.chunk_windows for f in figures),
         "skipped_texts": sum(f.skipped for f in figures),
         "dedup_saved_rows": sum(f.repeats for f in figures),  # forward rows data.dedup saved
         "world_size": ctx.size,
@@ -89,6 +95,9 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
                      f"{saved} forward rows saved ({100 * saved / rows if rows else 0:.1f}% of rows)")
     elif cfg.data.dedup:
         lines.append(f"data.dedup {dedup}; 0 forward rows saved")
+    if m["chunked_texts"]:
+        lines.append(f"chunked {int(m['chunked_texts'])} texts longer than model.max_length={cfg.model.max_length} "
+                     f"tokens into {int(m['chunk_windows'])} windows (model.stride={cfg.model.stride})")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}

@@ -63,7 +63,16 @@ def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
     return {"input": input_fingerprint, "data_path": cfg.data.path, "text_column": cfg.data.text_column,
             "text_pair_column": cfg.data.text_pair_column, "id_columns": cfg.data.id_columns,
             "model_path": cfg.model.path, "task": cfg.model.task, "max_length": cfg.model.max_length,
-            "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null}
+            "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null,
+            **_long_texts_identity(cfg)}
+
+
+def _long_texts_identity(cfg: JobConfig) -> Dict[str, Any]:
+    """Chunked rows are scored differently; the key is absent for truncate, as in job files written before it."""
+    m = cfg.model
+    if m.long_texts != "chunk":
+        return {}
+    return {"long_texts": f"chunk, stride {m.stride}, {m.chunk_aggregation}"}
 
 
 def output_location(cfg: JobConfig) -> Location:
@@ -105,7 +114,7 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
                           "refusing to delete or mix with it: choose an empty or new directory")
     if mode == "overwrite":
         return OutputState(remove=names)
-    changed = [k for k in identity if before.get(k) != identity[k]]
+    changed = [k for k in [*identity, *(k for k in before if k not in identity)] if before.get(k) != identity.get(k)]
     if changed:
         raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
                           "rerun with the same input and model, or use output.mode=overwrite")

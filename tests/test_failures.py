@@ -146,6 +146,7 @@ def finished_job(tiny_classifier, tmp_path_factory):
     ("model.quantize=int8", "quantize"),
     ("data.id_columns=[id,doc]", "id_columns"),
     ("data.on_null=empty", "on_null"),
+    ("model.long_texts=chunk", "long_texts"),
 ])
 def test_resume_refuses_a_changed_job(change, key, finished_job, tiny_classifier, tmp_path):
     tmp, data, out = finished_job

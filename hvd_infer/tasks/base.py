@@ -68,10 +68,18 @@ class Encoded:
     features: TokenRows
     lengths: np.ndarray  # tokens per row, the cost used for length sorting and token budgets
     truncated: int = 0  # rows whose text was cut at model.max_length
+    # model.long_texts=chunk: the features are windows, window_row[w] the row of window w (a row's windows are
+    # consecutive, rows in order); None: one feature per row
+    window_row: Optional[np.ndarray] = None
 
 
 class Task:
-    """Base for encoder tasks (one sequence per row, right padding)."""
+    """Base for encoder tasks (one sequence per row, right padding).
+
+    predict = columns(forward(batch)). With model.long_texts=chunk a row is scored as windows: predict
+    gives each window's raw outputs (forward), and once every window of a sort window's rows is scored
+    batcher.rows_from_windows assembles each row's from its windows (merge_windows), then the columns.
+    """
 
     name = ""
     auto_model = "AutoModelForSequenceClassification"  # transformers class that loads the model
@@ -84,6 +92,8 @@ class Task:
         self.cfg = cfg
         self.max_length = cfg.model.max_length
         self.pad_multiple = cfg.data.pad_to_multiple_of
+        self.chunk = cfg.model.long_texts == "chunk"
+        self.stride = cfg.model.stride
         if self.single_text and cfg.data.text_pair_column:
             raise ConfigError(f"data.text_pair_column cannot be used with model.task={self.name}: {self.single_text}")
 
@@ -118,6 +128,17 @@ class Task:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # BERT-style models tell the two texts of a pair apart by token type; RoBERTa-style ones do not.
         self.token_types = "token_type_ids" in tokenizer.model_input_names
+        if self.chunk:
+            self.check_stride(tokenizer.num_special_tokens_to_add(pair=False))
+
+    def check_stride(self, room_taken: int) -> None:
+        """model.stride against the text tokens a window holds (max_length less room_taken)."""
+        room = self.max_length - room_taken
+        if self.stride >= room:
+            raise ConfigError(f"model.stride={self.stride} must be smaller than the {room} text tokens a window holds "
+                              f"(model.max_length={self.max_length} less {room_taken} for special tokens"
+                              f"{' and the hypothesis' if self.name == 'zero-shot-classification' else ''}); "
+                              f"set model.stride to at most {max(room - 1, 0)}")
 
     # -- output ------------------------------------------------------------
     def output_fields(self) -> List[pa.Field]:
@@ -129,9 +150,19 @@ class Task:
         types = pairs is not None and self.token_types
         enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None,
                              truncation=True, max_length=self.max_length,
-                             return_attention_mask=False, return_token_type_ids=types)
+                             return_attention_mask=False, return_token_type_ids=types, **self.window_options())
         features = TokenRows.from_lists(enc["input_ids"], enc["token_type_ids"] if types else None)
-        return Encoded(features, features.lengths, count_truncated(enc))
+        return Encoded(features, features.lengths, *self.cut_or_windows(enc))
+
+    def window_options(self) -> Dict[str, Any]:
+        """The tokenizer's arguments that split texts into windows under model.long_texts=chunk."""
+        return {"return_overflowing_tokens": True, "stride": self.stride} if self.chunk else {}
+
+    def cut_or_windows(self, enc) -> Tuple[int, Optional[np.ndarray]]:
+        """(texts truncated, window_row) of a tokenizer output made with window_options()."""
+        if self.chunk:
+            return 0, np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
+        return count_truncated(enc), None
 
     def collate(self, features: TokenRows) -> Dict[str, Any]:
         """Tensors for the model, with "input_ids" (the batcher counts padding from it).
@@ -147,8 +178,28 @@ class Task:
 
     # -- model run ---------------------------------------------------------
     def predict(self, model, batch: Dict[str, Any]) -> Dict[str, Any]:
-        """Forward one batch; return {column: values for each row}. Runs under inference_mode."""
+        """Forward one batch; return {column: values for each row} (with long_texts=chunk: forward's raw
+        outputs for each window). Runs under inference_mode."""
+        raw = self.forward(model, batch)
+        return raw if self.chunk else self.columns(raw)
+
+    def forward(self, model, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """The model on one batch: {name: numpy array or list, one entry per sequence (row or window)}."""
         raise NotImplementedError
+
+    def columns(self, raw: Dict[str, Any]) -> Dict[str, Any]:
+        """Prediction columns from forward's raw outputs, one per row."""
+        raise NotImplementedError
+
+    def merge_windows(self, raw: Dict[str, Any], starts: np.ndarray) -> Dict[str, Any]:
+        """Raw outputs of rows from those of their windows: row i's are raw[k][starts[i]:starts[i + 1]].
+
+        Here: logits averaged over a row's windows, or their maximum (model.chunk_aggregation).
+        """
+        logits = np.asarray(raw["logits"], dtype=np.float32)
+        if self.cfg.model.chunk_aggregation == "max":
+            return {"logits": np.maximum.reduceat(logits, starts[:-1], axis=0)}
+        return {"logits": np.add.reduceat(logits, starts[:-1], axis=0) / np.diff(starts)[:, None]}
 
 
 def count_truncated(enc) -> int:

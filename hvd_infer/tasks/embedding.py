@@ -12,6 +12,10 @@ one of the model's named prompts; `dimensions`, keep the first k dimensions (Mat
 then normalise if the model does. Rows are padded on the right, also for decoder embedders: under
 causal attention a real token never sees the pads after it and keeps positions 0..n-1, so its state
 is the unpadded one; lasttoken pooling takes each row's last real token from the attention mask.
+
+With model.long_texts=chunk each window is pooled as a row would be, and a row's vector is the mean of
+its windows' vectors weighted by their pooled tokens, then normalised if the model normalises. A
+prompt would be in the first window only, so chunk refuses one.
 """
 from __future__ import annotations
 
@@ -58,6 +62,10 @@ class Embedding(Task):
             raise ConfigError(f"embedding.dimensions={e.dimensions} is more than model.path {path} gives ({full}); "
                               f"use at most {full}, or 0 for all of them")
         self.layout, self.width = layout, e.dimensions or full
+        if self.chunk and self.prompt:
+            raise ConfigError(f"model.long_texts=chunk cannot put the prompt {self.prompt!r} in every window of a text "
+                              "(it would be in the first only); use model.long_texts=truncate with a prompt"
+                              + ("" if e.prompt or e.prompt_name else f" (the default prompt of model.path {path})"))
 
     def setup(self, model, tokenizer):
         super().setup(model, tokenizer)
@@ -101,17 +109,26 @@ class Embedding(Task):
             texts = [self.prompt + t for t in texts]
         return super().encode(texts, pairs)
 
-    def predict(self, model, batch):
+    def forward(self, model, batch):
         hidden = model(**batch).last_hidden_state.float()
         mask = batch["attention_mask"].to(hidden.device)
         if self.prompt_tokens:
             mask = mask.clone()
             mask[:, :self.prompt_tokens] = 0
         vectors = torch.cat([pool(hidden, mask, mode) for mode in self.layout.pooling], dim=-1)
-        vectors = vectors[:, :self.width]
+        return {"vector": vectors[:, :self.width].cpu().numpy(), "tokens": mask.sum(dim=1).cpu().numpy()}
+
+    def merge_windows(self, raw, starts):
+        tokens = raw["tokens"].astype(np.float64)
+        weighted = np.add.reduceat(raw["vector"] * tokens[:, None], starts[:-1], axis=0)
+        total = np.maximum(np.add.reduceat(tokens, starts[:-1]), 1e-9)
+        return {"vector": (weighted / total[:, None]).astype(np.float32), "tokens": total}
+
+    def columns(self, raw):
+        vectors = torch.from_numpy(raw["vector"])
         if self.layout.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return {"embedding": fixed_size_list_array(vectors.cpu().numpy())}
+        return {"embedding": fixed_size_list_array(vectors.numpy())}
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:

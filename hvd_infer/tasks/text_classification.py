@@ -1,4 +1,7 @@
-"""text-classification: `label` (string), `score` (float32), `probs` (list<float32>, label id order)."""
+"""text-classification: `label` (string), `score` (float32), `probs` (list<float32>, label id order).
+
+With model.long_texts=chunk a row's logits are the mean (or max, model.chunk_aggregation) of its windows'.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -24,9 +27,11 @@ class TextClassification(Task):
         return [pa.field("label", pa.string()), pa.field("score", pa.float32()),
                 pa.field("probs", pa.list_(pa.float32()))]
 
-    def predict(self, model, batch):
-        logits = model(**batch).logits.float()
-        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+    def forward(self, model, batch):
+        return {"logits": model(**batch).logits.float().cpu().numpy()}
+
+    def columns(self, raw):
+        probs = torch.softmax(torch.from_numpy(raw["logits"]), dim=-1).numpy()
         top = probs.argmax(axis=1)
         return {"label": pa.array(self.labels[top], type=pa.string()),
                 "score": pa.array(probs[np.arange(len(top)), top], type=pa.float32()),

@@ -8,7 +8,10 @@ token and `entity_group` holds that token's own label (B-PER, I-LOC, ...), which
 calls `entity`.
 
 Texts longer than model.max_length tokens are cut there (and counted): entities past the cut are
-not found. The pipeline's `stride` (overlapping windows) is not supported.
+not found, unless model.long_texts=chunk: then the text is split into windows overlapping by
+model.stride tokens, each window's entities are found as above, and a row's are merged as the
+pipeline does with `stride` (overlapping entities: the longer, or at equal length the higher score,
+is kept). Like the pipeline, this needs an aggregation other than none.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from hvd_infer.errors import ModelError
-from hvd_infer.tasks.base import Encoded, Task, TokenRows, count_truncated
+from hvd_infer.tasks.base import Encoded, Task, TokenRows
 
 ENTITY = pa.struct([pa.field("entity_group", pa.string()), pa.field("score", pa.float32()),
                     pa.field("start", pa.int64()), pa.field("end", pa.int64()), pa.field("word", pa.string())])
@@ -48,18 +51,20 @@ class TokenClassification(Task):
         texts = list(texts)
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_offsets_mapping=True,
                              return_special_tokens_mask=True, return_attention_mask=False,
-                             return_token_type_ids=False)
+                             return_token_type_ids=False, **self.window_options())
         ids = enc["input_ids"]
+        truncated, window_row = self.cut_or_windows(enc)
+        row_texts = texts if window_row is None else [texts[r] for r in window_row]  # a window's offsets are its text's
         features = TokenRows.from_lists(ids, extra=list(zip(ids, enc["offset_mapping"], enc["special_tokens_mask"],
-                                                            texts)))
-        return Encoded(features, features.lengths, count_truncated(enc))
+                                                            row_texts)))
+        return Encoded(features, features.lengths, truncated, window_row)
 
     def collate(self, features):
         batch = self.pad_batch(features)
         batch["rows"] = features.extra  # ids, offsets, special tokens and text, for predict
         return batch
 
-    def predict(self, model, batch):
+    def forward(self, model, batch):
         rows = batch["rows"]
         logits = model(**{k: v for k, v in batch.items() if k != "rows"}).logits.float().cpu().numpy()
         # The pipeline's own softmax, so scores match it to the last bit.
@@ -77,4 +82,15 @@ class TokenClassification(Task):
                     found.append({"entity_group": group, "score": float(e["score"]), "start": e["start"],
                                   "end": e["end"], "word": e["word"]})
             entities.append(found)
-        return {"entities": pa.array(entities, type=pa.list_(ENTITY))}
+        return {"entities": entities}
+
+    def merge_windows(self, raw, starts):
+        windows = raw["entities"]
+        merged = []
+        for a, b in zip(starts[:-1], starts[1:]):
+            found = [e for w in windows[a:b] for e in w]
+            merged.append(self.pipeline.aggregate_overlapping_entities(found) if b - a > 1 else found)
+        return {"entities": merged}
+
+    def columns(self, raw):
+        return {"entities": pa.array(list(raw["entities"]), type=pa.list_(ENTITY))}

@@ -9,6 +9,11 @@ multi_label=true (or a single candidate label), each label gets its own softmax 
 
 A row's pairs are encoded and batched together, so a batch of R rows is ONE forward pass over
 R * len(candidate_labels) sequences; a row's cost for token budgets is the sum of its pairs' tokens.
+
+With model.long_texts=chunk the premise is split into windows, each paired with every hypothesis, and
+a row's (label, NLI class) logits are the mean (or max) over its windows before the scoring above.
+Every label's windows cover the same premise tokens: each window holds the text tokens the longest
+hypothesis leaves room for, whatever the label.
 """
 from __future__ import annotations
 
@@ -52,23 +57,31 @@ class ZeroShotClassification(Task):
     def setup(self, model, tokenizer):
         super().setup(model, tokenizer)
         id2label = model.config.id2label
+        self.classes = model.config.num_labels
         self.entailment = _label_id(id2label, "entail")
         # As the pipeline, when no label says contradiction: the first label, or the last if entailment is first.
         contradiction = _label_id(id2label, "contradict")
         self.contradiction = contradiction if contradiction is not None else (
             model.config.num_labels - 1 if self.entailment == 0 else 0)
         # Only the premise is ever cut, so every hypothesis must fit with room to spare.
-        longest = max(len(tokenizer(h, add_special_tokens=False)["input_ids"]) for h in self.hypotheses)
+        sizes = [len(tokenizer(h, add_special_tokens=False)["input_ids"]) for h in self.hypotheses]
+        longest = max(sizes)
+        # With chunk, label j's pairs are cut at this length, so that every label's windows hold the same text.
+        self.pair_lengths = [self.max_length - longest + n for n in sizes]
         if longest + tokenizer.num_special_tokens_to_add(pair=True) >= self.max_length:
             raise ConfigError(f"zero_shot: the longest hypothesis is {longest} tokens, which leaves no room for "
                               f"the text within model.max_length={self.max_length}; shorten "
                               "zero_shot.hypothesis_template or the candidate labels, or raise model.max_length")
+        if self.chunk:
+            self.check_stride(longest + tokenizer.num_special_tokens_to_add(pair=True))
 
     def output_fields(self):
         return [pa.field("labels", pa.list_(pa.string())), pa.field("scores", pa.list_(pa.float32())),
                 pa.field("label", pa.string()), pa.field("score", pa.float32())]
 
     def encode(self, texts, pairs=None):
+        if self.chunk:
+            return self._encode_windows(list(texts))
         k = len(self.labels)
         enc = self.tokenizer([t for t in texts for _ in range(k)], self.hypotheses * len(texts),
                              truncation="only_first", max_length=self.max_length,
@@ -78,9 +91,28 @@ class ZeroShotClassification(Task):
                           count=len(enc.encodings)).reshape(-1, k)
         return Encoded(features, features.lengths, int(cut.any(axis=1).sum()))
 
-    def predict(self, model, batch):
+    def _encode_windows(self, texts):
+        """Windows of each premise, every one paired with each hypothesis: group = labels, units = windows."""
         k = len(self.labels)
-        logits = model(**batch).logits.float().reshape(-1, k, model.config.num_labels)
+        encs = [self.tokenizer(texts, [h] * len(texts), truncation="only_first", max_length=n,
+                               return_overflowing_tokens=True, stride=self.stride, return_attention_mask=False,
+                               return_token_type_ids=self.token_types)
+                for h, n in zip(self.hypotheses, self.pair_lengths)]
+        window_row = np.asarray(encs[0]["overflow_to_sample_mapping"], dtype=np.int64)
+        if any(e["overflow_to_sample_mapping"] != encs[0]["overflow_to_sample_mapping"] for e in encs[1:]):
+            raise RuntimeError("zero-shot windows differ between candidate labels")
+        ids = [e["input_ids"][w] for w in range(len(window_row)) for e in encs]
+        types = [e["token_type_ids"][w] for w in range(len(window_row)) for e in encs] if self.token_types else None
+        features = TokenRows.from_lists(ids, types, group=k)
+        return Encoded(features, features.lengths, 0, window_row)
+
+    def forward(self, model, batch):
+        logits = model(**batch).logits.float()
+        return {"logits": logits.reshape(-1, len(self.labels) * self.classes).cpu().numpy()}
+
+    def columns(self, raw):
+        k = len(self.labels)
+        logits = torch.from_numpy(raw["logits"]).reshape(len(raw["logits"]), k, self.classes)
         if self.per_label:
             scores = torch.softmax(logits[..., [self.contradiction, self.entailment]], dim=-1)[..., 1]
         else:

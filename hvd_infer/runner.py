@@ -29,6 +29,9 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     """Run this rank's share of the job; returns this rank's figures (rows, seconds, ...)."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, JobConfig) and not overrides else load_config(config, **overrides)
+    from hvd_infer.context import idle_threads_sleep
+
+    idle_threads_sleep()  # before torch is imported
     quiet_libraries()
 
     # Heavy imports only once the config is known to be good.

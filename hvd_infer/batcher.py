@@ -77,7 +77,8 @@ def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray]) 
     """Each output column over all batches, row i of the input at position i.
 
     outputs[b] holds batch b's columns and batch_rows[b] the input rows they belong to; the
-    rows of all batches together are 0..n-1 once each (length sorting permuted them).
+    rows of all batches together are distinct and ordered as the input (length sorting permuted
+    them; the loader numbers them from the part's start, with gaps where rows were skipped).
     """
     if not outputs:
         return {}

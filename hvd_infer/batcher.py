@@ -59,6 +59,9 @@ class Batch:
     # (0 = the first of whole_rows) of each of its windows, for rows_from_windows.
     whole_rows: Optional[np.ndarray] = None
     window_row: Optional[np.ndarray] = None
+    # The first row of the loader's unit (whole sort windows of the part) this batch comes from: batches of
+    # two units of one part may interleave (loader.py).
+    unit_start: int = -1
 
     @property
     def row_count(self) -> int:
@@ -97,16 +100,19 @@ def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray],
                    source: Optional[np.ndarray] = None) -> Dict[str, pa.Array]:
     """Each output column over all batches, row i of the input at position i.
 
-    outputs[b] holds batch b's columns and batch_rows[b] the input rows they belong to. Without
-    `source` the rows of all batches together are 0..n-1 once each (length sorting permuted
-    them); with it (data.dedup, see distinct_rows) input row i takes the prediction of row source[i].
+    outputs[b] holds batch b's columns and batch_rows[b] the rows they belong to: together distinct, and
+    numbered in input order (length sorting permuted them; the loader numbers a part's rows from
+    its start, with gaps where rows were skipped). Without `source` the output has one row per
+    scored row, in that order; with it (data.dedup, see distinct_rows) output row i is the
+    prediction of row number source[i].
     """
     if not outputs:
         return {}
     scored = np.concatenate(batch_rows)
-    position = np.zeros(int(scored.max(initial=-1)) + 1, dtype=np.int64)
-    position[scored] = np.arange(len(scored))
-    order = pa.array(position if source is None else position[source])
+    order = np.argsort(scored, kind="stable")  # positions of the scored rows, in input order
+    if source is not None:
+        order = order[np.searchsorted(scored[order], source)]
+    order = pa.array(order)
     return {name: pa.concat_arrays([as_arrow(o[name]) for o in outputs]).take(order) for name in outputs[0]}
 
 

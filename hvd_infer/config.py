@@ -85,8 +85,8 @@ class DataConfig:
     # may get different outputs (text-generation with generation.do_sample=true)
     dedup: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for data.path (endpoint_url, key, ...); {} = the store's defaults, e.g. AWS_* variables
-    # Processes per rank that read and tokenize, each owning whole parts; 0: one thread in the rank's
-    # process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 1
+    # Processes per rank that read and tokenize, sharing the parts in units of whole sort windows; 0: one
+    # thread in the rank's process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 1
     workers: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = a thread in the rank's process)")
 
 

@@ -20,15 +20,16 @@ import re
 import threading
 import time
 import traceback
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch.utils.data
 
-from hvd_infer.batcher import Batch, part_batches
+from hvd_infer.batcher import Batch, PartWork, part_batches
 from hvd_infer.config import DataConfig
 from hvd_infer.errors import DataError, UserError
 from hvd_infer.reader import read_parts
-from hvd_infer.shard_plan import Part
+from hvd_infer.shard_plan import Part, pieces_of
 
 # On CPU the model needs every core it has; one process reading and tokenizing beside it kept
 # the model fed best of 0, 1 and 2 on 2 cores (see the README's speed section).
@@ -45,16 +46,42 @@ def resolve_workers(setting: Any, device_type: str, cores: int, ranks_on_host: i
     return CPU_WORKERS
 
 
+def work_units(parts: List[Part], sort_window: int) -> List[Tuple[int, Part]]:
+    """(index of its part, unit) for every unit of the parts, in row order: what one producer reads and batches.
+
+    A unit is a run of whole sort windows from its part's start, so the batcher sorts the same
+    windows as over the whole part (rows skipped for nulls aside). It is at least as long as the
+    part's longest row group slice: Petastorm reads whole row groups, and so each is read by at
+    most two producers. A part inside one big row group stays one unit.
+    """
+    units = []
+    for k, part in enumerate(parts):
+        groups = [p.row_group for p in part.pieces]
+        longest = max((p.hi - p.lo for p in part.pieces), default=1)
+        size = sort_window * -(-longest // sort_window)
+        for start in range(part.start, part.stop, size):
+            stop = min(part.stop, start + size)
+            units.append((k, Part(start, stop, pieces_of(groups, [g.start for g in groups], start, stop))))
+    return units
+
+
 class BatchLoader:
     """Iterate the Batch objects of a rank's parts; `wait_seconds` is the time the caller waited for one."""
 
     def __init__(self, inp, parts: List[Part], columns: Sequence[str], task, cfg: DataConfig, batch_rows: int,
                  max_tokens: int, workers: int, pin_memory: bool = False):
         self.parts = parts
-        self.workers = min(workers, len(parts))
+        units = work_units(parts, cfg.sort_window)
+        self._part_of = {unit.start: parts[k] for k, unit in units}
+        self._units_left = {part.start: 0 for part in parts}
+        for k, _ in units:
+            self._units_left[parts[k].start] += 1
+        self._finished: Dict[int, List[PartWork]] = {}  # by part start: its finished units' work
+        self.workers = min(workers, len(units))
         self.wait_seconds = 0.0
-        make = _PartsDataset(inp, parts, columns, task, cfg, batch_rows, max_tokens)
-        self._source = (_WorkerProcesses(make, self.workers, pin_memory) if self.workers
+        make = _PartsDataset(inp, [unit for _, unit in units], columns, task, cfg, batch_rows, max_tokens)
+        names = [_part_name(parts[k]) for k, _ in units]
+        self._source = (_WorkerProcesses(make, self.workers, pin_memory, names) if self.workers
                         else _BackgroundThread(make, pin_memory))
 
     def __iter__(self) -> Iterator[Batch]:
@@ -65,7 +92,28 @@ class BatchLoader:
             self.wait_seconds += time.perf_counter() - t
             if batch is None:
                 return
-            yield batch
+            yield self._in_part(batch)
+
+    def _in_part(self, batch: Batch) -> Batch:
+        """A unit's batch as its part's: rows numbered from the part's start, `finished` only on the part's
+        last unit's last batch, with the work of all its units.
+
+        Batch.rows count a unit's kept rows; offset by the unit's first row in the part they stay distinct
+        and in input order across units (with gaps where rows were skipped), which is all that putting
+        predictions back in order (batcher.in_input_order) needs.
+        """
+        unit, part = batch.part, self._part_of[batch.part.start]
+        offset = unit.start - part.start
+        batch.part, batch.unit_start = part, unit.start
+        batch.rows = batch.rows + offset  # long_texts=chunk: windows, shifted alike (a sort window is in one unit)
+        if batch.whole_rows is not None:
+            batch.whole_rows = batch.whole_rows + offset
+        if batch.finished is not None:
+            done = self._finished.setdefault(part.start, [])
+            done.append(batch.finished)
+            self._units_left[part.start] -= 1
+            batch.finished = _merged(part, self._finished.pop(part.start)) if not self._units_left[part.start] else None
+        return batch
 
     def explain(self, error: BaseException) -> Optional[BaseException]:
         """The error to raise for one caught while iterating: a worker's own, or its death naming the part.
@@ -80,19 +128,29 @@ class BatchLoader:
         self._source.close()
 
 
-class _PartsDataset:
-    """The work of one producer: its share of the parts, read, tokenized and batched in part order."""
+def _merged(part: Part, works: List[PartWork]) -> PartWork:
+    """One part's work from its units' (in any order); row numbers shifted as _in_part shifts Batch.rows."""
+    works = sorted(works, key=lambda w: w.part.start)
+    sources = [w.source + (w.part.start - part.start) for w in works if w.source is not None]
+    return PartWork(part, {c: np.concatenate([w.columns[c] for w in works]) for c in works[0].columns},
+                    rows=sum(w.rows for w in works), skipped=[s for w in works for s in w.skipped],
+                    truncated=sum(w.truncated for w in works), source=np.concatenate(sources) if sources else None,
+                    chunked=sum(w.chunked for w in works), chunk_windows=sum(w.chunk_windows for w in works))
 
-    def __init__(self, inp, parts, columns, task, cfg, batch_rows, max_tokens):
-        self.inp, self.parts, self.columns, self.task, self.cfg = inp, parts, columns, task, cfg
+
+class _PartsDataset:
+    """The work of one producer: its share of the units, read, tokenized and batched in row order."""
+
+    def __init__(self, inp, units, columns, task, cfg, batch_rows, max_tokens):
+        self.inp, self.units, self.columns, self.task, self.cfg = inp, units, columns, task, cfg
         self.batch_rows, self.max_tokens = batch_rows, max_tokens
 
     def batches(self, indices: List[int], started=None) -> Iterator[Batch]:
-        """Batches of parts[i] for i in indices; started(i) is called as each part begins."""
-        for i, (part, chunks) in zip(indices, read_parts(self.inp, [self.parts[i] for i in indices], self.columns)):
+        """Batches of units[i] for i in indices; started(i) is called as each unit begins."""
+        for i, (unit, chunks) in zip(indices, read_parts(self.inp, [self.units[i] for i in indices], self.columns)):
             if started is not None:
                 started(i)
-            yield from part_batches(part, chunks, self.task, self.cfg, self.batch_rows, self.max_tokens)
+            yield from part_batches(unit, chunks, self.task, self.cfg, self.batch_rows, self.max_tokens)
 
 
 def _part_name(part: Part) -> str:
@@ -118,7 +176,7 @@ class _BackgroundThread:
 
     def _produce(self) -> None:
         try:
-            for batch in self.make.batches(list(range(len(self.make.parts)))):
+            for batch in self.make.batches(list(range(len(self.make.units)))):
                 if not self._put(batch.pin_memory() if self.pin_memory else batch):
                     return
             self._put(None)
@@ -140,9 +198,9 @@ class _BackgroundThread:
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
-    """What each DataLoader worker iterates: its round-robin share of the parts.
+    """What each DataLoader worker iterates: its round-robin share of the units.
 
-    Before each part a worker writes the part's index into shared memory, and its pid once;
+    Before each unit a worker writes the unit's index into shared memory, and its pid once;
     a failure is sent to the rank on a queue, with the part, before it re-raises (torch hands
     on an error as a multi-line message with the traceback folded in). The queue writes to
     its pipe at once, so the rank finds the failure there when torch reports it.
@@ -150,7 +208,7 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, make: _PartsDataset, workers: int, mp):
         self.make, self.workers = make, workers
-        self.current = mp.Array("q", [-1] * workers, lock=False)  # part index each worker is on
+        self.current = mp.Array("q", [-1] * workers, lock=False)  # unit index each worker is on
         self.pids = mp.Array("q", [0] * workers, lock=False)
         self.failures = mp.SimpleQueue()
 
@@ -160,7 +218,7 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         w = get_worker_info().id
         self.pids[w] = os.getpid()
         try:
-            yield from self.make.batches(list(range(w, len(self.make.parts), self.workers)),
+            yield from self.make.batches(list(range(w, len(self.make.units), self.workers)),
                                          started=lambda i: self.current.__setitem__(w, i))
         except Exception as e:
             # A user error pickles as it is; anything else goes as text (it may not pickle).
@@ -170,12 +228,12 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 
 
 class _WorkerProcesses:
-    def __init__(self, make: _PartsDataset, workers: int, pin_memory: bool):
+    def __init__(self, make: _PartsDataset, workers: int, pin_memory: bool, names: List[str]):
         # fork: a worker starts in milliseconds with the tokenizer and the input listing already
         # loaded; it only tokenizes and pads (torch runs single-threaded in DataLoader workers).
         mp = multiprocessing.get_context("fork")
         self.dataset = _WorkerDataset(make, workers, mp)
-        self.parts = make.parts
+        self.names = names  # of each unit's part
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                              pin_memory=pin_memory, multiprocessing_context=mp, in_order=False,
                                              prefetch_factor=2)
@@ -189,7 +247,8 @@ class _WorkerProcesses:
             w, index, user_error, text, tb = self.dataset.failures.get()
             if user_error is not None:
                 return user_error
-            return RuntimeError(f"data loader worker {w} failed on {_part_name(self.parts[index])}: {text}\n"
+            where = self.names[index] if index >= 0 else "its start, before its first part"
+            return RuntimeError(f"data loader worker {w} failed on {where}: {text}\n"
                                 f"the worker's traceback:\n{tb}")
         m = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (.*)", str(error))
         if not m:
@@ -197,7 +256,7 @@ class _WorkerProcesses:
         pids = [int(p) for p in m.group(1).split(",")]
         cause = m.group(2).strip().rstrip(".")
         dead = [w for w in range(len(self.dataset.pids)) if self.dataset.pids[w] in pids]
-        where = ", ".join(f"worker {w} on {_part_name(self.parts[self.dataset.current[w]])}"
+        where = ", ".join(f"worker {w} on {self.names[self.dataset.current[w]]}"
                           if self.dataset.current[w] >= 0 else f"worker {w} before its first part" for w in dead)
         hint = ("out of memory? lower data.workers or data.sort_window" if "Killed" in cause or "signal" in cause
                 else "see the log above")

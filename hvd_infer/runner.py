@@ -29,6 +29,9 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     """Run this rank's share of the job; returns this rank's figures (rows, seconds, ...)."""
     t_start = time.perf_counter()
     cfg = config if isinstance(config, JobConfig) and not overrides else load_config(config, **overrides)
+    from hvd_infer.context import idle_threads_sleep
+
+    idle_threads_sleep()  # before torch is imported
     quiet_libraries()
 
     # Heavy imports only once the config is known to be good.
@@ -109,7 +112,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                          pin_memory=ctx.device.type == "cuda")
     writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
     scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
-    # model.long_texts=chunk, by part start: outputs of the windows of the sort window being scored, their windows
+    # model.long_texts=chunk, by loader unit: outputs of the windows of the sort window being scored, their windows
     windows: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
     try:
         for batch in loader:
@@ -120,7 +123,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                 out = task.predict(model, batch.tensors)
                 fig.forward_seconds += time.perf_counter() - tf
                 # With chunk, windows wait apart until their sort window's rows are whole.
-                outs, units = windows.setdefault(batch.part.start, ([], [])) if task.chunk else (outputs, rows)
+                outs, units = windows.setdefault(batch.unit_start, ([], [])) if task.chunk else (outputs, rows)
                 outs.append(out)
                 units.append(batch.rows)
                 fig.real_tokens += batch.real_tokens
@@ -136,7 +139,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                 if bar is not None:
                     bar.update(batch.row_count + batch.repeats)
             if batch.whole_rows is not None:  # chunk: a sort window's rows, assembled from its windows
-                outputs.append(rows_from_windows(task, *windows.pop(batch.part.start), batch.window_row))
+                outputs.append(rows_from_windows(task, *windows.pop(batch.unit_start), batch.window_row))
                 rows.append(batch.whole_rows)
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds

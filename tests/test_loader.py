@@ -1,4 +1,4 @@
-"""The loader: worker processes owning whole parts, or a thread; failures named by part."""
+"""The loader: worker processes sharing parts unit by unit, or a thread; failures named by part."""
 import os
 import signal
 import subprocess
@@ -65,9 +65,33 @@ def test_every_row_once_parts_in_order_same_batches_as_a_thread(tiny_classifier,
         assert all(len(set((b.rows // 8).tolist())) == 1 for b in batches)  # sorted inside one window of 8
         work = batches[-1].finished
         assert work.columns["id"].tolist() == table.column("id").to_pylist()[part.start:part.stop]
-        for a, b in zip(batches, expected[start]):
+        # Units of a part come from several workers, interleaved: the same batches, maybe in another order.
+        first_row = lambda b: int(b.rows[0])  # noqa: E731
+        for a, b in zip(sorted(batches, key=first_row), sorted(expected[start], key=first_row)):
             assert a.rows.tolist() == b.rows.tolist()
             assert all((a.tensors[k] == b.tensors[k]).all() for k in b.tensors)
+
+
+def test_units_of_one_part_from_two_workers_with_skipped_rows_map_back_to_their_rows(tiny_classifier, tmp_path):
+    texts = builders.texts(60)
+    for i in (0, 9, 10, 33, 59):
+        texts[i] = None
+    table = builders.write_dataset(str(tmp_path), 60, files=1, row_group_size=5, text=texts)
+    parts, batches = load_all(tiny_classifier, str(tmp_path), 2, rows_per_part=60, batch_size=3, sort_window=10,
+                              on_null="skip")
+    assert len(parts) == 1 and len({b.rows.min() // 10 for b in batches if len(b.rows)}) == 6  # six units, 2 workers
+    work = batches[-1].finished
+    kept = [i for i in range(60) if texts[i] is not None]
+    assert [b.finished is not None for b in batches] == [False] * (len(batches) - 1) + [True]
+    assert work.rows == len(kept) and work.columns["id"].tolist() == [table.column("id")[i].as_py() for i in kept]
+    assert work.skipped == [3, 93, 103, 333, 593]
+    # Rows of all batches, in their order, are the kept rows in input order: each row's tokens are its text's.
+    rows = np.concatenate([b.rows for b in batches])
+    ids = [row[row != 0].tolist() for b in batches for row in b.tensors["input_ids"]]
+    _, task = classification_task(tiny_classifier)
+    expected = task.tokenizer([texts[i] for i in kept], truncation=True, max_length=task.max_length)["input_ids"]
+    assert len(set(rows.tolist())) == len(kept)
+    assert [ids[k] for k in np.argsort(rows)] == expected
 
 
 def test_worker_error_is_the_workers_own_one_line(tiny_classifier, tmp_path):

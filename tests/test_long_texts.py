@@ -122,17 +122,22 @@ def test_classification_chunked_equals_reference(how, models, tmp_path, capsys):
             f"(model.stride={STRIDE})") in capsys.readouterr().out
 
 
-def test_repeated_long_texts_with_dedup_equal_reference(models, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_repeated_long_texts_with_dedup_equal_reference(workers, models, tmp_path):
     """data.dedup (on by default) with chunk: a repeated long text is windowed and scored once, and each of
-    its rows gets the prediction assembled from its windows, in input order."""
+    its rows gets the prediction assembled from its windows, in input order; also when two loader workers
+    each take a unit of the same part and their windows' batches interleave."""
     base = long_texts(8, seed=6)  # 1, 4 and 7 are long
     pattern = [0, 0, 1, 0, 2, 1, 3, 0, 2, 3]  # the distinct rows of a sort window (7 rows) are not its first ones
     texts = [base[i] for i in pattern] + [base[4 + i] for i in pattern]  # parts of 10 rows
-    got, fig = score(models["cls"], "text-classification", write_texts(tmp_path / "data", texts), tmp_path / "out")
+    got, fig = score(models["cls"], "text-classification", write_texts(tmp_path / "data", texts), tmp_path / "out",
+                     f"data.workers={workers}")
     assert_in_input_order(got, texts)
     np.testing.assert_allclose(np.stack(got["probs"]), classification_reference(models["cls"], texts, "mean"),
                                atol=1e-5)
-    assert fig["repeats"] == 12 and fig["chunked"] == 3  # each part scores its 4 distinct texts once
+    # The loader cuts each part into units of whole sort windows (rows 0-6 and 7-9): dedup finds repeats
+    # inside a unit (3 in each part's first), and chunks the long texts each unit scores (1+0, then 2+2).
+    assert fig["repeats"] == 6 and fig["chunked"] == 5
 
 
 # -- embedding -------------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ class PartWork:
     chunked: int = 0  # model.long_texts=chunk: rows longer than one window
     chunk_windows: int = 0  # the windows those rows were split into
 
+    @classmethod
+    def merge(cls, part: Part, works: List["PartWork"]) -> "PartWork":
+        """One part's work from its pieces' (the loader's units, in any order), row numbers shifted by each
+        piece's offset in the part as the loader shifts Batch.rows."""
+        works = sorted(works, key=lambda w: w.part.start)
+        sources = [w.source + (w.part.start - part.start) for w in works if w.source is not None]
+        return cls(part, {c: np.concatenate([w.columns[c] for w in works]) for c in works[0].columns},
+                   rows=sum(w.rows for w in works), skipped=[s for w in works for s in w.skipped],
+                   truncated=sum(w.truncated for w in works), source=np.concatenate(sources) if sources else None,
+                   chunked=sum(w.chunked for w in works), chunk_windows=sum(w.chunk_windows for w in works))
+
 
 @dataclass
 class Batch:
@@ -51,7 +62,7 @@ class Batch:
     tokenize_seconds: float = 0.0
     finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
     # Rows of the part that get a prediction of this or an earlier batch of the part instead of a forward
-    # of their own (data.dedup): input rows this batch accounts for are len(rows) + repeats.
+    # of their own (data.dedup): counted in row_count, not in rows.
     repeats: int = 0
     # model.long_texts=chunk: `rows` number windows of the sort window (data.sort_window rows) being batched.
     first_windows: Optional[int] = None  # rows whose first window is in this batch
@@ -65,8 +76,9 @@ class Batch:
 
     @property
     def row_count(self) -> int:
-        """Rows this batch starts: each row is counted once, in the batch of its first window."""
-        return len(self.rows) if self.first_windows is None else self.first_windows
+        """Input rows this batch accounts for: each row once, in the batch of its first window, plus its
+        repeats (progress and rows/s count these; tokens count the forward work)."""
+        return (len(self.rows) if self.first_windows is None else self.first_windows) + self.repeats
 
     def pin_memory(self) -> "Batch":
         """Page-locked host tensors: the copy to the GPU overlaps compute (DataLoader calls this)."""

@@ -22,7 +22,6 @@ import time
 import traceback
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch.utils.data
 
 from hvd_infer.batcher import Batch, PartWork, part_batches
@@ -112,7 +111,7 @@ class BatchLoader:
             done = self._finished.setdefault(part.start, [])
             done.append(batch.finished)
             self._units_left[part.start] -= 1
-            batch.finished = _merged(part, self._finished.pop(part.start)) if not self._units_left[part.start] else None
+            batch.finished = PartWork.merge(part, self._finished.pop(part.start)) if not self._units_left[part.start] else None
         return batch
 
     def explain(self, error: BaseException) -> Optional[BaseException]:
@@ -126,16 +125,6 @@ class BatchLoader:
 
     def close(self) -> None:
         self._source.close()
-
-
-def _merged(part: Part, works: List[PartWork]) -> PartWork:
-    """One part's work from its units' (in any order); row numbers shifted as _in_part shifts Batch.rows."""
-    works = sorted(works, key=lambda w: w.part.start)
-    sources = [w.source + (w.part.start - part.start) for w in works if w.source is not None]
-    return PartWork(part, {c: np.concatenate([w.columns[c] for w in works]) for c in works[0].columns},
-                    rows=sum(w.rows for w in works), skipped=[s for w in works for s in w.skipped],
-                    truncated=sum(w.truncated for w in works), source=np.concatenate(sources) if sources else None,
-                    chunked=sum(w.chunked for w in works), chunk_windows=sum(w.chunk_windows for w in works))
 
 
 class _PartsDataset:

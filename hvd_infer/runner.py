@@ -131,13 +131,11 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
                 fig.largest_batch_tokens = max(fig.largest_batch_tokens, batch.padded_tokens)
                 fig.batches += 1
                 fig.repeats += batch.repeats
-                # Progress and live metrics count input rows; tokens count forward work.
-                tracker.step(batch.row_count + batch.repeats, batch.real_tokens, batch.padded_tokens,
-                             loader.wait_seconds)
+                tracker.step(batch.row_count, batch.real_tokens, batch.padded_tokens, loader.wait_seconds)
                 if ctx.device.type == "cpu" and fig.batches % 64 == 0:
                     release_free_memory()
                 if bar is not None:
-                    bar.update(batch.row_count + batch.repeats)
+                    bar.update(batch.row_count)
             if batch.whole_rows is not None:  # chunk: a sort window's rows, assembled from its windows
                 outputs.append(rows_from_windows(task, *windows.pop(batch.unit_start), batch.window_row))
                 rows.append(batch.whole_rows)

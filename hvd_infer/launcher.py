@@ -200,7 +200,11 @@ def _verdict(code: int, outcome: _Outcome) -> int:
     if outcome.errors:
         rank, message = _first_error(outcome)
         print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR if outcome.exits.get(rank, EXIT_USER_ERROR) == EXIT_USER_ERROR else EXIT_FAILED
+        # A user error every rank agrees on is printed by rank 0 alone; when another rank exits 2 first,
+        # horovodrun stops rank 0 (143) after its line: the first exit then tells the kind.
+        first_code = next(iter(outcome.exits.values()), EXIT_USER_ERROR)
+        user = EXIT_USER_ERROR in (outcome.exits.get(rank, EXIT_USER_ERROR), first_code)
+        return EXIT_USER_ERROR if user else EXIT_FAILED
     if outcome.exits:
         rank, rank_code = next(iter(outcome.exits.items()))
         print(f"hvd_infer: rank {rank} failed with exit code {rank_code}{_signal_note(rank_code)}; the other ranks "

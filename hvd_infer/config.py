@@ -78,7 +78,10 @@ class DataConfig:
     # GPU's free memory and the model (not for text-generation), off on CPU
     max_tokens_per_batch: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = off)")
     sort_window: int = bounded(4096, 1)  # rows sorted by length together, to keep padding small
-    pad_to_multiple_of: int = bounded(8, 1, note=" (1 = no rounding)")  # batch width rounded up: few distinct shapes keep memory flat, kernels aligned
+    # Batch width rounded up to a multiple of this (1 = no rounding). auto (default): 8 on CUDA, where
+    # tensor cores want aligned widths and few distinct shapes keep the allocator flat; 1 on CPU, where
+    # rounding only adds padding (0.922 -> 0.970 padding efficiency on the bench's corpus)
+    pad_to_multiple_of: Union[int, Literal["auto"]] = bounded("auto", 1, note=" (1 = no rounding)")
     on_null: Literal["error", "skip", "empty"] = "error"  # null or empty text: fail, drop (ids in the manifest), or score ""
     # Score each distinct (text, pair) of a part once and copy its prediction to the part's other rows that
     # repeat it (outputs unchanged; the summary counts the forward rows saved). Off by itself where equal inputs

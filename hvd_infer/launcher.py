@@ -91,6 +91,10 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
     inp = open_input(cfg.data)
     preflight_model(cfg, task)
     check_output(cfg, job_identity(cfg, inp.fingerprint()))
+    if cfg.mlflow.enabled:
+        from hvd_infer.tracking import check_tracking_server
+
+        check_tracking_server(cfg.mlflow.tracking_uri)
 
 
 def ranks_on_this_host(args: argparse.Namespace) -> bool:

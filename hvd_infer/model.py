@@ -12,6 +12,7 @@ import torch
 
 from hvd_infer.config import JobConfig, is_model_uri
 from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.tasks.base import pad_multiple
 
 log = logging.getLogger("hvd_infer")
 
@@ -129,10 +130,11 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
             kernel_inject = False
             model = wrap_deepspeed(_load_weights(path, cfg, task, dtype, device)[0], ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
+    task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
     facts = {"model_path": path, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
-             "device": str(device), "autocast_bf16": autocast, **task.facts()}
+             "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     return Predictor(model, device, autocast), tokenizer, facts
 
 

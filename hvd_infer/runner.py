@@ -63,6 +63,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         parts = plan_parts(inp.row_groups, ctx.rank, ctx.size, cfg.output.rows_per_part, done)
 
         tracker = Tracker(cfg, ctx)
+        # Rank 0 creates the MLflow run while the other ranks load their model; _score shares it.
         tracker.start({"world_size": ctx.size, "input_files": len(inp.files), "input_rows": inp.total_rows,
                        "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done)})
         try:
@@ -84,16 +85,19 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     from hvd_infer.writer import finish_output, write_empty_part
 
     t = time.perf_counter()
-    error, model = None, None
-    try:
-        model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp)  # model.dtype=auto-check measured first
-    except Exception as e:
-        error = e
+    error, model = tracker.error, None  # rank 0 could not start the MLflow run: no use loading the model
+    if error is None:
+        try:
+            model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp)  # model.dtype=auto-check measured first
+        except Exception as e:
+            error = e
     ctx.agree(error)
+    load_seconds = time.perf_counter() - t
+    tracker.share()
     off = dedup_off(cfg.data, task)
     facts["dedup"] = "on" if off is None else f"off: {off}"
     fig = RankFigures(rank=ctx.rank, host=os.uname().nodename, device=str(ctx.device), threads=ctx.threads,
-                      load_seconds=time.perf_counter() - t)
+                      load_seconds=load_seconds)
 
     id_fields = [inp.schema.field(c) for c in cfg.data.id_columns]
     schema = pa.schema(id_fields + task.output_fields())
@@ -299,6 +303,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow 3 sends usage records to its makers' server from a background thread: no network
+    # beyond the tracking store unless the user asks for it (MLFLOW_DISABLE_TELEMETRY=false).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Petastorm 0.13 on pyarrow 14 warns about its own legacy calls at every read.

@@ -22,7 +22,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from hvd_infer.config import JobConfig, is_model_uri, mask_secrets
-from hvd_infer.errors import ModelError
+from hvd_infer.errors import ModelError, UserError
 
 log = logging.getLogger("hvd_infer")
 
@@ -36,6 +36,26 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking URI whose server does not answer: one line now, not MLflow's ~4 minutes of retries."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    u = urlsplit(uri)
+    try:
+        port = u.port or (443 if u.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise UserError(f"mlflow.tracking_uri={uri} has no valid port; give e.g. http://host:5000") from None
+    try:
+        socket.create_connection((u.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e) or type(e).__name__).lower()
+        raise UserError(f"MLflow: no tracking server answers at mlflow.tracking_uri={uri} ({why}); start it, "
+                        "fix the URI, or set mlflow.enabled=false") from None
 
 
 def _quiet() -> None:
@@ -119,24 +139,33 @@ class Tracker:
         self.live_points = 0
         self.system = None
 
-    def start(self, extra_params: Dict[str, Any]) -> Optional[str]:
+    def start(self, extra_params: Dict[str, Any]) -> None:
+        """Rank 0 creates the run, with no collective: the other ranks load their model meanwhile.
+
+        A failure is kept in `error` for the caller to share (it skips loading the model then);
+        `share` hands the run to every rank once their models are loaded.
+        """
+        self.error: Optional[BaseException] = None
+        self._job_rows = int(extra_params.get("input_rows", 0)) - int(extra_params.get("resumed_rows", 0))
+        if not (self.enabled and self.ctx.is_main):
+            return
+        try:
+            check_tracking_server(self.cfg.mlflow.tracking_uri)
+            self.run_id = self._create_run({**extra_params, **self._model_source()})
+        except UserError as e:
+            self.error = e
+        except Exception as e:
+            self.error = RuntimeError(f"MLflow: cannot start a run at mlflow.tracking_uri={self.cfg.mlflow.tracking_uri} "
+                                      f"({str(e).splitlines()[0]}); fix the URI or set mlflow.enabled=false")
+
+    def share(self) -> Optional[str]:
+        """Every rank, after `start`'s error was agreed on: the run id from rank 0; live and system metrics start."""
         if not self.enabled:
             return None
-        run_id, error = None, None
-        if self.ctx.is_main:
-            try:
-                run_id = self._create_run({**extra_params, **self._model_source()})
-            except ModelError as e:
-                error = e
-            except Exception as e:
-                error = RuntimeError(f"MLflow: cannot start a run at mlflow.tracking_uri={self.cfg.mlflow.tracking_uri} "
-                                     f"({str(e).splitlines()[0]}); fix the URI or set mlflow.enabled=false")
-        self.ctx.agree(error)
-        self.run_id = self.ctx.broadcast_object(run_id)
+        self.run_id = self.ctx.broadcast_object(self.run_id)
         if not self.ctx.is_main:
             self._connect()
-        job_rows = int(extra_params.get("input_rows", 0)) - int(extra_params.get("resumed_rows", 0))
-        self.live = LiveMetrics(self.client, self.run_id, self.ctx.rank, self.ctx.size, job_rows,
+        self.live = LiveMetrics(self.client, self.run_id, self.ctx.rank, self.ctx.size, self._job_rows,
                                 self.cfg.mlflow.log_every_s)
         if self.cfg.mlflow.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

@@ -64,3 +64,19 @@ def test_user_error_one_line_internal_error_traceback(tiny_classifier, dataset, 
     assert internal.returncode == 1, (internal.returncode, internal.stderr[-2000:])
     assert "Traceback (most recent call last)" in internal.stderr and "JSONDecodeError" in internal.stderr
     assert "hvd_infer: error:" not in internal.stderr
+
+
+def test_tracking_server_down_is_one_line_from_launcher_and_ranks(tiny_classifier, dataset, tmp_path):
+    from conftest import free_port, horovodrun, hvd_infer_np
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    args = job_args(tiny_classifier, dataset[0], tmp_path / "out", "mlflow.enabled=true", f"mlflow.tracking_uri={uri}")
+    line = (f"hvd_infer: error: MLflow: no tracking server answers at mlflow.tracking_uri={uri} (connection refused); "
+            "start it, fix the URI, or set mlflow.enabled=false\n")
+    launched = hvd_infer_np(2, args, timeout=180)
+    assert (launched.returncode, launched.stderr) == (2, line), launched.stdout[-2000:] + launched.stderr[-2000:]
+    assert not (tmp_path / "out").exists()  # the launcher's preflight writes nothing
+    # horovodrun started directly: rank 0 says the same line at once (MLflow alone would retry ~4 minutes).
+    ranks = horovodrun(2, args, timeout=180)
+    assert ranks.returncode != 0 and f"[0]<stderr>:{line}" in ranks.stdout + ranks.stderr, ranks.stderr[-3000:]
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not list((tmp_path / "out").glob("*.parquet"))

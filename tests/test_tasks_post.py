@@ -69,3 +69,11 @@ def test_pad_rounds_width_up_and_masks_only_real_tokens():
     left = pad([[5, 6, 7], [8]], pad_id=0, side="left", multiple=4)
     assert left["input_ids"][1].tolist() == [0, 0, 0, 8] and left["attention_mask"][0].tolist() == [0, 1, 1, 1]
     assert pad([[1] * 8], pad_id=0, multiple=8)["input_ids"].shape == (1, 8)  # already a multiple: unchanged
+
+
+def test_pad_to_multiple_of_auto_rounds_on_cuda_only():
+    from hvd_infer.config import load_config
+    from hvd_infer.tasks.base import pad_multiple
+
+    assert load_config(None, **{"model.path": "m", "data.path": "d", "output.path": "o"}).data.pad_to_multiple_of == "auto"
+    assert (pad_multiple("auto", "cuda"), pad_multiple("auto", "cpu"), pad_multiple(4, "cpu"), pad_multiple(8, "cuda")) == (8, 1, 4, 8)

@@ -91,7 +91,7 @@ class Task:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         self.max_length = cfg.model.max_length
-        self.pad_multiple = cfg.data.pad_to_multiple_of
+        self.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, "cpu")  # load_model sets the device's
         self.chunk = cfg.model.long_texts == "chunk"
         self.stride = cfg.model.stride
         if self.single_text and cfg.data.text_pair_column:
@@ -205,6 +205,13 @@ class Task:
 def count_truncated(enc) -> int:
     """Sequences a fast tokenizer cut at max_length."""
     return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
+
+
+def pad_multiple(setting: Union[int, str], device_type: str) -> int:
+    """data.pad_to_multiple_of for a model on this device: the number given, or auto: 8 on CUDA, 1 elsewhere."""
+    if setting != "auto":
+        return int(setting)
+    return 8 if device_type == "cuda" else 1
 
 
 def pad(tokens: Union[TokenRows, List[List[int]]], pad_id: int, side: str = "right",

@@ -77,7 +77,7 @@ def targets(results: List[Dict[str, Any]], np_full: int) -> List[Dict[str, Any]]
         return rps(a) / rps(b) if rps(a) and rps(b) else None
 
     check(f"hvd_infer steady (np={np_full}) / bare loop", ratio("hvd steady", "a"), 1.0)
-    check("hvd_infer end to end / bare loop", ratio("hvd", "a"), 0.7)
+    check("hvd_infer end to end / bare loop", ratio("hvd", "a"), 0.75)  # issue 9: at 4,000 rows
     check("hvd_infer end to end / Spark predict_batch_udf", ratio("hvd", "spark"), 3.0)
     check("hvd_infer end to end / pipeline end to end", ratio("hvd", "pipeline"), 1.7)
     if "hvd" in by:

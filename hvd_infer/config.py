@@ -89,7 +89,7 @@ class DataConfig:
     dedup: bool = True
     storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for data.path (endpoint_url, key, ...); {} = the store's defaults, e.g. AWS_* variables
     # Processes per rank that read and tokenize, sharing the parts in units of whole sort windows; 0: one
-    # thread in the rank's process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 1
+    # thread in the rank's process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 0
     workers: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = a thread in the rank's process)")
 
 

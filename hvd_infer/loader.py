@@ -30,9 +30,16 @@ from hvd_infer.errors import DataError, UserError
 from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import Part, pieces_of
 
-# On CPU the model needs every core it has; one process reading and tokenizing beside it kept
-# the model fed best of 0, 1 and 2 on 2 cores (see the README's speed section).
-CPU_WORKERS = 1
+# On CPU the model needs every core it has. A thread reading and tokenizing beside it (0) was
+# the best of 0, 1 and 2 on 2 cores at -np 2 (README, speed): the demo model 1.04x the bare loop
+# steady vs 0.99x with one worker process, the null model 8,264 vs 7,112 rows/s, and a rank
+# with no worker process holds 0.4 GB less.
+CPU_WORKERS = 0
+# Batches each worker may have ready ahead of the model. A worker's batches come in bursts (a sort
+# window tokenized, then all its batches at once); with torch's default of 2 it stalls mid-burst
+# while the rank waits on another worker that is tokenizing. 8 fed the null model 10% faster
+# (bench_feed -np 1 data.workers=2 on 2 cores; 32 was no better).
+PREFETCH = 8
 
 
 def resolve_workers(setting: Any, device_type: str, cores: int, ranks_on_host: int) -> int:
@@ -225,7 +232,7 @@ class _WorkerProcesses:
         self.names = names  # of each unit's part
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                              pin_memory=pin_memory, multiprocessing_context=mp, in_order=False,
-                                             prefetch_factor=2)
+                                             prefetch_factor=PREFETCH)
         self.iterator = iter(loader)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -146,3 +146,31 @@ def test_workers_auto():
     assert resolve_workers("auto", "cuda", 16, 8) == 1
     assert resolve_workers("auto", "cpu", 2, 1) == CPU_WORKERS
     assert resolve_workers(3, "cpu", 2, 1) == 3
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rust_backend_encodes_as_the_tokenizer_does(side):
+    """Task.encode calls the Rust tokenizer directly: the same ids and truncated count as the tokenizer's call."""
+    import builders
+    from transformers import AutoTokenizer
+
+    from hvd_infer.config import load_config
+    from hvd_infer.tasks import get_task
+    from hvd_infer.tasks.base import Task, rust_backend
+
+    tok = AutoTokenizer.from_pretrained(builders.minilm_dir())
+    tok.truncation_side = side
+    texts = builders.texts(300) + ["", "   ", "naïve café 東京 🙂 " * 40]
+    task = get_task("text-classification")(load_config(None, **{"model.path": "m", "data.path": "d", "output.path": "o",
+                                                               "model.max_length": 48}))
+    Task.setup(task, None, tok)
+    assert task.backend is not None
+    fast = task.encode(texts)
+    theirs = tok(texts, truncation=True, max_length=48)
+    assert fast.features[np.arange(len(texts))].ids.tolist() == [i for ids in theirs["input_ids"] for i in ids]
+    assert fast.lengths.tolist() == [len(ids) for ids in theirs["input_ids"]]
+    task.backend = None  # the tokenizer's own call
+    slow = task.encode(texts)
+    assert np.array_equal(fast.features.ids, slow.features.ids) and np.array_equal(fast.features.offsets, slow.features.offsets)
+    assert fast.truncated == slow.truncated > 0
+    assert rust_backend(object(), 48) is None  # no fast tokenizer: the tokenizer's call

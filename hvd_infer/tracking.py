@@ -401,6 +401,10 @@ def download_model(uri: str, tracking_uri: Optional[str] = None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isdir(final):
             tmp = tempfile.mkdtemp(prefix=key + ".", dir=root)
+            if tracking_uri:
+                # MLflow (3.17) resolves a models:/ URI through its global registry URI, whatever
+                # tracking_uri download_artifacts is given; that URI follows the tracking URI.
+                mlflow.set_tracking_uri(tracking_uri)
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=src["uri"], dst_path=tmp,
                                                             tracking_uri=tracking_uri)

@@ -179,6 +179,15 @@ print(run.info.run_id)
         assert params["model_source.run_id"] == logged_run and params["model_source.uri"] == "models:/tiny-cls/1"
         assert tags["hvd_infer.model"] == "models:/tiny-cls/1"
 
+    # With tracking off the URI is still resolved in the job's store (MLflow's download would look in its
+    # default registry): a fresh cache, so this job downloads.
+    fresh = tmp_path / "fresh-tmp"
+    fresh.mkdir()
+    r = python_m(["--config", job("models:/tiny-cls/1", dataset[0], tmp_path / "no_tracking", tmp_path),
+                  "mlflow.enabled=false"], env={"TMPDIR": str(fresh)}, cwd=str(fresh))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_predictions(read_output(tmp_path / "no_tracking"), reference)
+
 
 @slow
 def test_standalone_cluster_one_rank_per_executor(standalone_spark, reference, tiny_classifier, dataset, tmp_path):

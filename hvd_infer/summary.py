@@ -84,7 +84,8 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
                  f"forward {forward:.2f} s, write {m['write_seconds']:.2f} s; model waited on data "
                  f"{100 * m['data_wait_fraction']:.1f}% of forward time")
     lines.append(f"padding efficiency {m['padding_efficiency']:.3f} (real tokens / padded tokens); "
-                 f"data.workers {figures[0].workers} per rank"
+                 + (f"data.workers {figures[0].workers} per rank" if figures[0].workers
+                    else "data.workers 0 (reading and tokenizing in a thread of each rank)")
                  + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")

@@ -67,9 +67,9 @@ def _quiet() -> None:
 class LiveMetrics:
     """One rank's step metrics, logged by a background thread so the model loop never waits on MLflow.
 
-    A point every every_s seconds; after each 150 points the interval doubles, so a job
-    of any length logs a few hundred points per rank. No collective: rank 0 estimates
-    the job's progress from its own (its rows x world size).
+    A point when scoring starts, then every every_s seconds, and the last when it ends; after
+    each 150 points the interval doubles, so a job of any length logs a few hundred points per
+    rank. No collective: rank 0 estimates the job's progress from its own (its rows x world size).
     """
 
     SLOWDOWN_EVERY = 150
@@ -93,6 +93,7 @@ class LiveMetrics:
         self.wait_seconds = wait_seconds
 
     def _loop(self) -> None:
+        self._log()  # scoring starts: the charts begin at this rank's first rows (0, or a few batches)
         while not self._stop.wait(self.every_s * 2 ** (self.points // self.SLOWDOWN_EVERY)):
             self._log()
 

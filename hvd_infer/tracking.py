@@ -139,6 +139,8 @@ class Tracker:
         self.live: Optional[LiveMetrics] = None
         self.live_points = 0
         self.system = None
+        self.error: Optional[BaseException] = None  # start: rank 0 could not create the run
+        self._job_rows = 0
 
     def start(self, extra_params: Dict[str, Any]) -> None:
         """Rank 0 creates the run, with no collective: the other ranks load their model meanwhile.
@@ -146,7 +148,6 @@ class Tracker:
         A failure is kept in `error` for the caller to share (it skips loading the model then);
         `share` hands the run to every rank once their models are loaded.
         """
-        self.error: Optional[BaseException] = None
         self._job_rows = int(extra_params.get("input_rows", 0)) - int(extra_params.get("resumed_rows", 0))
         if not (self.enabled and self.ctx.is_main):
             return

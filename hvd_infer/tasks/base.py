@@ -94,6 +94,7 @@ class Task:
         self.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, "cpu")  # load_model sets the device's
         self.chunk = cfg.model.long_texts == "chunk"
         self.stride = cfg.model.stride
+        self.backend = None  # setup: the tokenizer's Rust backend, when it encodes as the tokenizer does
         if self.single_text and cfg.data.text_pair_column:
             raise ConfigError(f"data.text_pair_column cannot be used with model.task={self.name}: {self.single_text}")
 
@@ -148,10 +149,10 @@ class Task:
     # -- data --------------------------------------------------------------
     def encode(self, texts: Sequence[str], pairs: Optional[Sequence[str]] = None) -> Encoded:
         """A row's feature is its token ids, with token_type_ids for a pair on a model that uses types."""
-        if pairs is None and not self.chunk and getattr(self, "backend", None) is not None:
+        if pairs is None and not self.chunk and self.backend is not None:
             encodings = self.backend(list(texts), self.max_length)
             features = TokenRows.from_lists([e.ids for e in encodings])
-            return Encoded(features, features.lengths, sum(1 for e in encodings if e.overflowing), None)
+            return Encoded(features, features.lengths, count_truncated(encodings), None)
         types = pairs is not None and self.token_types
         enc = self.tokenizer(list(texts), list(pairs) if pairs is not None else None,
                              truncation=True, max_length=self.max_length,
@@ -167,7 +168,7 @@ class Task:
         """(texts truncated, window_row) of a tokenizer output made with window_options()."""
         if self.chunk:
             return 0, np.asarray(enc["overflow_to_sample_mapping"], dtype=np.int64)
-        return count_truncated(enc), None
+        return count_truncated(enc.encodings), None
 
     def collate(self, features: TokenRows) -> Dict[str, Any]:
         """Tensors for the model, with "input_ids" (the batcher counts padding from it).
@@ -242,9 +243,9 @@ def rust_backend(tokenizer, probe_length: int):
     return call if same else None
 
 
-def count_truncated(enc) -> int:
-    """Sequences a fast tokenizer cut at max_length."""
-    return sum(1 for e in enc.encodings if e.overflowing) if enc.encodings else 0
+def count_truncated(encodings) -> int:
+    """Sequences a fast tokenizer cut at max_length, from its Rust encodings (BatchEncoding.encodings)."""
+    return sum(1 for e in encodings if e.overflowing) if encodings else 0
 
 
 def pad_multiple(setting: Union[int, str], device_type: str) -> int:

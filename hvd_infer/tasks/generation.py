@@ -80,7 +80,7 @@ class TextGeneration(Task):
             start = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id]
             ids = [x or start for x in ids]
         features = TokenRows.from_lists(ids)
-        return Encoded(features, features.lengths, count_truncated(enc))
+        return Encoded(features, features.lengths, count_truncated(enc.encodings))
 
     def collate(self, features):
         return self.pad_batch(features, side="left")

@@ -190,6 +190,15 @@ class Tracker:
             self.live_points = live.points
         if system is not None:
             system.finish()
+            # MLflow's monitor logs only after a whole sampling interval: a rank that scored for less
+            # (its monitor starts once the model is loaded) would have no system metrics. One last
+            # sample, logged now, gives every rank its end-of-scoring figures.
+            try:
+                system.collect_metrics()
+                system.publish_metrics(system.aggregate_metrics())
+                system.mlflow_logger.flush()
+            except Exception as e:  # never fail a job over its system metrics
+                log.warning("MLflow: last system metrics not logged (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def _connect(self):
         _quiet()

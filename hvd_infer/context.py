@@ -56,6 +56,25 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+# The CPU flags that decide which precisions are fast here (bf16 natively, int8 with VNNI).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_facts() -> dict:
+    """This CPU's model name, usable cores and the flags of CPU_FLAGS (each True or False), from /proc/cpuinfo."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": cpu_cores(), **{f: f in flags for f in CPU_FLAGS}}
+
+
 def idle_threads_sleep() -> None:
     """Make OpenMP threads sleep when idle instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set).
 

@@ -47,12 +47,10 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get(NATIVE_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+    from hvd_infer.context import cpu_facts
+
+    facts = cpu_facts()
+    return facts["avx512_bf16"] or facts["amx_bf16"]
 
 
 def resolve_model_path(path: str, tracking_uri: Optional[str] = None) -> str:

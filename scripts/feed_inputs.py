@@ -4,7 +4,6 @@
     write_corpus(dir, texts)           Parquet (id, text) over several files and row groups
     bert_classifier(dir, ...)          a randomly initialised BERT with MiniLM's real tokenizer
     run_job(cmd, env)                  a hvd_infer command: its summary, wall clock, peak RSS per rank
-    cpu_facts()                        the CPU model and the flags that decide bf16 / int8 speed
 """
 from __future__ import annotations
 
@@ -111,23 +110,6 @@ def bert_classifier(path: str, layers: int, hidden: int, heads: int, num_labels:
     AutoTokenizer.from_pretrained(tokenizer_dir or minilm_tokenizer_dir()).save_pretrained(tmp)
     os.rename(tmp, path)
     return path
-
-
-def cpu_facts() -> Dict[str, Any]:
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    from hvd_infer.context import cpu_cores
-
-    return {"cpu": model, "cores": cpu_cores(),
-            **{f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")}}
 
 
 class TreeRss:

@@ -142,7 +142,7 @@ def finished_job(tiny_classifier, tmp_path_factory):
     ("input", "input"),
     ("model.path", "model_path"),
     ("model.task=embedding", "task"),
-    ("model.dtype=bfloat16", "dtype"),
+    ("model.dtype=bfloat16 model.allow_slow_bf16=true", "dtype"),  # runs on every CPU, refused for dtype
     ("model.quantize=int8", "quantize"),
     ("data.id_columns=[id,doc]", "id_columns"),
     ("data.on_null=empty", "on_null"),
@@ -151,7 +151,7 @@ def finished_job(tiny_classifier, tmp_path_factory):
 def test_resume_refuses_a_changed_job(change, key, finished_job, tiny_classifier, tmp_path):
     tmp, data, out = finished_job
     before = stats(out)
-    extra = [change] if "=" in change else []
+    extra = change.split() if "=" in change else []
     model = builders.tiny_bert(str(tmp_path / "other"), seed=1) if change == "model.path" else tiny_classifier
     added = data / "part-999.parquet"
     if change == "input":

@@ -18,16 +18,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import builders  # noqa: E402
 
 
-def pytest_report_header(config):
-    """The CPU this run met: which precision tests run natively here and which are skipped."""
+def pytest_sessionstart(session):
+    """Says at the start (also under -q) which CPU this run met: which precision tests run natively here."""
     from hvd_infer.context import cpu_facts
     from hvd_infer.model import NATIVE_BF16_ENV, cpu_has_native_bf16
 
     facts = cpu_facts()
     flags = " ".join(f for f, v in facts.items() if v is True) or "none of avx2/avx512"
     forced = f" ({NATIVE_BF16_ENV}={os.environ[NATIVE_BF16_ENV]})" if NATIVE_BF16_ENV in os.environ else ""
-    return [f"cpu: {facts['cpu']}, {facts['cores']} usable cores; flags: {flags}",
-            f"native bf16: {'yes' if cpu_has_native_bf16() else 'no, tests marked native_bf16 are skipped'}{forced}"]
+    bf16 = "yes" if cpu_has_native_bf16() else "no, tests marked native_bf16 are skipped"
+    session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+        f"cpu: {facts['cpu']}, {facts['cores']} usable cores; flags: {flags}; native bf16: {bf16}{forced}")
 
 
 def pytest_runtest_setup(item):

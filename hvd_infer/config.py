@@ -122,7 +122,8 @@ class RuntimeConfig:
     seed: int = 0
     # A rank with no batch scored and no part written for this long fails the job in one line naming the stuck
     # stage, with its threads' stacks in a file beside the output. auto (default): 600 s, or 10x the longest wait
-    # between two batches so far when that is longer; a rank waiting for the others at the end adds its own scoring time
+    # between two batches so far when that is longer. A rank waiting for the others at the end allows twice that
+    # plus the time its own share took
     stall_timeout_s: Union[float, Literal["auto"]] = bounded("auto", 0, lo_open=True, note=" seconds, or auto")
 
 

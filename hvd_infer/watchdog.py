@@ -35,7 +35,7 @@ STALL_MINIMUM_S = 600.0
 # batches take a minute each, a part that takes long to write), when that is longer.
 STALL_GAPS = 10.0
 # The stage of a rank in the job's closing collectives: it waits there for the other ranks to finish
-# their shares, which are about as large as its own, so the limit there adds the time it took.
+# their shares, which are about as large as its own (Watchdog.limit).
 COLLECTIVE = "a collective"
 
 
@@ -78,7 +78,9 @@ class Watchdog:
         else:
             base = float(self.setting)
         if stage == COLLECTIVE and self.scoring_seconds is not None:
-            base += self.scoring_seconds
+            # Another rank may still work for about as long as this one did, then stall and take the limit
+            # to report it: twice the limit, so that the rank that is stuck is the one that reports.
+            return 2 * base + self.scoring_seconds
         return base
 
     def _watch(self) -> None:
@@ -106,7 +108,10 @@ class Watchdog:
 
     def _fail(self, stage: str, waiting_for: str, idle: float) -> None:
         setting = (f"auto: {self.limit(stage):.0f} s" if self.setting == "auto" else f"{float(self.setting):g}")
-        where = self._write_stacks(stage)
+        try:
+            where = self._write_stacks(stage)
+        except Exception as e:  # the line and the exit matter more
+            where = f"not written ({type(e).__name__}: {e})"
         line = (f"rank {self.rank} stalled in {stage}: no batch scored and no part written for {idle:.0f} s "
                 f"(runtime.stall_timeout_s={setting}); it waited for {waiting_for}. Stacks of its threads: {where}. "
                 f"Finished parts are kept: rerun with output.mode=resume")

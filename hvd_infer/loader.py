@@ -378,6 +378,8 @@ class _WorkerProcesses:
 
     def stacks(self) -> str:
         """Each worker's stacks, written by faulthandler in the worker on SIGUSR1, one worker at a time."""
+        if self.dataset.stacks.closed:
+            return "\n(the data loader workers had finished)\n"
         fd = self.dataset.stacks.fileno()
         for w, pid in enumerate(self.dataset.pids):
             os.write(fd, f"\n--- data loader worker {w} (pid {pid or 'not started'}) ---\n".encode())

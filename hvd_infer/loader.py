@@ -363,18 +363,38 @@ class _WorkerProcesses:
             return RuntimeError(f"data loader worker {w} failed on {where}: {text}\n"
                                 f"the worker's traceback:\n{tb}")
         m = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (.*)", str(error))
-        if not m:
-            return None
-        pids = [int(p) for p in m.group(1).split(",")]
-        cause = m.group(2).strip().rstrip(".")
+        if m:
+            pids = [int(p) for p in m.group(1).split(",")]
+            cause = m.group(2).strip().rstrip(".")
+        else:
+            # A death can reach the rank first as another error: a batch's shared memory cut off mid-transfer
+            # (ConnectionResetError in torch's unpickling), seen as the worker's sockets close, before it has
+            # ended. The workers' exit codes tell, a moment later.
+            try:
+                ended = self._ended_workers(wait=5.0 if isinstance(error, (ConnectionError, EOFError)) else 0.0)
+            except RuntimeError as death:  # torch's SIGCHLD handler, raised here as the worker ends: it names it
+                return self.explain(death) if "DataLoader worker" in str(death) else None
+            if not ended:
+                return None
+            pids, code = list(ended), next(iter(ended.values()))
+            cause = f"is killed by signal: {signal.strsignal(-code)}" if code < 0 else f"exited unexpectedly with code {code}"
         dead = [w for w in range(len(self.dataset.pids)) if self.dataset.pids[w] in pids]
         units = self.dataset.states.unit
         where = ", ".join(f"worker {w} on {self.names[units[w]]}" if units[w] >= 0 else f"worker {w} before its first part"
                           for w in dead)
         hint = ("out of memory? lower data.workers or data.sort_window" if "Killed" in cause or "signal" in cause
                 else "see the log above")
-        return DataError(f"a data loader process died ({where or 'pid ' + m.group(1)}: {cause}); {hint}, then rerun "
+        return DataError(f"a data loader process died ({where or 'pid ' + ', '.join(map(str, pids))}: {cause}); {hint}, then rerun "
                          "with output.mode=resume")
+
+    def _ended_workers(self, wait: float) -> Dict[int, int]:
+        """{pid: exit code} of the workers that ended with an error, waiting up to `wait` seconds for one."""
+        deadline = time.monotonic() + wait
+        while True:
+            ended = {p.pid: p.exitcode for p in self.iterator._workers if p.exitcode not in (None, 0)}
+            if ended or time.monotonic() >= deadline:
+                return ended
+            time.sleep(0.1)
 
     def stacks(self) -> str:
         """Each worker's stacks, written by faulthandler in the worker on SIGUSR1, one worker at a time."""
@@ -395,5 +415,11 @@ class _WorkerProcesses:
 
     def close(self) -> None:
         # Stops and joins the workers now, not whenever the iterator is garbage collected.
-        self.iterator._shutdown_workers()
+        try:
+            self.iterator._shutdown_workers()
+        except RuntimeError as e:
+            # torch's SIGCHLD guard, for a worker that died while they were stopped: the job is failing with
+            # that death named already (explain), or had all it needed from that worker.
+            if "DataLoader worker" not in str(e):
+                raise
         self.dataset.stacks.close()

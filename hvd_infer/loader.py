@@ -36,8 +36,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch.utils.data
 
 from hvd_infer.batcher import Batch, PartWork, part_batches
-from hvd_infer.context import launcher_rank
 from hvd_infer.config import DataConfig
+from hvd_infer.context import launcher_rank
 from hvd_infer.errors import DataError, UserError
 from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import Part, pieces_of
@@ -377,15 +377,16 @@ class _WorkerProcesses:
             if not ended:
                 return None
             pids, code = list(ended), next(iter(ended.values()))
-            cause = f"is killed by signal: {signal.strsignal(-code)}" if code < 0 else f"exited unexpectedly with code {code}"
+            cause = (f"is killed by signal: {signal.strsignal(-code)}" if code < 0
+                     else f"exited unexpectedly with code {code}")
         dead = [w for w in range(len(self.dataset.pids)) if self.dataset.pids[w] in pids]
         units = self.dataset.states.unit
         where = ", ".join(f"worker {w} on {self.names[units[w]]}" if units[w] >= 0 else f"worker {w} before its first part"
                           for w in dead)
         hint = ("out of memory? lower data.workers or data.sort_window" if "Killed" in cause or "signal" in cause
                 else "see the log above")
-        return DataError(f"a data loader process died ({where or 'pid ' + ', '.join(map(str, pids))}: {cause}); {hint}, then rerun "
-                         "with output.mode=resume")
+        where = where or "pid " + ", ".join(map(str, pids))
+        return DataError(f"a data loader process died ({where}: {cause}); {hint}, then rerun with output.mode=resume")
 
     def _ended_workers(self, wait: float) -> Dict[int, int]:
         """{pid: exit code} of the workers that ended with an error, waiting up to `wait` seconds for one."""

@@ -56,7 +56,7 @@ class Watchdog:
 
     @contextlib.contextmanager
     def stage(self, name: str, waiting_for: Union[str, Callable[[], str]]):
-        """The rank's main thread is in stage `name`, waiting for `waiting_for` (or what it returns), while inside."""
+        """The rank's main thread is in stage `name`, waiting for `waiting_for` (or what it returns) while inside."""
         outer, self._stage = self._stage, (name, waiting_for)
         try:
             yield

@@ -114,8 +114,10 @@ class BatchLoader:
         while True:
             t = time.perf_counter()
             self.waiting = True
-            batch = next(items, None)
-            self.waiting = False
+            try:
+                batch = next(items, None)
+            finally:
+                self.waiting = False
             self.wait_seconds += time.perf_counter() - t
             if batch is None:
                 return

@@ -120,7 +120,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, envir
     loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
     writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
-    watch = Watchdog(cfg, ctx.rank, fig, loader, writer, tracker)
+    watch = Watchdog(cfg, ctx.rank, fig, loader, tracker)
     try:
         _score_share(cfg, ctx, task, model, loader, writer, watch, evaluation, tracker, fig, bar)
         fig.seconds = time.perf_counter() - t_loop

@@ -1,9 +1,9 @@
 """No silent stall: a thread in each rank that ends the job when the rank stops making progress.
 
-    watch = Watchdog(cfg, rank, fig, loader, writer, tracker)   # from the start of scoring
+    watch = Watchdog(cfg, rank, fig, loader, tracker)   # from the start of scoring
     with watch.stage("the model", "its forward pass on a batch of 32 rows"):
         out = task.predict(model, batch)
-    watch.stop()                                                  # after the job's last collective
+    watch.stop()                                          # after the job's last collective
 
 Progress is a batch scored or a part written (RankFigures.batches, .parts). When there has been
 none for the limit (runtime.stall_timeout_s; auto: STALL_MINIMUM_S, or STALL_GAPS times the
@@ -14,8 +14,8 @@ the rank's threads and its workers' (faulthandler) to a file beside the output; 
 run failed; and ends the process (exit 1: not a user error). Finished parts stay for
 output.mode=resume; _SUCCESS is never written.
 
-The thread that is stuck may hold the GIL's turn in a C call or wait on a lock forever, so the
-rank is ended with os._exit, not an exception; its workers end with it (loader.py).
+The stuck thread may be inside a C call or waiting on a lock that is never released, where no
+exception reaches it, so the rank ends with os._exit; its workers end with it (loader.py).
 """
 from __future__ import annotations
 
@@ -37,19 +37,20 @@ STALL_GAPS = 10.0
 # The stage of a rank in the job's closing collectives: it waits there for the other ranks to finish
 # their shares, which are about as large as its own (Watchdog.limit).
 COLLECTIVE = "a collective"
+POLL_S = 1.0  # how often the watchdog looks
 
 
 class Watchdog:
-    def __init__(self, cfg, rank: int, fig, loader, writer, tracker, poll_s: float = 1.0):
+    def __init__(self, cfg, rank: int, fig, loader, tracker):
         self.setting: Union[float, str] = cfg.runtime.stall_timeout_s
         self.output_url, self.storage_options = cfg.output.path, cfg.output.storage_options
-        self.rank, self.fig, self.loader, self.writer, self.tracker = rank, fig, loader, writer, tracker
-        self.poll_s = poll_s
+        self.rank, self.fig, self.loader, self.tracker = rank, fig, loader, tracker
         self.started = self.last_progress = time.monotonic()
         self.longest_gap = 0.0
         self.scoring_seconds: Optional[float] = None  # set when the rank's own share is done
         self._progress = (fig.batches, fig.parts)
-        self._stage: Optional[Tuple[str, Union[str, Callable[[], str]]]] = None  # (stage, what it waits for) marked by the caller
+        # (stage, what it waits for) as the caller marks them (Watchdog.stage)
+        self._stage: Optional[Tuple[str, Union[str, Callable[[], str]]]] = None
         self._stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="hvd_infer-watchdog", daemon=True)
         self.thread.start()
@@ -84,7 +85,7 @@ class Watchdog:
         return base
 
     def _watch(self) -> None:
-        while not self._stopped.wait(self.poll_s):
+        while not self._stopped.wait(POLL_S):
             now = time.monotonic()
             progress = (self.fig.batches, self.fig.parts)
             if progress != self._progress:

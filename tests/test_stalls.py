@@ -56,6 +56,24 @@ def test_user_environment_names_mlflow_variables_without_their_values():
                                      "CUDA_VISIBLE_DEVICES": "", "MLFLOW_TRACKING_TOKEN": "set"}
 
 
+def test_stall_limit_auto_scales_with_the_longest_wait_and_the_ranks_own_share():
+    from hvd_infer.config import load_config
+    from hvd_infer.summary import RankFigures
+    from hvd_infer.watchdog import COLLECTIVE, Watchdog
+
+    base = {"model": {"path": "/m"}, "data": {"path": "/d"}, "output": {"path": "/o"}}
+    for setting, limits in [("auto", (600, 900, 1900)), (20, (20, 20, 140))]:
+        watch = Watchdog(load_config(base, [f"runtime.stall_timeout_s={setting}"]), 0, RankFigures(), None, None)
+        try:
+            assert watch.limit("the model") == limits[0]
+            watch.longest_gap = 90.0  # a batch once took 90 s to come
+            assert watch.limit("the model") == limits[1]
+            watch.scoring_seconds = 100.0  # the rank's own share took 100 s; it now waits for the others
+            assert watch.limit(COLLECTIVE) == limits[2] and watch.limit("writing") == limits[1]
+        finally:
+            watch.stop()
+
+
 def _part_names(out, rank):
     return {n for n in os.listdir(out) if n.startswith(f"part-r{rank:05d}")} if out.exists() else set()
 
@@ -99,6 +117,10 @@ def test_stalled_worker_ends_the_job_in_one_line_within_the_timeout_then_resume_
     text = stacks.read_text()
     assert "data loader worker 0" in text and "data loader worker 1" in text and "in _marked_chunks" in text
     assert seen and seen <= _part_names(out, 1)  # finished parts kept
+    deadline = time.time() + 60  # a bound against orphans: rank 1's sleeping workers end with it
+    while time.time() < deadline and any(_alive(p) for group in _job_processes(str(out)) for p in group):
+        time.sleep(0.5)
+    assert not any(_alive(p) for group in _job_processes(str(out)) for p in group)
 
     r = horovodrun(2, job + ["output.mode=resume"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

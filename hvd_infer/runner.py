@@ -122,7 +122,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, envir
     writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
     watch = Watchdog(cfg, ctx.rank, fig, loader, tracker)
     try:
-        _score_share(cfg, ctx, task, model, loader, writer, watch, evaluation, tracker, fig, bar)
+        _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar)
         fig.seconds = time.perf_counter() - t_loop
         fig.wait_seconds = loader.wait_seconds
         fig.total_seconds = time.perf_counter() - t_start
@@ -140,7 +140,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, envir
     return fig.as_dict()
 
 
-def _score_share(cfg: JobConfig, ctx, task, model, loader, writer, watch, evaluation, tracker, fig, bar) -> None:
+def _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar) -> None:
     """This rank's parts: batches from the loader through the model to the writer, every part written."""
     from hvd_infer.batcher import rows_from_windows
     from hvd_infer.context import release_free_memory

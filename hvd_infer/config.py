@@ -120,6 +120,11 @@ class RuntimeConfig:
     threads: int = bounded(0, 0, note=" (0 = auto)")  # torch threads per rank; 0 = CPU cores // ranks on this host
     progress: bool = True  # tqdm bar on rank 0
     seed: int = 0
+    # A rank with no batch scored and no part written for this long fails the job in one line naming the stuck
+    # stage, with its threads' stacks in a file beside the output. auto (default): 600 s, or 10x the longest wait
+    # between two batches so far when that is longer. A rank waiting for the others at the end allows twice that
+    # plus the time its own share took
+    stall_timeout_s: Union[float, Literal["auto"]] = bounded("auto", 0, lo_open=True, note=" seconds, or auto")
 
 
 @dataclass

@@ -10,13 +10,24 @@ through Petastorm (reader.py), tokenizes and pads them (batcher.py) and the batc
 through shared memory, parts of different workers interleaved. The rank's process does little
 but call the model. data.workers = 0 does the same work in one background thread (debugging,
 tiny jobs). A worker that fails or dies fails the job at once, naming its part.
+
+Each producer (worker or thread) keeps in shared memory what it is doing (reading, tokenizing, or
+handing over a batch), since when, and on which unit: the rank's watchdog (watchdog.py) names a
+stuck producer from it. A worker tokenizes on one thread whatever TOKENIZERS_PARALLELISM says
+(the tokenizer's Rust thread pool, used in the rank before the fork, deadlocks in a forked
+child), dies with its rank however the rank ends (PR_SET_PDEATHSIG), and writes its threads'
+stacks when the rank asks (SIGUSR1, faulthandler).
 """
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import multiprocessing
 import os
 import queue
 import re
+import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -26,6 +37,7 @@ import torch.utils.data
 
 from hvd_infer.batcher import Batch, PartWork, part_batches
 from hvd_infer.config import DataConfig
+from hvd_infer.context import launcher_rank
 from hvd_infer.errors import DataError, UserError
 from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import Part, pieces_of
@@ -40,6 +52,12 @@ CPU_WORKERS = 0
 # while the rank waits on another worker that is tokenizing. 8 fed the null model 10% faster
 # (bench_feed -np 1 data.workers=2 on 2 cores; 32 was no better).
 PREFETCH = 8
+# What a producer is doing, as kept in ProducerStates.stage.
+STARTING, READING, TOKENIZING, HANDING_OVER, DONE = range(5)
+STAGE_NAMES = ("starting", "reading", "tokenizing", "handing over a batch", "done")
+# Test-only: "RANK:STAGE" (e.g. "1:tokenizing") makes each producer of that rank sleep an hour when it
+# enters that stage of its second unit: a stalled stage for tests/test_stalls.py.
+TEST_STALL_ENV = "HVD_INFER_TEST_STALL"
 
 
 def resolve_workers(setting: Any, device_type: str, cores: int, ranks_on_host: int) -> int:
@@ -85,16 +103,21 @@ class BatchLoader:
         self._finished: Dict[int, List[PartWork]] = {}  # by part start: its finished units' work
         self.workers = min(workers, len(units))
         self.wait_seconds = 0.0
+        self.waiting = False  # the caller is waiting for a batch (read by the watchdog)
         make = _PartsDataset(inp, [unit for _, unit in units], columns, task, cfg, batch_rows, max_tokens)
-        names = [_part_name(parts[k]) for k, _ in units]
-        self._source = (_WorkerProcesses(make, self.workers, pin_memory, names) if self.workers
+        self.names = [_part_name(parts[k]) for k, _ in units]  # of each unit's part
+        self._source = (_WorkerProcesses(make, self.workers, pin_memory, self.names) if self.workers
                         else _BackgroundThread(make, pin_memory))
 
     def __iter__(self) -> Iterator[Batch]:
         items = iter(self._source)
         while True:
             t = time.perf_counter()
-            batch = next(items, None)
+            self.waiting = True
+            try:
+                batch = next(items, None)
+            finally:
+                self.waiting = False
             self.wait_seconds += time.perf_counter() - t
             if batch is None:
                 return
@@ -130,6 +153,28 @@ class BatchLoader:
         """
         return self._source.explain(error) if self.workers else None
 
+    def stuck(self) -> Tuple[str, str]:
+        """(the stage, what it waits for) of the producer that has been at its current step the longest,
+        for a rank waiting on a batch: 'tokenizing in data loader worker 1', 'its batches of the part ...'."""
+        states, now = self._source.states, time.monotonic()
+        busy = [p for p in range(len(states)) if states.stage[p] in (STARTING, READING, TOKENIZING)]
+        if not busy:
+            ready = ", ".join(f"{self._producer(p)} {STAGE_NAMES[states.stage[p]]}" for p in range(len(states)))
+            return "the data loader", f"a batch, while {ready}"
+        p = min(busy, key=lambda p: states.since[p])
+        stage, unit = states.stage[p], states.unit[p]
+        where = self.names[unit] if unit >= 0 else "its first part"
+        return (f"{STAGE_NAMES[stage]} in {self._producer(p)}",
+                f"{'the rows' if stage == READING else 'the batches'} of {where}, {STAGE_NAMES[stage]} for "
+                f"{now - states.since[p]:.0f} s")
+
+    def _producer(self, p: int) -> str:
+        return f"data loader worker {p}" if self.workers else "the loader thread"
+
+    def worker_stacks(self) -> str:
+        """The stacks of every worker process's threads ('' with the thread: the rank's own stacks show it)."""
+        return self._source.stacks() if self.workers else ""
+
     def close(self) -> None:
         self._source.close()
 
@@ -141,12 +186,59 @@ class _PartsDataset:
         self.inp, self.units, self.columns, self.task, self.cfg = inp, units, columns, task, cfg
         self.batch_rows, self.max_tokens = batch_rows, max_tokens
 
-    def batches(self, indices: List[int], started=None) -> Iterator[Batch]:
-        """Batches of units[i] for i in indices; started(i) is called as each unit begins."""
+    def batches(self, indices: List[int], states: "ProducerStates", slot: int) -> Iterator[Batch]:
+        """Batches of units[i] for i in indices, each step marked in states[slot] as it begins."""
+        mark = _marker(states, slot)
+        mark(indices[0] if indices else -1, READING)  # opening the reader reads the first row group's footer
         for i, (unit, chunks) in zip(indices, read_parts(self.inp, [self.units[i] for i in indices], self.columns)):
-            if started is not None:
-                started(i)
-            yield from part_batches(unit, chunks, self.task, self.cfg, self.batch_rows, self.max_tokens)
+            for batch in part_batches(unit, _marked_chunks(chunks, i, mark), self.task, self.cfg, self.batch_rows,
+                                      self.max_tokens):
+                mark(i, HANDING_OVER)
+                yield batch
+                mark(i, TOKENIZING)
+        mark(states.unit[slot], DONE)
+
+
+class ProducerStates:
+    """What each producer is doing (STAGE_NAMES), since when (time.monotonic, the same clock in every
+    process of a host) and on which unit (-1: none): shared memory with worker processes (mp given),
+    plain lists for the thread."""
+
+    def __init__(self, producers: int, mp=None):
+        array = (lambda code, values: mp.Array(code, values, lock=False)) if mp else (lambda code, values: values)
+        self.stage = array("i", [STARTING] * producers)
+        self.since = array("d", [time.monotonic()] * producers)
+        self.unit = array("q", [-1] * producers)
+
+    def __len__(self) -> int:
+        return len(self.stage)
+
+
+def _marker(states: ProducerStates, slot: int):
+    """mark(unit, stage) for one producer; with TEST_STALL_ENV naming this rank and a stage, it sleeps there."""
+    stall = os.environ.get(TEST_STALL_ENV, "").split(":")
+    stall_stage = STAGE_NAMES.index(stall[1]) if len(stall) == 2 and stall[0] == str(launcher_rank()) else None
+    units_begun = []
+
+    def mark(unit: int, stage: int) -> None:
+        if states.unit[slot] != unit and unit >= 0:
+            units_begun.append(unit)
+        states.stage[slot], states.since[slot], states.unit[slot] = stage, time.monotonic(), unit
+        if stage == stall_stage and len(units_begun) == 2:
+            time.sleep(3600)
+
+    return mark
+
+
+def _marked_chunks(chunks: Iterator, unit: int, mark) -> Iterator:
+    """A unit's chunks, marked reading while each is read and tokenizing once it is handed on."""
+    while True:
+        mark(unit, READING)
+        cols = next(chunks, None)
+        mark(unit, TOKENIZING)
+        if cols is None:
+            return
+        yield cols
 
 
 def _part_name(part: Part) -> str:
@@ -156,6 +248,7 @@ def _part_name(part: Part) -> str:
 class _BackgroundThread:
     def __init__(self, make: _PartsDataset, pin_memory: bool):
         self.make, self.pin_memory = make, pin_memory
+        self.states = ProducerStates(1)
         self.queue: "queue.Queue" = queue.Queue(maxsize=8)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._produce, name="hvd_infer-batcher", daemon=True)
@@ -172,7 +265,7 @@ class _BackgroundThread:
 
     def _produce(self) -> None:
         try:
-            for batch in self.make.batches(list(range(len(self.make.units)))):
+            for batch in self.make.batches(list(range(len(self.make.units))), self.states, 0):
                 if not self._put(batch.pin_memory() if self.pin_memory else batch):
                     return
             self._put(None)
@@ -196,31 +289,55 @@ class _BackgroundThread:
 class _WorkerDataset(torch.utils.data.IterableDataset):
     """What each DataLoader worker iterates: its round-robin share of the units.
 
-    Before each unit a worker writes the unit's index into shared memory, and its pid once;
-    a failure is sent to the rank on a queue, with the part, before it re-raises (torch hands
-    on an error as a multi-line message with the traceback folded in). The queue writes to
-    its pipe at once, so the rank finds the failure there when torch reports it.
+    Each worker marks its steps in `states` and writes its pid once; a failure is sent to the
+    rank on a queue, with the part, before it re-raises (torch hands on an error as a multi-line
+    message with the traceback folded in). The queue writes to its pipe at once, so the rank
+    finds the failure there when torch reports it.
     """
 
     def __init__(self, make: _PartsDataset, workers: int, mp):
         self.make, self.workers = make, workers
-        self.current = mp.Array("q", [-1] * workers, lock=False)  # unit index each worker is on
+        self.states = ProducerStates(workers, mp)
         self.pids = mp.Array("q", [0] * workers, lock=False)
         self.failures = mp.SimpleQueue()
+        self.rank_pid = os.getpid()
+        # Where the workers write their stacks when the rank sends SIGUSR1: an unnamed file,
+        # shared through the fork, that leaves nothing behind unless the rank copies it out.
+        self.stacks = tempfile.TemporaryFile()
 
     def __iter__(self) -> Iterator[Batch]:
         from torch.utils.data import get_worker_info
 
         w = get_worker_info().id
+        _end_with_rank(self.rank_pid)
+        # The tokenizer's Rust thread pool lives in the rank's process, not in this forked copy of it:
+        # with parallelism on, the first batch call here waits forever for threads that do not exist.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        faulthandler.register(signal.SIGUSR1, file=self.stacks.fileno(), all_threads=True, chain=False)
         self.pids[w] = os.getpid()
         try:
-            yield from self.make.batches(list(range(w, len(self.make.units), self.workers)),
-                                         started=lambda i: self.current.__setitem__(w, i))
+            yield from self.make.batches(list(range(w, len(self.make.units), self.workers)), self.states, w)
         except Exception as e:
             # A user error pickles as it is; anything else goes as text (it may not pickle).
-            self.failures.put((w, self.current[w], e if isinstance(e, UserError) else None,
+            self.failures.put((w, self.states.unit[w], e if isinstance(e, UserError) else None,
                                f"{type(e).__name__}: {e}", traceback.format_exc()))
             raise
+
+
+def _end_with_rank(rank_pid: int) -> None:
+    """This worker is killed when the rank's process ends, however it ends (Linux; elsewhere torch's own
+    check of the parent, between batches, remains).
+
+    A scheduler that SIGKILLs the launcher's process group, or horovodrun stopping a rank,
+    would otherwise leave the workers running, reparented to init.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: for the thread that forked this one, the rank's main thread
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != rank_pid:  # the rank ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _WorkerProcesses:
@@ -229,6 +346,7 @@ class _WorkerProcesses:
         # loaded; it only tokenizes and pads (torch runs single-threaded in DataLoader workers).
         mp = multiprocessing.get_context("fork")
         self.dataset = _WorkerDataset(make, workers, mp)
+        self.states = self.dataset.states
         self.names = names  # of each unit's part
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                              pin_memory=pin_memory, multiprocessing_context=mp, in_order=False,
@@ -247,18 +365,64 @@ class _WorkerProcesses:
             return RuntimeError(f"data loader worker {w} failed on {where}: {text}\n"
                                 f"the worker's traceback:\n{tb}")
         m = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (.*)", str(error))
-        if not m:
-            return None
-        pids = [int(p) for p in m.group(1).split(",")]
-        cause = m.group(2).strip().rstrip(".")
+        if m:
+            pids = [int(p) for p in m.group(1).split(",")]
+            cause = m.group(2).strip().rstrip(".")
+        else:
+            # A death can reach the rank first as another error: a batch's shared memory cut off mid-transfer
+            # (ConnectionResetError in torch's unpickling), seen as the worker's sockets close, before it has
+            # ended. The workers' exit codes tell, a moment later.
+            try:
+                ended = self._ended_workers(wait=5.0 if isinstance(error, (ConnectionError, EOFError)) else 0.0)
+            except RuntimeError as death:  # torch's SIGCHLD handler, raised here as the worker ends: it names it
+                return self.explain(death) if "DataLoader worker" in str(death) else None
+            if not ended:
+                return None
+            pids, code = list(ended), next(iter(ended.values()))
+            cause = (f"is killed by signal: {signal.strsignal(-code)}" if code < 0
+                     else f"exited unexpectedly with code {code}")
         dead = [w for w in range(len(self.dataset.pids)) if self.dataset.pids[w] in pids]
-        where = ", ".join(f"worker {w} on {self.names[self.dataset.current[w]]}"
-                          if self.dataset.current[w] >= 0 else f"worker {w} before its first part" for w in dead)
+        units = self.dataset.states.unit
+        where = ", ".join(f"worker {w} on {self.names[units[w]]}" if units[w] >= 0 else f"worker {w} before its first part"
+                          for w in dead)
         hint = ("out of memory? lower data.workers or data.sort_window" if "Killed" in cause or "signal" in cause
                 else "see the log above")
-        return DataError(f"a data loader process died ({where or 'pid ' + m.group(1)}: {cause}); {hint}, then rerun "
-                         "with output.mode=resume")
+        where = where or "pid " + ", ".join(map(str, pids))
+        return DataError(f"a data loader process died ({where}: {cause}); {hint}, then rerun with output.mode=resume")
+
+    def _ended_workers(self, wait: float) -> Dict[int, int]:
+        """{pid: exit code} of the workers that ended with an error, waiting up to `wait` seconds for one."""
+        deadline = time.monotonic() + wait
+        while True:
+            ended = {p.pid: p.exitcode for p in self.iterator._workers if p.exitcode not in (None, 0)}
+            if ended or time.monotonic() >= deadline:
+                return ended
+            time.sleep(0.1)
+
+    def stacks(self) -> str:
+        """Each worker's stacks, written by faulthandler in the worker on SIGUSR1, one worker at a time."""
+        if self.dataset.stacks.closed:
+            return "\n(the data loader workers had finished)\n"
+        fd = self.dataset.stacks.fileno()
+        for w, pid in enumerate(self.dataset.pids):
+            os.write(fd, f"\n--- data loader worker {w} (pid {pid or 'not started'}) ---\n".encode())
+            if not pid:  # kill(0) would signal the whole process group
+                continue
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except (ProcessLookupError, PermissionError):
+                os.write(fd, b"(not running)\n")
+                continue
+            time.sleep(0.5)  # faulthandler writes from the signal handler, at once
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def close(self) -> None:
         # Stops and joins the workers now, not whenever the iterator is garbage collected.
-        self.iterator._shutdown_workers()
+        try:
+            self.iterator._shutdown_workers()
+        except RuntimeError as e:
+            # torch's SIGCHLD guard, for a worker that died while they were stopped: the job is failing with
+            # that death named already (explain), or had all it needed from that worker.
+            if "DataLoader worker" not in str(e):
+                raise
+        self.dataset.stacks.close()

@@ -30,6 +30,9 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     t_start = time.perf_counter()
     cfg = config if isinstance(config, JobConfig) and not overrides else load_config(config, **overrides)
     from hvd_infer.context import idle_threads_sleep
+    from hvd_infer.summary import user_environment
+
+    environment = user_environment()  # before the defaults below are set
 
     idle_threads_sleep()  # before torch is imported
     quiet_libraries()
@@ -65,9 +68,10 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         tracker = Tracker(cfg, ctx)
         # Rank 0 creates the MLflow run while the other ranks load their model; _score shares it.
         tracker.start({"world_size": ctx.size, "input_files": len(inp.files), "input_rows": inp.total_rows,
-                       "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done)})
+                       "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done),
+                       **{f"env.{name}": value for name, value in environment.items()}})
         try:
-            return _score(cfg, ctx, inp, parts, task, tracker, t_start)
+            return _score(cfg, ctx, inp, parts, task, tracker, t_start, environment)
         except BaseException as e:
             tracker.fail(e)
             raise
@@ -75,14 +79,15 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         ctx.shutdown()
 
 
-def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Dict[str, Any]:
-    from hvd_infer.batcher import batch_limits, dedup_off, rows_from_windows
-    from hvd_infer.context import cpu_cores, release_free_memory
+def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, environment: Dict[str, str]
+           ) -> Dict[str, Any]:
+    from hvd_infer.batcher import batch_limits, dedup_off
+    from hvd_infer.context import cpu_cores
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.loader import BatchLoader, resolve_workers
     from hvd_infer.precision import load_checked_model
-    from hvd_infer.summary import RankFigures, report
-    from hvd_infer.writer import finish_output, write_empty_part
+    from hvd_infer.summary import RankFigures
+    from hvd_infer.watchdog import COLLECTIVE, Watchdog
 
     t = time.perf_counter()
     error, model = tracker.error, None  # rank 0 could not start the MLflow run: no use loading the model
@@ -115,6 +120,31 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
     loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
     writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
+    watch = Watchdog(cfg, ctx.rank, fig, loader, tracker)
+    try:
+        _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar)
+        fig.seconds = time.perf_counter() - t_loop
+        fig.wait_seconds = loader.wait_seconds
+        fig.total_seconds = time.perf_counter() - t_start
+        watch.share_done()
+        with watch.stage(COLLECTIVE, "the other ranks to finish their shares (the gather of every rank's figures)"):
+            figures = ctx.allgather_object(fig)  # also the barrier: every rank has finished writing
+            confusion = ctx.allgather_object(evaluation.counts if evaluation else None)
+        if ctx.is_main:
+            with watch.stage("writing", "the manifest, _SUCCESS and the MLflow run's last records"):
+                _finish_job(cfg, ctx, inp, schema, figures, facts, environment, confusion, evaluation, tracker)
+        with watch.stage(COLLECTIVE, "rank 0 to write _SUCCESS (the job's last barrier)"):
+            ctx.barrier()  # _SUCCESS exists before any rank returns
+    finally:
+        watch.stop()
+    return fig.as_dict()
+
+
+def _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar) -> None:
+    """This rank's parts: batches from the loader through the model to the writer, every part written."""
+    from hvd_infer.batcher import rows_from_windows
+    from hvd_infer.context import release_free_memory
+
     scored: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}  # by part start: outputs, their rows
     # model.long_texts=chunk, by loader unit: outputs of the windows of the sort window being scored, their windows
     windows: Dict[int, Tuple[List[Dict[str, Any]], List[np.ndarray]]] = {}
@@ -124,7 +154,9 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
             outputs, rows = scored.setdefault(batch.part.start, ([], []))
             if len(batch.rows):
                 tf = time.perf_counter()
-                out = task.predict(model, batch.tensors)
+                with watch.stage("the model", f"its forward pass on a batch of {len(batch.rows)} rows, "
+                                              f"{batch.padded_tokens} tokens with padding"):
+                    out = task.predict(model, batch.tensors)
                 fig.forward_seconds += time.perf_counter() - tf
                 # With chunk, windows wait apart until their sort window's rows are whole.
                 outs, units = windows.setdefault(batch.unit_start, ([], [])) if task.chunk else (outputs, rows)
@@ -146,8 +178,10 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
             fig.read_seconds += batch.read_seconds
             fig.tokenize_seconds += batch.tokenize_seconds
             if batch.finished is not None:
-                writer.put(batch.finished, *scored.pop(batch.part.start))
-        writer.finish()
+                with watch.stage("writing", writer.busy_with):
+                    writer.put(batch.finished, *scored.pop(batch.part.start))
+        with watch.stage("writing", writer.busy_with):
+            writer.finish()
     except Exception as e:
         named = loader.explain(e)
         if named is None:
@@ -159,30 +193,29 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float) -> Di
         tracker.stop_live()
         if bar is not None:
             bar.close()
-    fig.seconds = time.perf_counter() - t_loop
-    fig.wait_seconds = loader.wait_seconds
-    fig.total_seconds = time.perf_counter() - t_start
 
-    figures = ctx.allgather_object(fig)  # also the barrier: every rank has finished writing
-    confusion = ctx.allgather_object(evaluation.counts if evaluation else None)
-    if ctx.is_main:
-        if inp.total_rows == 0:
-            write_empty_part(cfg, schema)
-        metrics, text, summary = report(cfg, ctx, figures, facts)
-        eval_metrics, eval_text, eval_figs = (Evaluation.report(confusion) if evaluation else ({}, "", {}))
-        metrics.update(eval_metrics)
-        summary.update(eval_metrics)
-        manifest = finish_output(cfg, summary)
-        tracker.finish(metrics, {"resolved." + k: v for k, v in facts.items()}, [manifest], eval_figs)
-        print(text + eval_text, flush=True)
-        print(f"predictions: {cfg.output.path}\nmanifest:    {manifest}", flush=True)
-        if tracker.enabled:
-            print(f"MLflow:      {tracker.run_url()}", flush=True)
-            if cfg.mlflow.tracking_uri.startswith("sqlite"):
-                print(f"             view it: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1",
-                      flush=True)
-    ctx.barrier()  # _SUCCESS exists before any rank returns
-    return fig.as_dict()
+
+def _finish_job(cfg: JobConfig, ctx, inp, schema, figures, facts, environment, confusion, evaluation, tracker) -> None:
+    """Rank 0, once every rank has written its share: the summary, the manifest and _SUCCESS, MLflow's last records."""
+    from hvd_infer.evaluation import Evaluation
+    from hvd_infer.summary import report
+    from hvd_infer.writer import finish_output, write_empty_part
+
+    if inp.total_rows == 0:
+        write_empty_part(cfg, schema)
+    metrics, text, summary = report(cfg, ctx, figures, facts, environment)
+    eval_metrics, eval_text, eval_figs = (Evaluation.report(confusion) if evaluation else ({}, "", {}))
+    metrics.update(eval_metrics)
+    summary.update(eval_metrics)
+    manifest = finish_output(cfg, summary)
+    tracker.finish(metrics, {"resolved." + k: v for k, v in facts.items()}, [manifest], eval_figs)
+    print(text + eval_text, flush=True)
+    print(f"predictions: {cfg.output.path}\nmanifest:    {manifest}", flush=True)
+    if tracker.enabled:
+        print(f"MLflow:      {tracker.run_url()}", flush=True)
+        if cfg.mlflow.tracking_uri.startswith("sqlite"):
+            print(f"             view it: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri} --host 127.0.0.1",
+                  flush=True)
 
 
 class _PartWriter:
@@ -195,6 +228,7 @@ class _PartWriter:
             cfg, rank, schema, evaluation, tracker, fig)
         self.queue: "queue.Queue" = queue.Queue(maxsize=2)
         self.error: Optional[BaseException] = None
+        self.writing = None  # the Part being written now
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="hvd_infer-writer", daemon=True)
         self.thread.start()
@@ -207,6 +241,13 @@ class _PartWriter:
                 return
             except queue.Full:
                 continue
+
+    def busy_with(self) -> str:
+        """What the model loop waits for when it waits on this thread (for the watchdog)."""
+        part = self.writing
+        if part is None:
+            return "the writer thread (between parts)"
+        return f"the writer thread to write the part of input rows {part.start}-{part.stop}"
 
     def raise_if_failed(self) -> None:
         if self.error is not None:
@@ -236,6 +277,7 @@ class _PartWriter:
                 return
             try:
                 t = time.perf_counter()
+                self.writing = work.part
                 table = _part_table(work, outputs, rows, self.schema, cfg.data.id_columns)
                 if self.evaluation is not None:
                     self.evaluation.add(work.columns[cfg.data.label_column], table)
@@ -248,6 +290,7 @@ class _PartWriter:
                 fig.chunked += work.chunked
                 fig.chunk_windows += work.chunk_windows
                 fig.skipped += len(work.skipped)
+                self.writing = None
             except BaseException as e:  # raised by the model loop
                 self.error = e
                 return

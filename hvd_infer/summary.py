@@ -1,8 +1,30 @@
 """Figures each rank keeps, and the job summary rank 0 prints and logs."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+# Variables of the user's environment that change what a job does when set. The summary and the
+# MLflow params (env.NAME) show their values; MLFLOW_* variables by name only (they may hold credentials).
+ENVIRONMENT = (
+    "TOKENIZERS_PARALLELISM",  # the tokenizer's thread pool in the rank (never in data loader workers: loader.py)
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS",  # threads of the libraries torch and the workers call
+    "OMP_WAIT_POLICY",  # idle OpenMP threads spin (ACTIVE) or sleep (PASSIVE, set unless given: context.py)
+    "CUDA_VISIBLE_DEVICES",  # which GPUs the ranks see, and whether they see one
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",  # set to 1 unless given: nothing is fetched from a hub
+    "PYTHONHASHSEED",
+)
+
+
+def user_environment(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
+    """The variables of ENVIRONMENT that are set, with their values, and each MLFLOW_* one with the value "set".
+
+    Read before the runner sets its own defaults, so it names what the user (or the launcher) set.
+    """
+    found = {name: environ[name] for name in ENVIRONMENT if name in environ}
+    found.update({name: "set" for name in sorted(environ) if name.startswith("MLFLOW_")})
+    return found
 
 
 @dataclass
@@ -44,8 +66,9 @@ class RankFigures:
         return d
 
 
-def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple[Dict[str, float], str, Dict[str, Any]]:
-    """(MLflow metrics, printed summary, manifest summary) for the whole job."""
+def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environment: Optional[Dict[str, str]] = None
+           ) -> Tuple[Dict[str, float], str, Dict[str, Any]]:
+    """(MLflow metrics, printed summary, manifest summary) for the whole job; environment: user_environment()."""
     rows = sum(f.rows for f in figures)
     seconds = max(f.seconds for f in figures)  # ranks run side by side
     wall = max(f.total_seconds for f in figures)
@@ -101,6 +124,10 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any]) -> Tuple
                      f"tokens into {int(m['chunk_windows'])} windows (model.stride={cfg.model.stride})")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
+    if environment:
+        lines.append("set in the environment: " + ", ".join(name if name.startswith("MLFLOW_") else f"{name}={value}"
+                                                            for name, value in environment.items()))
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}
+    summary["environment"] = environment or {}
     summary["ranks"] = [f.as_dict() for f in figures]
     return m, "\n".join(lines), summary

@@ -32,6 +32,8 @@ def test_defaults_and_overrides():
     ("data.on_null=drop", "data.on_null must be one of error, skip, empty"),
     ("data.max_tokens_per_batch=-1", "data.max_tokens_per_batch must be >= 0"),
     ("output.rows_per_part=0", "output.rows_per_part must be >= 1"),
+    ("runtime.stall_timeout_s=0", "runtime.stall_timeout_s must be > 0 seconds, or auto, got 0"),
+    ("runtime.stall_timeout_s=soon", "runtime.stall_timeout_s must be a number or auto, got 'soon'"),
 ])
 def test_errors_name_key_and_fix(override, message):
     with pytest.raises(ConfigError) as e:

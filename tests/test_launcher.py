@@ -156,11 +156,17 @@ def test_user_error_exits_2_whichever_rank_horovodrun_saw_end_first(exits, capsy
     from hvd_infer.launcher import EXIT_USER_ERROR, _Outcome, _verdict
 
     outcome = _Outcome(errors=[(0, "model.stride=255 must be smaller ...")], exits=dict(exits))
-    assert _verdict(1, outcome) == EXIT_USER_ERROR
+    assert _verdict(1, outcome, one_host(), []) == EXIT_USER_ERROR
     assert capsys.readouterr().err.count("hvd_infer: error: model.stride=255") == 1
 
 
 def test_internal_failure_after_a_user_error_line_is_not_a_user_error(capsys):
     from hvd_infer.launcher import EXIT_FAILED, _Outcome, _verdict
 
-    assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1})) == EXIT_FAILED
+    assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1}), one_host(), []) == EXIT_FAILED
+
+
+def one_host():
+    from hvd_infer.cluster import Cluster, Host
+
+    return Cluster([Host("localhost", [0, 1])], None, None, [])

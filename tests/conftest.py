@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import builders  # noqa: E402
+from hosts import cluster  # noqa: E402,F401  (the test hosts, shared by every test across hosts)
 
 
 def pytest_report_header(config):

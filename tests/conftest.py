@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -296,6 +297,28 @@ def http_ready(url):
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path, host="127.0.0.1"):
+    """A real `mlflow server` on host (one worker, a sqlite store in tmp_path); yields its URL."""
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([exe, "server", "--host", host, "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{host}:{port}"
+    try:
+        wait_for(lambda: http_ready(url + "/health"), "mlflow server to start", timeout=60)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: gunicorn/uvicorn workers slow to stop
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def wait_for(check, what, timeout=90):

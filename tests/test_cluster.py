@@ -14,16 +14,18 @@ import pyarrow.parquet as pq
 import pytest
 
 import builders
-from conftest import REPO, assert_same_predictions, free_port, job_args, minilm_classifier, python_m, read_output
-from hosts import NIC
+from conftest import (REPO, assert_same_predictions, free_port, job_args, minilm_classifier, mlflow_server, python_m,
+                      read_output)
+from hosts import DRIVER_ADDRESS, NIC
 
 pytestmark = pytest.mark.slow
 
 
-def across(cluster, hosts, args, **kw):
-    """hvd-infer -np N -H hosts ... with the test hosts' ssh key; MLflow off unless args say otherwise."""
+def across(cluster, hosts, args, mlflow=False):
+    """hvd-infer -np N -H hosts ... with the test hosts' ssh key; MLflow off unless asked for."""
     np_ = sum(int(h.split(":")[1]) for h in hosts.split(","))
-    return python_m(["-np", str(np_), "-H", hosts, "-i", cluster.identity] + list(args) + ["mlflow.enabled=false"], **kw)
+    return python_m(["-np", str(np_), "-H", hosts, "-i", cluster.identity] + list(args)
+                    + ([] if mlflow else ["mlflow.enabled=false"]))
 
 
 def the_line(r):
@@ -106,6 +108,24 @@ def test_cluster_checked_before_any_rank_starts(cluster, tiny_classifier, datase
     r = python_m(["-np", "2", "-H", "hvdh1:1,hvdh2:1", "-i", cluster.identity] + job)
     assert r.returncode == 2 and "is a store on this host's disk" in the_line(r) and "mlflow server" in the_line(r)
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_tracking_server_on_the_driver_used_by_ranks_on_two_hosts(cluster, tiny_classifier, dataset, tmp_path):
+    from test_mlflow_server import history, only_run
+
+    with mlflow_server(tmp_path, host=DRIVER_ADDRESS) as url:
+        r = across(cluster, "hvdh1:1,hvdh2:1", job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path,
+                                                         f"mlflow.tracking_uri={url}", "mlflow.experiment=cluster",
+                                                         "mlflow.log_every_s=0.5"), mlflow=True)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        api = url + "/api/2.0/mlflow"
+        run = only_run(api, "cluster")
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert run["info"]["status"] == "FINISHED" and metrics["rows"] == dataset[1].num_rows
+        for rank in (0, 1):  # each host's rank logged its own live and system metrics to the server
+            assert history(api, run["info"]["run_id"], f"rows_done/rank_{rank}")[-1]["value"] == \
+                metrics[f"rank_{rank}_rows"] > 0
+            assert f"system/rank_{rank}/cpu_utilization_percentage" in metrics
 
 
 @pytest.fixture(scope="module")

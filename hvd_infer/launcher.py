@@ -5,10 +5,12 @@
 
 Every cheap check a rank would run (config, input footers and columns, model
 directory against the task, output mode) runs first in this process, read-only:
-a bad job fails in one line with exit code 2 before any rank starts. The ranks
-are then started by horovodrun (Horovod's own launcher, as a child process)
-and their output is relayed. When a rank fails, what is printed last is that
-rank's one-line error (or its exit code, when it died without one) instead of
+a bad job fails in one line with exit code 2 before any rank starts; so does a
+host of -H that cannot run its ranks (hvd_infer.cluster checks each over ssh).
+The ranks are then started by horovodrun (Horovod's own launcher, as a child
+process) and their output is relayed. When a rank fails, what is printed last
+is that rank's one-line error (or its exit code, when it died without one; or
+the host it ran on, when contact with that host was lost) instead of
 horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
 """
 from __future__ import annotations

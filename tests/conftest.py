@@ -280,9 +280,9 @@ def executors_of_last_stage(spark, ui):
         return [t["executorId"] for t in json.load(resp)]
 
 
-def _master_state(ui_port):
+def _master_state(ui_port, host="127.0.0.1"):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=2) as resp:
+        with urllib.request.urlopen(f"http://{host}:{ui_port}/json", timeout=2) as resp:
             return json.load(resp)
     except OSError:
         return None

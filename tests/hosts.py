@@ -112,12 +112,15 @@ class Cluster:
                     # Many ssh sessions start at once when ranks start; sshd's default drops some.
                     "MaxStartups 100\nAcceptEnv *\n")
         os.makedirs("/run/sshd", exist_ok=True)
-        log = open(os.path.join(self.workdir, f"sshd-{host.name}.log"), "a")
-        self.sshd[host.name] = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "sh", "-c",
-             f"hostname {host.name} && exec {SSHD} -D -e -f {conf}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(self.workdir, f"sshd-{host.name}.log"), "a") as log:
+            self.sshd[host.name] = self.popen_on(host.name, [SSHD, "-D", "-e", "-f", conf], stdout=log,
+                                                 stderr=subprocess.STDOUT)
         _wait_port(host.address, 22, f"sshd on {host.name}")
+
+    def popen_on(self, host: str, cmd: List[str], **kwargs) -> subprocess.Popen:
+        """Start cmd on the host (its network, hostname and hosts file), in a session of its own."""
+        return subprocess.Popen(["ip", "netns", "exec", self.hosts[host].netns, "unshare", "--uts", "sh", "-c",
+                                 f'hostname {host} && exec "$@"', "sh"] + cmd, start_new_session=True, **kwargs)
 
 
 def _run(cmd: List[str], check: bool = True) -> subprocess.CompletedProcess:

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import builders
-from conftest import (REPO, assert_same_predictions, free_port, job_args, minilm_classifier, mlflow_server, python_m,
-                      read_output)
+from conftest import (REPO, _master_state, assert_same_predictions, free_port, job, job_args, minilm_classifier,
+                      mlflow_server, python_m, read_output, spark_session, wait_for)
 from hosts import DRIVER_ADDRESS, NIC
 
 pytestmark = pytest.mark.slow
@@ -207,3 +207,64 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert_every_row_once(out, table)
     assert all(parts(out)[n] == t for n, t in before.items())
+
+
+@pytest.fixture
+def spark_across_hosts(cluster, tmp_path):
+    """A Spark session on a standalone master on the driver, with a 1-core worker on each of hvdh1 and hvdh2.
+
+    One SparkContext per process: a session still active is stopped first, and this one at the end.
+    """
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+    spark_home = os.path.dirname(os.path.abspath(__import__("pyspark").__file__))
+    spark_class = os.path.join(spark_home, "bin", "spark-class")
+    env = dict(os.environ, SPARK_HOME=spark_home, PYSPARK_PYTHON=sys.executable)
+    port, master_ui = free_port(), free_port()
+    url = f"spark://{DRIVER_ADDRESS}:{port}"
+    daemons, spark = [], None
+    try:
+        with open(tmp_path / "master.log", "w") as log:
+            daemons.append(subprocess.Popen(
+                [spark_class, "org.apache.spark.deploy.master.Master", "--host", DRIVER_ADDRESS, "--port", str(port),
+                 "--webui-port", str(master_ui)], env=dict(env, SPARK_LOCAL_IP=DRIVER_ADDRESS), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(lambda: _master_state(master_ui, DRIVER_ADDRESS) is not None, "the master's web UI")
+        for name in ("hvdh1", "hvdh2"):
+            address = cluster.hosts[name].address
+            with open(tmp_path / f"worker-{name}.log", "w") as log:
+                daemons.append(cluster.popen_on(
+                    name, [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", address, "--cores", "1",
+                           "--memory", "2g", "--webui-port", str(free_port()), "--work-dir",
+                           str(tmp_path / f"work-{name}"), url],
+                    env=dict(env, SPARK_LOCAL_IP=address), stdout=log, stderr=subprocess.STDOUT))
+        wait_for(lambda: len([w for w in _master_state(master_ui, DRIVER_ADDRESS)["workers"]
+                              if w["state"] == "ALIVE"]) == 2, "two workers to register")
+        spark = spark_session(url, **{"spark.driver.host": DRIVER_ADDRESS, "spark.driver.bindAddress": DRIVER_ADDRESS,
+                                      "spark.executor.cores": "1", "spark.task.cpus": "1",
+                                      "spark.executor.memory": "1g", "spark.ui.enabled": "false"})
+        yield spark
+    finally:
+        if spark is not None:
+            spark.stop()
+        for p in reversed(daemons):
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in daemons:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_horovod_spark_run_with_workers_on_two_hosts(spark_across_hosts, horovodrun_reference, tiny_classifier,
+                                                     dataset, tmp_path):
+    from hvd_infer.spark import run_on_spark
+
+    out = tmp_path / "out"
+    summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path, mlflow={"enabled": False}), num_proc=2,
+                             spark=spark_across_hosts, nics=[NIC])
+    assert sorted(s["host"] for s in summaries) == ["hvdh1", "hvdh2"], summaries  # one rank on each host
+    assert_same_predictions(read_output(out), horovodrun_reference, atol=1e-6)

@@ -16,8 +16,8 @@ horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import re
 import os
+import re
 import signal
 import subprocess
 import sys

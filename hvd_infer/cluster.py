@@ -7,7 +7,8 @@
 What a rank on another host needs and horovodrun does not check: the same Python and hvd_infer at
 the same path (horovodrun starts ranks with this interpreter's path), the input, model and output
 at the same paths (a shared file system, or an object store), the hosts' names resolvable there
-(Gloo connects ranks by the names of -H unless --network-interface is given), and a tracking store
+(a rank looks its own up even with --network-interface; without one, Gloo connects ranks by the names
+of -H, so every host's), and a tracking store
 every rank can write to. Each check runs once per host, over ssh as horovodrun connects; a failure
 is one line naming the host, what is wrong and the fix.
 """
@@ -81,10 +82,10 @@ class Cluster:
             return
         _check_tracking(cfg, remote)
         want = {"paths": _shared_paths(cfg), "nics": self.nics,
-                # With --network-interface Gloo binds to that interface and never looks a name up.
+                # With --network-interface Gloo binds to that interface and looks no other host's name up.
                 "names": [] if self.nics else [h.name for h in self.hosts]}
         with ThreadPoolExecutor(len(remote)) as pool:
-            problems = [p for p in pool.map(lambda h: self._check_host(h.name, want), remote) if p]
+            problems = [p for p in pool.map(lambda h: self._check_host(h.name, dict(want, own=h.name)), remote) if p]
         if problems:  # a host out of reach first: the others' names for it may be right, it is not
             raise ClusterError(min(problems, key=lambda p: p[0])[1])
 
@@ -153,6 +154,9 @@ def _judge(host: str, got: dict) -> Optional[str]:
     if got["nics_missing"]:
         return (f"host {host} has no network interface {', '.join(got['nics_missing'])} (it has "
                 f"{', '.join(got['nics'])}): give --network-interface an interface every host has")
+    if got["own_unresolved"]:
+        return (f"host {host} cannot resolve its own name {' nor '.join(got['own_unresolved'])}, which its ranks look "
+                "up to find their address (with --network-interface too): add it to DNS or to that host's /etc/hosts")
     if got["unresolved"]:
         return (f"host {host} cannot resolve the host name{'s' if len(got['unresolved']) > 1 else ''} "
                 f"{', '.join(got['unresolved'])}, which the ranks connect by: add every host to DNS or to each "
@@ -173,13 +177,16 @@ except Exception as e:
 got["missing"] = [p for p in want["paths"] if not os.path.exists(p)]
 got["nics"] = [n for _, n in socket.if_nameindex()]
 got["nics_missing"] = [n for n in want["nics"] if n not in got["nics"]]
-unresolved = []
-for name in want["names"]:
-    try:
-        socket.getaddrinfo(name, None)
-    except OSError:
-        unresolved.append(name)
-got["unresolved"] = unresolved
+def unresolved(names):
+    out = []
+    for name in names:
+        try:
+            socket.getaddrinfo(name, None)
+        except OSError:
+            out.append(name)
+    return out
+got["own_unresolved"] = unresolved(dict.fromkeys([want["own"], socket.gethostname()]))
+got["unresolved"] = [n for n in unresolved(want["names"]) if n not in got["own_unresolved"]]
 print({_REPORT!r} + json.dumps(got), flush=True)
 """
 

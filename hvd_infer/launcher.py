@@ -243,7 +243,10 @@ class _Relay:
 
     @staticmethod
     def _print(rank: int, stream: str, text: str) -> None:
-        # Rank 0 prints the summary: as is. Other ranks' lines keep their rank.
+        # Rank 0 prints the summary: as is. Other ranks' lines keep their rank; a blank one (ssh ends its
+        # "Connection ... closed" with one) would be a bare tag.
+        if rank != 0 and not text.strip():
+            return
         print(text if rank == 0 else f"[rank {rank}] {text}", file=sys.stdout if stream == "stdout" else sys.stderr,
               flush=True)
 

@@ -91,8 +91,9 @@ def test_cluster_checked_before_any_rank_starts(cluster, tiny_classifier, datase
     out = tmp_path / "out"
     job = job_args(tiny_classifier, dataset[0], out, tmp_path)
     cases = [
-        # hvdh3 resolves no host name, not even its own: Gloo would abort there in C++.
-        ("hvdh1:1,hvdh3:1", [], ["host hvdh3 cannot resolve the host names hvdh1, hvdh3", "--network-interface"]),
+        # hvdh3 resolves no host name, not even its own: its rank would die there in C++, without a word.
+        ("hvdh1:1,hvdh3:1", [], ["host hvdh3 cannot resolve its own name hvdh3", "/etc/hosts"]),
+        ("hvdh1:1,hvdh3:1", [f"--network-interface={NIC}"], ["host hvdh3 cannot resolve its own name hvdh3"]),
         # Nothing answers at hvdh9's address.
         ("hvdh1:1,hvdh9:1", [], ["host hvdh9 cannot be reached over ssh", "No route to host"]),
         ("hvdh1:1,hvdh2:1", ["--network-interface=eth9"], ["host hvdh1 has no network interface eth9"]),
@@ -171,9 +172,10 @@ def test_lost_host_is_named_then_resumed_on_the_host_that_remains(cluster, long_
     out = tmp_path / "out"
     args = job_args(model, data, out, tmp_path, "output.rows_per_part=8")
     code, seconds, output = start_then(cluster, "hvdh1:1,hvdh2:1", args, out, lambda: cluster.kill_all("hvdh2"))
-    last = output.strip().splitlines()[-1]
     assert code == 1 and seconds < 60, (code, seconds, output[-3000:])
+    last = output.strip().splitlines()[-1]
     assert last.startswith("hvd_infer: lost contact with host hvdh2 (rank 1): its ssh session was closed"), last
+    assert "[rank 1]" not in [l.strip() for l in output.splitlines()], output[-3000:]  # no bare tag
     assert "output.mode=resume" in last and "Traceback" not in output
     assert not (out / "_SUCCESS").exists()
     before = parts(out)

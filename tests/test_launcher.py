@@ -170,3 +170,19 @@ def one_host():
     from hvd_infer.cluster import Cluster, Host
 
     return Cluster([Host("localhost", [0, 1])], None, None, [])
+
+
+def test_ranks_assigned_to_hosts_as_horovodrun_does(tmp_path):
+    """The launcher names a lost host by its ranks: host by host, each host's slots filled in order."""
+    from hvd_infer import launcher
+    from hvd_infer.cluster import Cluster
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=2\nb slots=2\nc slots=2\n")
+    for argv in (["-np", "5", "-H", "a:2,b:2,c:2"], ["-np", "5", "-hostfile", str(hostfile)]):
+        cluster = Cluster.of(parser.parse_args(argv))
+        assert [(h.name, h.ranks) for h in cluster.hosts] == [("a", [0, 1]), ("b", [2, 3]), ("c", [4])]
+        assert cluster.host_of(3).name == "b" and [h.name for h in cluster.remote] == ["a", "b", "c"]
+    assert [h.name for h in Cluster.of(parser.parse_args(["-np", "2"])).remote] == []  # localhost:2

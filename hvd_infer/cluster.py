@@ -76,17 +76,18 @@ class Cluster:
         return next((h for h in self.hosts if rank in h.ranks), None)
 
     def check(self, cfg: JobConfig) -> None:
-        """Every other host, in parallel; raises ClusterError for the first host (in -H order) that fails."""
+        """Every other host, in parallel; raises ClusterError for one that fails, a host out of reach first."""
         remote = self.remote
         if not remote:
             return
         _check_tracking(cfg, remote)
         want = {"paths": _shared_paths(cfg), "nics": self.nics,
-                # With --network-interface Gloo binds to that interface and looks no other host's name up.
+                # With --network-interface Gloo binds to that interface: a host that resolves only its own
+                # name ran with it (measured), not without.
                 "names": [] if self.nics else [h.name for h in self.hosts]}
         with ThreadPoolExecutor(len(remote)) as pool:
             problems = [p for p in pool.map(lambda h: self._check_host(h.name, dict(want, own=h.name)), remote) if p]
-        if problems:  # a host out of reach first: the others' names for it may be right, it is not
+        if problems:  # out of reach first: the others' names for it may be right, it is not
             raise ClusterError(min(problems, key=lambda p: p[0])[1])
 
     def silent(self, timeout: float = 5.0) -> List[Host]:
@@ -104,7 +105,7 @@ class Cluster:
         with ThreadPoolExecutor(len(remote)) as pool:
             return [h for h, ok in zip(remote, pool.map(answers, remote)) if not ok]
 
-    def ssh_command(self, host: str, command: str) -> List[str]:
+    def _ssh_command(self, host: str, command: str) -> List[str]:
         cmd = ["ssh"] + SSH_OPTIONS + ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", host]
         if self.ssh_port:
             cmd += ["-p", str(self.ssh_port)]
@@ -119,19 +120,19 @@ class Cluster:
         command = f"cd {shlex.quote(os.getcwd())} 2>/dev/null; {pythonpath}exec {shlex.quote(sys.executable)} -"
         script = _HOST_SCRIPT.replace("WANT", repr(json.dumps(want)))
         try:
-            r = subprocess.run(self.ssh_command(host, command), input=script, capture_output=True, text=True,
+            r = subprocess.run(self._ssh_command(host, command), input=script, capture_output=True, text=True,
                                timeout=CHECK_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            return 0, (f"host {host} did not answer within {CHECK_TIMEOUT_S} s over ssh: check that it is up and that "
-                    f"`ssh {host} true` returns from here")
+            return 0, (f"host {host} did not answer within {CHECK_TIMEOUT_S} s over ssh: check that it is up and "
+                       f"that `ssh {host} true` returns from here")
         report = next((l[len(_REPORT):] for l in r.stdout.splitlines() if l.startswith(_REPORT)), None)
         if r.returncode == 255 and report is None:
             said = next((l for l in reversed(r.stderr.splitlines()) if l.strip()), "no message")
-            return 0, (f"host {host} cannot be reached over ssh ({said.strip()}): check the name, that sshd runs there "
-                    f"and that `ssh {host}` works from here without a password (-i KEY, -p PORT)")
+            return 0, (f"host {host} cannot be reached over ssh ({said.strip()}): check the name, that sshd runs "
+                       f"there and that `ssh {host}` works from here without a password (-i KEY, -p PORT)")
         if r.returncode == 127 or report is None:
             return 1, (f"host {host} cannot run {sys.executable} (exit {r.returncode}): ranks start with this "
-                    "interpreter's path, so install the same Python environment at the same path on every host")
+                       "interpreter's path, so install the same Python environment at the same path on every host")
         problem = _judge(host, json.loads(report))
         return (1, problem) if problem else None
 

@@ -13,8 +13,8 @@ cannot resolve the others' names, as on a fresh cluster.
 
 Traffic goes only between these addresses and the bridge's (10.219.0.1, the driver). Everything
 is made by `up` and removed by `down`, which also clears what a crashed run left behind (names,
-links, namespaces, /etc/hosts lines, known_hosts entries). Needs root, iproute2 and Debian's
-openssh-server, which `up` installs when missing.
+links, namespaces, /etc/hosts lines, known_hosts entries). Needs root; installs Debian's
+openssh-server and iproute2 when missing.
 """
 from __future__ import annotations
 
@@ -148,11 +148,10 @@ def _wait_port(address: str, port: int, what: str, timeout: float = 60) -> None:
 
 
 def unavailable() -> Optional[str]:
-    """Why test hosts cannot be made here, or None."""
+    """Why test hosts cannot be made here, or None; installs what they need first (CI starts on a fresh machine)."""
     if os.geteuid() != 0:
         return "test hosts need root (network namespaces, /etc/hosts, sshd)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "test hosts need iproute2's ip and util-linux's unshare"
+    _install()
     r = subprocess.run(["ip", "netns", "add", "hvdprobe"], capture_output=True, text=True)
     if r.returncode != 0:
         return f"no network namespaces here: ip netns add: {r.stderr.strip()}"
@@ -160,14 +159,14 @@ def unavailable() -> Optional[str]:
     return None
 
 
-def _install_sshd() -> None:
-    """Debian's openssh-server, once per machine (CI starts on a fresh one)."""
-    if os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen"):
+def _install() -> None:
+    """Debian's openssh-server and iproute2, once per machine."""
+    if os.path.exists(SSHD) and all(shutil.which(t) for t in ("ssh", "ssh-keygen", "ip", "unshare")):
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if shutil.which("apt-get") is None:
-        raise RuntimeError("test hosts need openssh-server, and there is no apt-get here to install it")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server"]):
+        raise RuntimeError("test hosts need openssh-server and iproute2, and there is no apt-get here to install them")
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server", "iproute2"]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
@@ -175,7 +174,6 @@ def _install_sshd() -> None:
 
 def up(workdir: str) -> Cluster:
     down()
-    _install_sshd()
     cluster = Cluster(workdir)
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", cluster.identity])
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(workdir, "host_key")])

@@ -186,3 +186,23 @@ def test_ranks_assigned_to_hosts_as_horovodrun_does(tmp_path):
         assert [(h.name, h.ranks) for h in cluster.hosts] == [("a", [0, 1]), ("b", [2, 3]), ("c", [4])]
         assert cluster.host_of(3).name == "b" and [h.name for h in cluster.remote] == ["a", "b", "c"]
     assert [h.name for h in Cluster.of(parser.parse_args(["-np", "2"])).remote] == []  # localhost:2
+
+
+def test_host_report_judged_in_one_line_naming_host_and_fix():
+    """What a host's check reports, as the launcher words it (the hosts themselves: tests/test_cluster.py)."""
+    import hvd_infer
+    from hvd_infer.cluster import _judge
+
+    py = list(sys.version_info[:3])
+    ok = {"python": py, "hvd_infer": hvd_infer.__version__, "import_error": None, "missing": [], "nics": ["lo", "eth0"],
+          "nics_missing": [], "own_unresolved": [], "unresolved": []}
+    assert _judge("h2", ok) is None
+    for change, fragments in [
+        ({"hvd_infer": "0.0.1"}, ["host h2 has hvd_infer 0.0.1", f"this host hvd_infer {hvd_infer.__version__}",
+                                  "same versions"]),
+        ({"hvd_infer": None, "import_error": "ModuleNotFoundError: hvd_infer"}, ["host h2 cannot import hvd_infer"]),
+        ({"missing": ["/data/in"]}, ["host h2 does not see /data/in", "shared file system", "object store"]),
+        ({"nics_missing": ["eth9"]}, ["host h2 has no network interface eth9 (it has lo, eth0)"]),
+    ]:
+        line = _judge("h2", dict(ok, **change))
+        assert "\n" not in line and all(f in line for f in fragments), line

@@ -211,14 +211,15 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
     assert all(parts(out)[n] == t for n, t in before.items())
 
 
-@pytest.fixture
-def spark_across_hosts(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def spark_across_hosts(cluster, tmp_path_factory):
     """A Spark session on a standalone master on the driver, with a 1-core worker on each of hvdh1 and hvdh2.
 
     One SparkContext per process: a session still active is stopped first, and this one at the end.
     """
     from pyspark.sql import SparkSession
 
+    tmp_path = tmp_path_factory.mktemp("spark")
     active = SparkSession.getActiveSession()
     if active is not None:
         active.stop()
@@ -269,4 +270,15 @@ def test_horovod_spark_run_with_workers_on_two_hosts(spark_across_hosts, horovod
     summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path, mlflow={"enabled": False}), num_proc=2,
                              spark=spark_across_hosts, nics=[NIC])
     assert sorted(s["host"] for s in summaries) == ["hvdh1", "hvdh2"], summaries  # one rank on each host
+    assert_same_predictions(read_output(out), horovodrun_reference, atol=1e-6)
+
+
+def test_torch_distributor_with_workers_on_two_hosts(spark_across_hosts, horovodrun_reference, tiny_classifier,
+                                                     dataset, tmp_path):
+    from hvd_infer.spark import run_on_spark
+
+    out = tmp_path / "out"
+    summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path, mlflow={"enabled": False}), num_proc=2,
+                             spark=spark_across_hosts, launcher="torch")
+    assert sorted(s["host"] for s in summaries) == ["hvdh1", "hvdh2"], summaries
     assert_same_predictions(read_output(out), horovodrun_reference, atol=1e-6)

@@ -52,6 +52,7 @@ class Cluster:
     def __init__(self, hosts: List[Host], ssh_port: Optional[int], identity: Optional[str], nics: List[str]):
         self.hosts = hosts
         self.ssh_port, self.identity, self.nics = ssh_port, identity, nics
+        self.host_nics: Dict[str, List[str]] = {}  # each checked host's interfaces, by name
 
     @classmethod
     def of(cls, args) -> "Cluster":
@@ -133,8 +134,25 @@ class Cluster:
         if r.returncode == 127 or report is None:
             return 1, (f"host {host} cannot run {sys.executable} (exit {r.returncode}): ranks start with this "
                        "interpreter's path, so install the same Python environment at the same path on every host")
-        problem = _judge(host, json.loads(report))
+        got = json.loads(report)
+        self.host_nics[host] = got["nics"]
+        problem = _judge(host, got)
         return (1, problem) if problem else None
+
+    def interface_for_one_host(self) -> Optional[str]:
+        """The interface to name to horovodrun when all ranks run on one other host and none was given.
+
+        horovodrun finds the interfaces hosts share by having each probe the next one in a ring; one host
+        probes itself, so its loopback passes, and horovodrun picks one of the survivors at random (a set):
+        when it picks lo, the ranks look for the driver at 127.0.0.1 and Gloo aborts in C++ (HTTP request
+        failed): 4 runs of 5 of `horovodrun -np 1 -H hvdh1:1` here. The first interface (not loopback) that
+        host and this one share by name is what the probe would keep between two hosts.
+        """
+        if self.nics or len(self.hosts) != 1 or not self.remote:
+            return None
+        here = {n for _, n in socket.if_nameindex()}
+        return next((n for n in self.host_nics.get(self.hosts[0].name, []) if n in here and not n.startswith("lo")),
+                    None)
 
 
 def _judge(host: str, got: dict) -> Optional[str]:

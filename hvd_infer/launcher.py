@@ -141,6 +141,9 @@ def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> in
         # horovodrun caches for an hour which hosts answered ssh and which interface they share: after a host
         # or its network changed, a stale entry starts ranks on an interface that is gone (Gloo aborts in C++).
         cmd.append("--disable-cache")
+    nic = cluster.interface_for_one_host()
+    if nic:
+        cmd += ["--network-interface", nic]
     cmd += [sys.executable, "-m", "hvd_infer"] + rank_argv
     # horovodrun passes the environment on to every rank; --gloo-timeout-seconds, when given, overrides this.
     env = dict(os.environ, HOROVOD_GLOO_TIMEOUT_SECONDS=str(cfg.runtime.collective_timeout_s))

@@ -195,8 +195,10 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
         code, seconds, output = start_then(cluster, "hvdh1:1,hvdh2:1", args, out, lambda: cluster.link("hvdh2", False))
         last = output.strip().splitlines()[-1]
         assert code == 1 and seconds < timeout_s + 30, (code, seconds, output[-3000:])
-        assert last.startswith(f"hvd_infer: lost contact with host hvdh2 (rank 1): it has not answered for "
-                               f"{timeout_s} s"), last
+        # The launcher's watch ends the job, or rank 0 first, once its Gloo exchange timed out and it reached the
+        # job's last gather (both seen): either way the host that went silent is named.
+        assert last.startswith("hvd_infer: lost contact with host hvdh2 (rank 1): "), last
+        assert f"it has not answered for {timeout_s} s" in last or "it does not answer on its ssh port" in last, last
         assert not (out / "_SUCCESS").exists()
     finally:
         # The ranks the launcher could no longer reach: a host that comes back is rebooted, they are gone.

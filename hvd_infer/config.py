@@ -119,6 +119,9 @@ class MlflowConfig:
 class RuntimeConfig:
     threads: int = bounded(0, 0, note=" (0 = auto)")  # torch threads per rank; 0 = CPU cores // ranks on this host
     progress: bool = True  # tqdm bar on rank 0
+    # A collective that hears nothing from another rank this long fails (Horovod's Gloo, torch.distributed's
+    # rendezvous), and `hvd-infer -H` ends a job whose host has not answered this long (down, or cut off)
+    collective_timeout_s: int = bounded(300, 10)
     seed: int = 0
     # A rank with no batch scored and no part written for this long fails the job in one line naming the stuck
     # stage, with its threads' stacks in a file beside the output. auto (default): 600 s, or 10x the longest wait

@@ -17,14 +17,16 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from hvd_infer.config import RuntimeConfig
+
 _HOROVOD_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
-# Gloo's rendezvous: ranks that do not all arrive within this fail instead of waiting forever.
-_RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=5)
-# Gloo's collectives time out after this; the job's last gather waits for the slowest rank to
-# finish its whole shard, so it is long. A rank that dies closes its connections and the others
-# fail at once; torchrun and Spark's barrier stage also end the survivors.
+# torch.distributed's collectives time out after this; the job's last gather waits for the slowest
+# rank to finish its whole shard, so it is long. A rank that dies closes its connections and the
+# others fail at once; torchrun and Spark's barrier stage also end the survivors. (Horovod's waits
+# are its background loop's, which keeps talking to every rank: there runtime.collective_timeout_s
+# bounds each exchange, and a rank still scoring is no silent one.)
 _COLLECTIVE_TIMEOUT = datetime.timedelta(days=1)
 
 
@@ -91,7 +93,9 @@ def idle_threads_sleep() -> None:
 class _Horovod:
     """Collectives over horovod.torch."""
 
-    def __init__(self):
+    def __init__(self, collective_timeout_s: int):
+        # Gloo's wait for another rank in each exchange; hvd-infer -np passes the same to horovodrun.
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(collective_timeout_s))
         # Ranks finish at different times; Horovod's stall warnings would be noise.
         os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
         # Horovod's background thread negotiates with the other ranks every cycle, even with
@@ -130,14 +134,15 @@ class _TorchDistributed:
     """Collectives over torch.distributed with Gloo: the job only moves small Python objects,
     and Gloo does that on CPU whatever the devices are (NCCL would need them on the GPU)."""
 
-    def __init__(self):
+    def __init__(self, collective_timeout_s: int):
         import torch.distributed as dist
 
         self.dist = dist
         # A caller that set up torch.distributed itself keeps its process group.
         self.owns_process_group = not dist.is_initialized()
         if self.owns_process_group:
-            dist.init_process_group("gloo", timeout=_RENDEZVOUS_TIMEOUT)
+            # Ranks that do not all arrive within this fail instead of waiting forever.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s))
         self.group = dist.new_group(backend="gloo", timeout=_COLLECTIVE_TIMEOUT)
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ["LOCAL_RANK"])
@@ -173,10 +178,11 @@ class RankContext:
     comm: Any = field(default=None, repr=False)  # _Horovod, _TorchDistributed, or None in a world of one
 
     @classmethod
-    def create(cls, threads: int = 0) -> "RankContext":
+    def create(cls, threads: int = 0, collective_timeout_s: int = RuntimeConfig.collective_timeout_s) -> "RankContext":
         import torch
 
-        comm = _Horovod() if under_horovod_launcher() else _TorchDistributed() if under_torchrun() else None
+        comm = (_Horovod(collective_timeout_s) if under_horovod_launcher()
+                else _TorchDistributed(collective_timeout_s) if under_torchrun() else None)
         rank, size, local_rank, local_size = (comm.rank, comm.size, comm.local_rank, comm.local_size) if comm \
             else (0, 1, 0, 1)
         if torch.cuda.is_available():

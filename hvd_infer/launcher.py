@@ -5,23 +5,28 @@
 
 Every cheap check a rank would run (config, input footers and columns, model
 directory against the task, output mode) runs first in this process, read-only:
-a bad job fails in one line with exit code 2 before any rank starts. The ranks
-are then started by horovodrun (Horovod's own launcher, as a child process)
-and their output is relayed. When a rank fails, what is printed last is that
-rank's one-line error (or its exit code, when it died without one) instead of
+a bad job fails in one line with exit code 2 before any rank starts; so does a
+host of -H that cannot run its ranks (hvd_infer.cluster checks each over ssh).
+The ranks are then started by horovodrun (Horovod's own launcher, as a child
+process) and their output is relayed. When a rank fails, what is printed last
+is that rank's one-line error (or its exit code, when it died without one; or
+the host it ran on, when contact with that host was lost) instead of
 horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from hvd_infer.cluster import Cluster, Host, is_this_host
 from hvd_infer.config import JobConfig
 from hvd_infer.errors import UserError
 
@@ -48,7 +53,6 @@ _HOROVODRUN_OPTIONS: List[Tuple[Tuple[str, ...], dict]] = [
 # How horovodrun (Gloo) tags what ranks print, and how it reports a rank that exited non-zero.
 _RANK_LINE = re.compile(r"^\[(\d+)\]<(stdout|stderr)>:(.*)$")
 _RANK_EXIT = re.compile(r"^Process (\d+) exit with status code (-?\d+)\.$")
-_LOCAL_HOSTS = {"localhost", "127.0.0.1", socket.gethostname()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,9 +106,11 @@ def ranks_on_this_host(args: argparse.Namespace) -> bool:
         return False
     if not args.hosts:
         return True
-    return all(h.split(":")[0] in _LOCAL_HOSTS for h in args.hosts.split(","))
+    return all(is_this_host(h.split(":")[0]) for h in args.hosts.split(","))
 
 
+# What ssh prints (as the rank's stderr) when the host ends its session: the host went down or its ranks were killed.
+_SSH_CLOSED = re.compile(r"^Connection to \S+ closed by remote host\.$")
 # A rank blocked in a collective when another rank failed raises this; it is a consequence, not a cause.
 _HOROVOD_SHUT_DOWN = "Horovod has been shut down"
 # What a traceback is made of, up to and between its exception lines.
@@ -118,19 +124,32 @@ class _Outcome:
     errors: List[Tuple[int, str]] = field(default_factory=list)  # (rank, its one-line user error)
     exits: Dict[int, int] = field(default_factory=dict)  # rank -> non-zero exit code, first failure first
     horovodrun_lines: List[str] = field(default_factory=list)  # horovodrun's own output
+    ssh_closed: List[int] = field(default_factory=list)  # ranks whose ssh session the remote host closed
 
 
 def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> int:
-    """Check the job, then run it on args.np ranks; returns the exit code for the command line."""
+    """Check the job and every host, then run it on args.np ranks; returns the exit code for the command line."""
     try:
         preflight(cfg, ranks_on_this_host(args))
+        cluster = Cluster.of(args)
+        cluster.check(cfg)
     except UserError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    cmd = ([sys.executable, "-m", "horovod.runner.launch", "-np", str(args.np)] + horovodrun_options(args)
-           + [sys.executable, "-m", "hvd_infer"] + rank_argv)
+    cmd = [sys.executable, "-m", "horovod.runner.launch", "-np", str(args.np)] + horovodrun_options(args)
+    if cluster.remote:
+        # horovodrun caches for an hour which hosts answered ssh and which interface they share: after a host
+        # or its network changed, a stale entry starts ranks on an interface that is gone (Gloo aborts in C++).
+        cmd.append("--disable-cache")
+    nic = cluster.interface_for_one_host()
+    if nic:
+        cmd += ["--network-interface", nic]
+    cmd += [sys.executable, "-m", "hvd_infer"] + rank_argv
+    # horovodrun passes the environment on to every rank; --gloo-timeout-seconds, when given, overrides this.
+    env = dict(os.environ, HOROVOD_GLOO_TIMEOUT_SECONDS=str(cfg.runtime.collective_timeout_s))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            errors="replace")
+                            errors="replace", env=env)
+    watch = _HostWatch(cluster, cfg.runtime.collective_timeout_s, proc)
     relay = _Relay()
     try:
         for line in proc.stdout:
@@ -139,8 +158,42 @@ def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> in
     except KeyboardInterrupt:  # horovodrun got the same SIGINT and stops the ranks: wait for it
         proc.wait()
         return 128 + signal.SIGINT
+    finally:
+        watch.stop()
     relay.close()
-    return _verdict(code, relay.outcome)
+    return _verdict(code, relay.outcome, cluster, watch.lost)
+
+
+class _HostWatch:
+    """While the ranks run, asks every other host every few seconds whether it still answers; one that has
+    been silent for runtime.collective_timeout_s (down, or its network cut) ends the job. A rank cut off that
+    way can wait in a socket read that no timeout of its own ends, and so can horovodrun's ssh to it."""
+
+    EVERY_S = 5.0
+
+    def __init__(self, cluster: Cluster, timeout_s: int, proc: subprocess.Popen):
+        self.cluster, self.timeout_s, self.proc = cluster, timeout_s, proc
+        self.lost: List[Tuple[Host, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hvd_infer-host-watch", daemon=True)
+        if cluster.remote:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        silent_since: Dict[str, float] = {}
+        while not self._stop.wait(self.EVERY_S):
+            now = time.monotonic()
+            silent = {h.name: h for h in self.cluster.silent()}
+            silent_since = {n: silent_since.get(n, now) for n in silent}
+            gone = [h for n, h in silent.items() if now - silent_since[n] >= self.timeout_s]
+            if gone:
+                self.lost = [(h, f"it has not answered for {self.timeout_s} s (runtime.collective_timeout_s)")
+                             for h in gone]
+                self.proc.terminate()  # horovodrun stops every rank it can still reach
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 class _Relay:
@@ -176,7 +229,9 @@ class _Relay:
                 self.tracebacks[rank] = (stream, lines, not continues)
                 return
             self._end_traceback(rank)
-        if text.startswith(ERROR_PREFIX):
+        if _SSH_CLOSED.match(text):
+            self.outcome.ssh_closed.append(rank)  # told by the verdict, naming the host
+        elif text.startswith(ERROR_PREFIX):
             self.outcome.errors.append((rank, text[len(ERROR_PREFIX):]))  # printed once, by the verdict
         elif text == _TRACEBACK_START:
             self.tracebacks[rank] = (stream, [text], False)
@@ -191,12 +246,15 @@ class _Relay:
 
     @staticmethod
     def _print(rank: int, stream: str, text: str) -> None:
-        # Rank 0 prints the summary: as is. Other ranks' lines keep their rank.
+        # Rank 0 prints the summary: as is. Other ranks' lines keep their rank; a blank one (ssh ends its
+        # "Connection ... closed" with one) would be a bare tag.
+        if rank != 0 and not text.strip():
+            return
         print(text if rank == 0 else f"[rank {rank}] {text}", file=sys.stdout if stream == "stdout" else sys.stderr,
               flush=True)
 
 
-def _verdict(code: int, outcome: _Outcome) -> int:
+def _verdict(code: int, outcome: _Outcome, cluster: Cluster, lost: List[Tuple[Host, str]]) -> int:
     if code == 0:
         for line in outcome.horovodrun_lines:
             print(line, file=sys.stderr)
@@ -209,6 +267,15 @@ def _verdict(code: int, outcome: _Outcome) -> int:
         first_code = next(iter(outcome.exits.values()), EXIT_USER_ERROR)
         user = EXIT_USER_ERROR in (outcome.exits.get(rank, EXIT_USER_ERROR), first_code)
         return EXIT_USER_ERROR if user else EXIT_FAILED
+    lost = lost or _lost_hosts(cluster, outcome)
+    if lost:
+        stopped = "the other ranks were stopped and no _SUCCESS was written; the finished parts are kept"
+        for host, why in lost:
+            ranks = ", ".join(map(str, host.ranks))
+            print(f"hvd_infer: lost contact with host {host.name} (rank{'s' if len(host.ranks) > 1 else ''} {ranks}): "
+                  f"{why}; {stopped}: rerun with output.mode=resume once it is back, or with -H naming only the "
+                  "hosts that remain", file=sys.stderr, flush=True)
+        return EXIT_FAILED
     if outcome.exits:
         rank, rank_code = next(iter(outcome.exits.items()))
         print(f"hvd_infer: rank {rank} failed with exit code {rank_code}{_signal_note(rank_code)}; the other ranks "
@@ -219,6 +286,18 @@ def _verdict(code: int, outcome: _Outcome) -> int:
     for line in outcome.horovodrun_lines:
         print(line, file=sys.stderr)
     return code if code > 0 else EXIT_FAILED
+
+
+def _lost_hosts(cluster: Cluster, outcome: _Outcome) -> List[Tuple[Host, str]]:
+    """The hosts that ended their ranks' ssh sessions, else the hosts that no longer answer at all."""
+    closed = []
+    for rank in outcome.ssh_closed:
+        host = cluster.host_of(rank)
+        if host is not None and host not in closed:
+            closed.append(host)
+    if closed:
+        return [(h, "its ssh session was closed (the host went down, or its ranks were killed)") for h in closed]
+    return [(h, "it does not answer on its ssh port") for h in cluster.silent()] if outcome.exits else []
 
 
 def _first_error(outcome: _Outcome) -> Tuple[int, str]:

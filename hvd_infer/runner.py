@@ -46,7 +46,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     from hvd_infer.tracking import Tracker
     from hvd_infer.writer import job_identity, prepare_output
 
-    ctx = RankContext.create(cfg.runtime.threads)
+    ctx = RankContext.create(cfg.runtime.threads, cfg.runtime.collective_timeout_s)
     try:
         resolve_dtype(cfg, ctx.device)  # float16 on CPU: refuse before reading anything
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import builders  # noqa: E402
+from hosts import cluster  # noqa: E402,F401  (the test hosts, shared by every test across hosts)
 
 
 def pytest_sessionstart(session):
@@ -279,9 +281,9 @@ def executors_of_last_stage(spark, ui):
         return [t["executorId"] for t in json.load(resp)]
 
 
-def _master_state(ui_port):
+def _master_state(ui_port, host="127.0.0.1"):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/json", timeout=2) as resp:
+        with urllib.request.urlopen(f"http://{host}:{ui_port}/json", timeout=2) as resp:
             return json.load(resp)
     except OSError:
         return None
@@ -296,6 +298,28 @@ def http_ready(url):
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path, host="127.0.0.1"):
+    """A real `mlflow server` on host (one worker, a sqlite store in tmp_path); yields its URL."""
+    port = free_port()
+    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    proc = subprocess.Popen([exe, "server", "--host", host, "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                             "--artifacts-destination", str(tmp_path / "artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{host}:{port}"
+    try:
+        wait_for(lambda: http_ready(url + "/health"), "mlflow server to start", timeout=60)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: gunicorn/uvicorn workers slow to stop
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def wait_for(check, what, timeout=90):

@@ -156,11 +156,53 @@ def test_user_error_exits_2_whichever_rank_horovodrun_saw_end_first(exits, capsy
     from hvd_infer.launcher import EXIT_USER_ERROR, _Outcome, _verdict
 
     outcome = _Outcome(errors=[(0, "model.stride=255 must be smaller ...")], exits=dict(exits))
-    assert _verdict(1, outcome) == EXIT_USER_ERROR
+    assert _verdict(1, outcome, one_host(), []) == EXIT_USER_ERROR
     assert capsys.readouterr().err.count("hvd_infer: error: model.stride=255") == 1
 
 
 def test_internal_failure_after_a_user_error_line_is_not_a_user_error(capsys):
     from hvd_infer.launcher import EXIT_FAILED, _Outcome, _verdict
 
-    assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1})) == EXIT_FAILED
+    assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1}), one_host(), []) == EXIT_FAILED
+
+
+def one_host():
+    from hvd_infer.cluster import Cluster, Host
+
+    return Cluster([Host("localhost", [0, 1])], None, None, [])
+
+
+def test_ranks_assigned_to_hosts_as_horovodrun_does(tmp_path):
+    """The launcher names a lost host by its ranks: host by host, each host's slots filled in order."""
+    from hvd_infer import launcher
+    from hvd_infer.cluster import Cluster
+
+    parser = argparse.ArgumentParser()
+    launcher.add_arguments(parser)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=2\nb slots=2\nc slots=2\n")
+    for argv in (["-np", "5", "-H", "a:2,b:2,c:2"], ["-np", "5", "-hostfile", str(hostfile)]):
+        cluster = Cluster.of(parser.parse_args(argv))
+        assert [(h.name, h.ranks) for h in cluster.hosts] == [("a", [0, 1]), ("b", [2, 3]), ("c", [4])]
+        assert cluster.host_of(3).name == "b" and [h.name for h in cluster.remote] == ["a", "b", "c"]
+    assert [h.name for h in Cluster.of(parser.parse_args(["-np", "2"])).remote] == []  # localhost:2
+
+
+def test_host_report_judged_in_one_line_naming_host_and_fix():
+    """What a host's check reports, as the launcher words it (the hosts themselves: tests/test_cluster.py)."""
+    import hvd_infer
+    from hvd_infer.cluster import _judge
+
+    py = list(sys.version_info[:3])
+    ok = {"python": py, "hvd_infer": hvd_infer.__version__, "import_error": None, "missing": [], "nics": ["lo", "eth0"],
+          "nics_missing": [], "own_unresolved": [], "unresolved": []}
+    assert _judge("h2", ok) is None
+    for change, fragments in [
+        ({"hvd_infer": "0.0.1"}, ["host h2 has hvd_infer 0.0.1", f"this host hvd_infer {hvd_infer.__version__}",
+                                  "same versions"]),
+        ({"hvd_infer": None, "import_error": "ModuleNotFoundError: hvd_infer"}, ["host h2 cannot import hvd_infer"]),
+        ({"missing": ["/data/in"]}, ["host h2 does not see /data/in", "shared file system", "object store"]),
+        ({"nics_missing": ["eth9"]}, ["host h2 has no network interface eth9 (it has lo, eth0)"]),
+    ]:
+        line = _judge("h2", dict(ok, **change))
+        assert "\n" not in line and all(f in line for f in fragments), line

@@ -4,17 +4,15 @@ What a user sees while the job runs: live step metrics per rank, system metrics 
 rank, the input as a dataset, the Source; and a run that dies is marked FAILED.
 """
 import json
-import os
-import signal
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 
 import pytest
 
 import builders
-from conftest import REPO, free_port, horovodrun, http_ready, python_m, wait_for
+import conftest
+from conftest import REPO, horovodrun, python_m
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +24,8 @@ def get(url):
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    proc = subprocess.Popen([exe, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-                             "--artifacts-destination", str(tmp_path / "artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_ready(url + "/health"), "mlflow server to start", timeout=60)
+    with conftest.mlflow_server(tmp_path) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a loaded machine: gunicorn/uvicorn workers slow to stop
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 def only_run(api, experiment):

@@ -121,7 +121,9 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
     identity = {**identity, PRECISION: precision} if precision else identity
     changed = [k for k in [*identity, *(k for k in before if k not in identity)] if before.get(k) != identity.get(k)]
     if changed:
-        raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
+        kept = (f" (its rows were scored in {before[PRECISION]}, chosen by model.dtype=auto-check: resume with "
+                "model.dtype=auto-check to keep it)" if PRECISION in changed and before.get(PRECISION) else "")
+        raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written{kept}; "
                           "rerun with the same input and model, or use output.mode=overwrite")
     done = sorted(parsed[1:] for parsed in map(parse_part_name, names) if parsed)
     stale = [n for n in names if n in (SUCCESS, MANIFEST) or _TEMP_RE.match(n.rpartition("/")[2])]

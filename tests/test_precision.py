@@ -224,7 +224,7 @@ def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, t
 
     refused = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=float32", "output.mode=resume"),
                        env=NO_BF16)
-    assert_user_error(refused, "output.mode=resume but dtype, precision changed")
+    assert_user_error(refused, "output.mode=resume but dtype, precision changed", "its rows were scored in int8")
 
     r = python_m(first + ["output.mode=resume"], env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]

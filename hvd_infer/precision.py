@@ -188,20 +188,22 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None
     sums: Dict[str, float] = {}  # per candidate: the per-row agreements added up
     for start in range(0, n, CHUNK_ROWS):
-        batches, order, window_row = _chunk_batches(cfg, task, models["float32"], device, texts[start:start + CHUNK_ROWS],
-                                                    pairs[start:start + CHUNK_ROWS] if pairs else None)
+        chunk = slice(start, start + CHUNK_ROWS)
+        batches, order, window_row = _chunk_batches(cfg, task, models["float32"], device, texts[chunk],
+                                                    pairs[chunk] if pairs else None)
         outputs = {}
         for name, model in models.items():
-            seconds, outputs[name] = _score(task, model, batches, order, window_row, warm_up=name not in decision.seconds)
+            first = name not in decision.seconds
+            seconds, outputs[name] = _score(task, model, batches, order, window_row, warm_up=first)
             decision.seconds[name] = decision.seconds.get(name, 0.0) + seconds
-            decision.scored[name] = decision.scored.get(name, 0) + min(CHUNK_ROWS, n - start)
+            decision.scored[name] = decision.scored.get(name, 0) + len(texts[chunk])
         done = decision.scored["float32"]
         worst_row = -1.0 if "embedding" in outputs["float32"] else 0.0  # cosine can be -1; a label match 0
         live = [name for name in models if name != "float32"]
         for name in live:
             sums[name] = sums.get(name, 0.0) + float(row_agreement(outputs["float32"], outputs[name]).sum())
             decision.agreement[name] = sums[name] / done
-            if (sums[name] + (n - done)) / n < threshold:
+            if agreement_bounds(sums[name], done, n, worst_row)[1] < threshold:
                 decision.rejected.append(name)
                 del models[name]
         live = [name for name in models if name != "float32"]
@@ -209,13 +211,19 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
             break
         fastest = min(live, key=lambda name: decision.seconds[name])
         if (decision.seconds[fastest] < decision.seconds["float32"]
-                and (sums[fastest] + worst_row * (n - done)) / n >= threshold):
+                and agreement_bounds(sums[fastest], done, n, worst_row)[0] >= threshold):
             break
     agreeing = [name for name in models if name != "float32" and decision.agreement[name] >= threshold]
     fastest = min(["float32"] + agreeing, key=lambda name: decision.seconds[name])
     decision.choice = PRECISIONS[fastest]
     decision.check_seconds = time.perf_counter() - t0
     return decision
+
+
+def agreement_bounds(agreed: float, scored: int, rows: int, worst_row: float) -> Tuple[float, float]:
+    """(worst, best) agreement over all `rows` for a candidate whose first `scored` rows add up to `agreed`:
+    every remaining row at worst_row (0, or -1 for a cosine), or every one agreeing fully."""
+    return (agreed + worst_row * (rows - scored)) / rows, (agreed + rows - scored) / rows
 
 
 def _chunk_batches(cfg: JobConfig, task, model, device, texts, pairs):

@@ -108,6 +108,14 @@ def test_agreement_per_task_output():
     assert agreement(emb(vectors), emb(turned)) == pytest.approx(0.5)
 
 
+def test_agreement_bounds_are_exact_over_the_sample():
+    from hvd_infer.precision import agreement_bounds
+
+    assert agreement_bounds(60, 64, 128, 0.0) == (60 / 128, 124 / 128)  # 4 of 64 labels differ so far
+    assert agreement_bounds(63.9, 64, 128, -1.0) == pytest.approx(((63.9 - 64) / 128, 127.9 / 128))  # cosines
+    assert agreement_bounds(128, 128, 128, 0.0) == (1.0, 1.0)  # every row scored: the bounds meet
+
+
 # Dynamic int8 scales activations per batch, so a row's output depends on its batch: rows one at a time,
 # unpadded, make the job's outputs reproducible here.
 ONE_ROW = {"batch_size": 1, "pad_to_multiple_of": 1}
@@ -187,7 +195,8 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
 def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
     path, table = dataset  # 157 rows: under 4 x 64 x 3 precisions x 1 rank
     out = tmp_path / "out"
-    r = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64"), env=NO_BF16)
+    r = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64"),
+                 env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
     line = ("model.dtype=auto-check skipped: 157 input rows < 768 (4 x model.check_rows 64 x 3 precisions x 1 ranks);"
             " running float32")

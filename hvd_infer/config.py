@@ -51,7 +51,7 @@ class ModelConfig:
     # scales, the task head left in float32 (keeps more of a classifier's labels). CPU only
     quantize: Literal["none", "int8", "int8-per-channel"] = "none"
     allow_slow_bf16: bool = False  # run model.dtype=bfloat16 on a CPU without AVX512-BF16/AMX (many times slower)
-    check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision
+    check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision, at most
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
     deepspeed: bool = True  # wrap with deepspeed.init_inference
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU

@@ -14,8 +14,15 @@ agreement with float32 is at least model.check_agreement:
     text-generation                  share of rows with the same generated text
     embedding                        mean cosine similarity to the float32 vectors
 
-Every rank then loads the chosen precision; the choice, each candidate's seconds and agreement, and
-the check's own cost go to the job summary and to MLflow (params resolved.precision_*).
+It scores the rows in chunks and stops as soon as the verdict is decided (see measure): a candidate
+that cannot reach the agreement any more is dropped, and the check ends once the fastest candidate
+cannot fall below it. Every rank then loads the chosen precision; the choice, each precision's seconds,
+rows scored and agreement, and the check's own cost go to the job summary and to MLflow (params
+resolved.precision_*).
+
+The check is skipped, and the job runs float32, when the input is too small for a faster precision
+to win back its cost (skip_reason). A resumed job (output.mode=resume) keeps the precision recorded
+in the output's job file, so its rows are never scored in two precisions.
 """
 from __future__ import annotations
 
@@ -45,55 +52,95 @@ class Precision:
 FLOAT32 = Precision("float32", "float32")
 
 
+PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
+                                    Precision("int8-per-channel", "float32", "int8-per-channel"),
+                                    Precision("int8", "float32", "int8")]}
+
+# Rows scored per precision before the agreement bounds are looked at again.
+CHUNK_ROWS = 64
+# The check pays for itself only if a faster precision wins back its cost: it scores up to check_rows rows in
+# each precision, so with a candidate saving about a quarter of the time a rank needs this many times that.
+PAYBACK = 4
+
+
 def candidates(device: torch.device) -> List[Precision]:
     """The precisions that can beat float32 on this device; those it would emulate slowly are left out."""
     if device.type == "cuda":
-        return [Precision("float16", "float16")] + ([Precision("bfloat16", "bfloat16")]
-                                                    if torch.cuda.is_bf16_supported() else [])
+        return [PRECISIONS["float16"]] + ([PRECISIONS["bfloat16"]] if torch.cuda.is_bf16_supported() else [])
     from hvd_infer.model import cpu_has_native_bf16
 
-    return ([Precision("bfloat16", "bfloat16")] if cpu_has_native_bf16() else []) + [
-        Precision("int8-per-channel", "float32", "int8-per-channel"), Precision("int8", "float32", "int8")]
+    return ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"],
+                                                                          PRECISIONS["int8"]]
+
+
+def skip_reason(cfg: JobConfig, device: torch.device, total_rows: int, world_size: int) -> str:
+    """Why the check would cost more than it can win back ("" when it can pay): a job too small."""
+    precisions = 1 + len(candidates(device))
+    least = PAYBACK * cfg.model.check_rows * precisions * world_size
+    if total_rows >= least:
+        return ""
+    return (f"{total_rows} input rows < {least} ({PAYBACK} x model.check_rows {cfg.model.check_rows} "
+            f"x {precisions} precisions x {world_size} ranks)")
 
 
 @dataclass
 class Decision:
     choice: Precision = FLOAT32
-    rows: int = 0
-    seconds: Dict[str, float] = field(default_factory=dict)  # forward time over the sample, per precision
-    agreement: Dict[str, float] = field(default_factory=dict)  # with float32, per precision
+    rows: int = 0  # the sample: the bounds are on the agreement over this many rows
+    seconds: Dict[str, float] = field(default_factory=dict)  # forward time over the rows scored, per precision
+    scored: Dict[str, int] = field(default_factory=dict)  # rows scored, per precision
+    agreement: Dict[str, float] = field(default_factory=dict)  # with float32 over the rows scored, per candidate
+    rejected: List[str] = field(default_factory=list)  # stopped early: even all remaining rows agreeing fall short
     check_seconds: float = 0.0  # the whole check: reading, loading each precision, scoring
+    how: str = "measured"  # or why it was not: "skipped: ...", "resumed: ..."
 
     def facts(self, threshold: float) -> Dict[str, Any]:
-        facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check_rows": self.rows,
-                                 "precision_check_seconds": round(self.check_seconds, 2)}
+        facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
+        if self.how != "measured":
+            facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}"]
+            return facts
+        facts.update(precision_check_rows=self.rows, precision_check_seconds=round(self.check_seconds, 2))
         parts = []
         for name, seconds in self.seconds.items():
+            rows = self.scored[name]
             facts[f"precision_{name}_seconds"] = round(seconds, 3)
+            facts[f"precision_{name}_rows"] = rows
+            on = f" on {rows} rows" if rows < self.rows else ""
             if name in self.agreement:
                 facts[f"precision_{name}_agreement"] = round(self.agreement[name], 5)
-                ok = "" if self.agreement[name] >= threshold else f" < {threshold}"
-                parts.append(f"{name} {seconds:.2f} s (agreement {self.agreement[name]:.4f}{ok})")
+                ok = (f", rejected: < {threshold} whatever the other rows" if name in self.rejected
+                      else "" if self.agreement[name] >= threshold else f" < {threshold}")
+                parts.append(f"{name} {seconds:.2f} s{on} (agreement {self.agreement[name]:.4f}{ok})")
             else:
-                parts.append(f"{name} {seconds:.2f} s")
+                parts.append(f"{name} {seconds:.2f} s{on}")
         facts["notes"] = [f"model.dtype=auto-check on {self.rows} rows chose {self.choice.name} "
                           f"(check took {self.check_seconds:.1f} s): " + "; ".join(parts or ["no rows to score"])]
         return facts
 
 
-def load_checked_model(cfg: JobConfig, task, ctx, inp) -> Tuple[Any, Any, Dict[str, Any]]:
+def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tuple[Any, Any, Dict[str, Any]]:
     """load_model, with model.dtype=auto-check settled first: rank 0 measures, every rank loads its choice.
 
+    resumed: the precision the run that wrote output.path chose (output.mode=resume); it is kept, unmeasured.
+    Rank 0 records the choice in the output's job file before any row is written, so a resume keeps it.
     Every rank runs the same collectives whether rank 0's check succeeds or fails.
     """
     from hvd_infer.model import load_model
+    from hvd_infer.writer import record_precision
 
     if cfg.model.dtype != "auto-check":
         return load_model(cfg, task, ctx.device)
     decision, error = None, None
     if ctx.is_main:
         try:
-            decision = measure(cfg, task, ctx.device, inp)
+            skip = skip_reason(cfg, ctx.device, inp.total_rows, ctx.size)
+            if resumed:
+                decision = Decision(choice=PRECISIONS[resumed], how=f"resumed: output.path was scored in {resumed}")
+            elif skip:
+                decision = Decision(how=f"skipped: {skip}")
+            else:
+                decision = measure(cfg, task, ctx.device, inp)
+            record_precision(cfg, decision.choice.name)
         except Exception as e:
             error = e
     ctx.agree(error)
@@ -105,13 +152,21 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp) -> Tuple[Any, Any, Dict[s
 
 
 def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
-    """Score the input's first model.check_rows rows in float32 and each candidate; the fastest that agrees wins."""
-    from hvd_infer.batcher import batch_limits, length_sorted_batches
+    """Score the input's first model.check_rows rows in float32 and each candidate; the fastest that agrees wins.
+
+    Rows are scored CHUNK_ROWS at a time by every precision still in the running. After each chunk the
+    agreement a candidate can still reach over the whole sample is bounded exactly: at best every remaining
+    row agrees, at worst none does. A candidate whose best case is below model.check_agreement is rejected
+    (and its model freed); the check stops once the fastest candidate, faster than float32 so far, has a worst
+    case already at or above it. Every precision still running has scored the same rows, so their seconds
+    compare fairly.
+    """
     from hvd_infer.dataset import read_head
     from hvd_infer.model import load_model
 
     t0 = time.perf_counter()
     d = cfg.data
+    threshold = cfg.model.check_agreement
     columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
     sample = read_head(inp, columns, cfg.model.check_rows)
     # Null and empty texts are left out of the sample, whatever data.on_null does with them.
@@ -120,37 +175,73 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
         if pa.types.is_dictionary(text.type):
             text = text.cast(text.type.value_type)
         sample = sample.filter(pc.and_kleene(pc.is_valid(text), pc.not_equal(pc.utf8_trim_whitespace(text), "")))
-    decision = Decision(rows=sample.num_rows)
-    if not sample.num_rows:
+    n = sample.num_rows
+    decision = Decision(rows=n)
+    if not n:
         decision.check_seconds = time.perf_counter() - t0
         return decision
 
-    model, _, _ = load_model(FLOAT32.config(cfg), task, device)  # task.setup gives encode its tokenizer
+    models = {"float32": load_model(FLOAT32.config(cfg), task, device)[0]}  # task.setup gives encode its tokenizer
+    for candidate in candidates(device):
+        models[candidate.name] = load_model(candidate.config(cfg), task, device)[0]
     texts = sample.column(d.text_column).to_pylist()
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None
-    enc = task.encode(texts, pairs)
-    rows_per_batch, max_tokens = batch_limits(d, cfg.model.task, model.config, device, task.max_length,
-                                              next(model.module.parameters()).element_size())
-    order = length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)
-    batches = [task.collate(enc.features[rows]) for rows in order]
-    decision.seconds["float32"], reference = _score(task, model, batches, order, enc.window_row)
-    best = FLOAT32
-    for candidate in candidates(device):
-        del model
-        model, _, _ = load_model(candidate.config(cfg), task, device)
-        seconds, outputs = _score(task, model, batches, order, enc.window_row)
-        decision.seconds[candidate.name] = seconds
-        decision.agreement[candidate.name] = agreement(reference, outputs)
-        if decision.agreement[candidate.name] >= cfg.model.check_agreement and seconds < decision.seconds[best.name]:
-            best = candidate
-    decision.choice = best
+    sums: Dict[str, float] = {}  # per candidate: the per-row agreements added up
+    for start in range(0, n, CHUNK_ROWS):
+        chunk = slice(start, start + CHUNK_ROWS)
+        batches, order, window_row = _chunk_batches(cfg, task, models["float32"], device, texts[chunk],
+                                                    pairs[chunk] if pairs else None)
+        outputs = {}
+        for name, model in models.items():
+            first = name not in decision.seconds
+            seconds, outputs[name] = _score(task, model, batches, order, window_row, warm_up=first)
+            decision.seconds[name] = decision.seconds.get(name, 0.0) + seconds
+            decision.scored[name] = decision.scored.get(name, 0) + len(texts[chunk])
+        done = decision.scored["float32"]
+        worst_row = -1.0 if "embedding" in outputs["float32"] else 0.0  # cosine can be -1; a label match 0
+        live = [name for name in models if name != "float32"]
+        for name in live:
+            sums[name] = sums.get(name, 0.0) + float(row_agreement(outputs["float32"], outputs[name]).sum())
+            decision.agreement[name] = sums[name] / done
+            if agreement_bounds(sums[name], done, n, worst_row)[1] < threshold:
+                decision.rejected.append(name)
+                del models[name]
+        live = [name for name in models if name != "float32"]
+        if not live:
+            break
+        fastest = min(live, key=lambda name: decision.seconds[name])
+        if (decision.seconds[fastest] < decision.seconds["float32"]
+                and agreement_bounds(sums[fastest], done, n, worst_row)[0] >= threshold):
+            break
+    agreeing = [name for name in models if name != "float32" and decision.agreement[name] >= threshold]
+    fastest = min(["float32"] + agreeing, key=lambda name: decision.seconds[name])
+    decision.choice = PRECISIONS[fastest]
     decision.check_seconds = time.perf_counter() - t0
     return decision
 
 
-def _score(task, model, batches, order, window_row) -> Tuple[float, Dict[str, pa.Array]]:
-    """Seconds to predict every batch, after one untimed warm-up batch (kernel and weight-packing set-up)."""
-    task.predict(model, batches[0])
+def agreement_bounds(agreed: float, scored: int, rows: int, worst_row: float) -> Tuple[float, float]:
+    """(worst, best) agreement over all `rows` for a candidate whose first `scored` rows add up to `agreed`:
+    every remaining row at worst_row (0, or -1 for a cosine), or every one agreeing fully."""
+    return (agreed + worst_row * (rows - scored)) / rows, (agreed + rows - scored) / rows
+
+
+def _chunk_batches(cfg: JobConfig, task, model, device, texts, pairs):
+    """One chunk of the sample as the job would batch it: length-sorted batches, and how windows map to rows."""
+    from hvd_infer.batcher import batch_limits, length_sorted_batches
+
+    d = cfg.data
+    enc = task.encode(texts, pairs)
+    rows_per_batch, max_tokens = batch_limits(d, cfg.model.task, model.config, device, task.max_length,
+                                              next(model.module.parameters()).element_size())
+    order = length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)
+    return [task.collate(enc.features[rows]) for rows in order], order, enc.window_row
+
+
+def _score(task, model, batches, order, window_row, warm_up: bool) -> Tuple[float, Dict[str, pa.Array]]:
+    """Seconds to predict every batch; a model's first chunk starts with an untimed warm-up batch (kernel set-up)."""
+    if warm_up:
+        task.predict(model, batches[0])
     t = time.perf_counter()
     outputs = [task.predict(model, b) for b in batches]
     if torch.cuda.is_available():
@@ -170,14 +261,19 @@ def _as_arrow(values) -> pa.Array:
 
 def agreement(reference: Dict[str, pa.Array], candidate: Dict[str, pa.Array]) -> float:
     """How far a candidate's predictions agree with float32's, rows in the same order (see the module doc)."""
+    return float(row_agreement(reference, candidate).mean())
+
+
+def row_agreement(reference: Dict[str, pa.Array], candidate: Dict[str, pa.Array]) -> np.ndarray:
+    """Each row's agreement: 1.0 or 0.0 (same label, spans, text), or the cosine of the embeddings."""
     if "embedding" in reference:
         a = np.stack(reference["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
         b = np.stack(candidate["embedding"].to_numpy(zero_copy_only=False)).astype(np.float64)
-        cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        return float(cosine.mean())
+        return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     if "entities" in reference:
         spans = [[[(e["entity_group"], e["start"], e["end"]) for e in row] for row in out["entities"].to_pylist()]
                  for out in (reference, candidate)]
-        return float(np.mean([x == y for x, y in zip(*spans)]))
+        return np.array([x == y for x, y in zip(*spans)], dtype=np.float64)
     column = "label" if "label" in reference else "generated_text"
-    return float(np.mean([x == y for x, y in zip(reference[column].to_pylist(), candidate[column].to_pylist())]))
+    return np.array([x == y for x, y in zip(reference[column].to_pylist(), candidate[column].to_pylist())],
+                    dtype=np.float64)

@@ -53,25 +53,25 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         # Input and output are checked once, by rank 0, and the verdict shared: every rank
         # fails the same way, or none does.
         task = get_task(cfg.model.task)(cfg)
-        inp, done, error = None, None, None
+        inp, state, error = None, None, None
         if ctx.is_main:
             try:
                 inp = open_input(cfg.data)
                 preflight_model(cfg, task)
-                done = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
+                state = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
             except Exception as e:
                 error = e
         ctx.agree(error)
-        inp, done = ctx.broadcast_object((inp, done))
-        parts = plan_parts(inp.row_groups, ctx.rank, ctx.size, cfg.output.rows_per_part, done)
+        inp, state = ctx.broadcast_object((inp, state))
+        parts = plan_parts(inp.row_groups, ctx.rank, ctx.size, cfg.output.rows_per_part, state.done)
 
         tracker = Tracker(cfg, ctx)
         # Rank 0 creates the MLflow run while the other ranks load their model; _score shares it.
         tracker.start({"world_size": ctx.size, "input_files": len(inp.files), "input_rows": inp.total_rows,
-                       "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in done),
+                       "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in state.done),
                        **{f"env.{name}": value for name, value in environment.items()}})
         try:
-            return _score(cfg, ctx, inp, parts, task, tracker, t_start, environment)
+            return _score(cfg, ctx, inp, parts, state.precision, task, tracker, t_start, environment)
         except BaseException as e:
             tracker.fail(e)
             raise
@@ -79,8 +79,8 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         ctx.shutdown()
 
 
-def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, environment: Dict[str, str]
-           ) -> Dict[str, Any]:
+def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracker, t_start: float,
+           environment: Dict[str, str]) -> Dict[str, Any]:
     from hvd_infer.batcher import batch_limits, dedup_off
     from hvd_infer.context import cpu_cores
     from hvd_infer.evaluation import Evaluation
@@ -93,7 +93,8 @@ def _score(cfg: JobConfig, ctx, inp, parts, task, tracker, t_start: float, envir
     error, model = tracker.error, None  # rank 0 could not start the MLflow run: no use loading the model
     if error is None:
         try:
-            model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp)  # model.dtype=auto-check measured first
+            # model.dtype=auto-check measured first (or the resumed output's precision kept)
+            model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp, resumed_precision)
         except Exception as e:
             error = e
     ctx.agree(error)

@@ -34,6 +34,7 @@ from hvd_infer.storage import Location, explain
 JOB_FILE = "_hvd_infer_job.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+PRECISION = "precision"  # identity key: the precision model.dtype=auto-check chose
 PARTS_DIR = "_parts"
 _PART_RE = re.compile(r"^part-r(\d{5})-(\d{12})-(\d{12})\.parquet$")
 _TEMP_RE = re.compile(r"^\.(.+)\.tmp-\d+$")  # a local write interrupted before its rename
@@ -87,6 +88,7 @@ class OutputState:
     """What check_output found: the parts already done and what applying output.mode removes."""
     done: List[Interval] = field(default_factory=list)
     remove: List[str] = field(default_factory=list)
+    precision: str = ""  # model.dtype=auto-check: the precision the earlier run chose (record_precision)
 
 
 def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
@@ -114,13 +116,18 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
                           "refusing to delete or mix with it: choose an empty or new directory")
     if mode == "overwrite":
         return OutputState(remove=names)
+    # An auto-check run records its choice once made; the resume keeps it (load_checked_model).
+    precision = before.get(PRECISION, "") if identity["dtype"] == "auto-check" else ""
+    identity = {**identity, PRECISION: precision} if precision else identity
     changed = [k for k in [*identity, *(k for k in before if k not in identity)] if before.get(k) != identity.get(k)]
     if changed:
-        raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written; "
+        kept = (f" (its rows were scored in {before[PRECISION]}, chosen by model.dtype=auto-check: resume with "
+                "model.dtype=auto-check to keep it)" if PRECISION in changed and before.get(PRECISION) else "")
+        raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written{kept}; "
                           "rerun with the same input and model, or use output.mode=overwrite")
     done = sorted(parsed[1:] for parsed in map(parse_part_name, names) if parsed)
     stale = [n for n in names if n in (SUCCESS, MANIFEST) or _TEMP_RE.match(n.rpartition("/")[2])]
-    return OutputState(done=done, remove=stale)
+    return OutputState(done=done, remove=stale, precision=precision)
 
 
 def apply_output_mode(cfg: JobConfig, identity: Dict[str, Any], state: OutputState) -> List[Interval]:
@@ -135,9 +142,23 @@ def apply_output_mode(cfg: JobConfig, identity: Dict[str, Any], state: OutputSta
     return state.done
 
 
-def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> List[Interval]:
-    """Rank 0, before any rank writes: check_output, then apply output.mode; the row ranges already done."""
-    return apply_output_mode(cfg, identity, check_output(cfg, identity))
+def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
+    """Rank 0, before any rank writes: check_output, then apply output.mode; the rows done, the precision kept."""
+    state = check_output(cfg, identity)
+    state.done = apply_output_mode(cfg, {**identity, PRECISION: state.precision} if state.precision else identity,
+                                   state)
+    return state
+
+
+def record_precision(cfg: JobConfig, precision: str) -> None:
+    """Rank 0, model.dtype=auto-check, before any row is written: the choice joins the job's identity."""
+    loc = output_location(cfg)
+    try:
+        job = json.loads(loc.read(JOB_FILE))
+        job["identity"][PRECISION] = precision
+        loc.put(JOB_FILE, json.dumps(job, indent=1, default=str).encode())
+    except Exception as e:
+        raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
 
 
 def _masked(cfg: JobConfig) -> Dict[str, Any]:

@@ -23,7 +23,8 @@ one model (the demo's fine-tuned classifier, or --model DIR) and the same cores 
   d        hvd_infer under horovodrun as a subprocess: end to end is the wall clock of the command,
            steady state the runner's own rows/s from the output's _manifest.json.
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
-           the check's seconds (inside end to end) and each candidate's timing and agreement.
+           the check's seconds (inside end to end) and each candidate's timing and agreement (or the
+           line saying the check was skipped: an input too small for it to pay, see the README).
   dedup    hvd_infer (all cores) on --dedup-rows rows of which 30% repeat one of the 100 rows before
            them, with data.dedup=false and then true (the default): the rows/s ratio is the gain.
 
@@ -75,8 +76,10 @@ def auto_check(job_log: str) -> Dict[str, Any]:
     import re
 
     m = re.search(r"model\.dtype=auto-check on (\d+) rows chose (\S+) \(check took ([\d.]+) s\): (.*)", job_log)
-    if not m:
-        return {}
+    if not m:  # too small an input for the check to pay: skipped, and the job ran float32
+        skipped = re.search(r"model\.dtype=auto-check skipped: .*; running (\S+)", job_log)
+        return {"auto_check_choice": skipped.group(1), "auto_check_rows": 0, "auto_check_seconds": 0.0,
+                "auto_check": skipped.group(0).strip()} if skipped else {}
     return {"auto_check_choice": m.group(2), "auto_check_rows": int(m.group(1)),
             "auto_check_seconds": float(m.group(3)), "auto_check": m.group(0).strip()}
 

@@ -108,6 +108,14 @@ def test_agreement_per_task_output():
     assert agreement(emb(vectors), emb(turned)) == pytest.approx(0.5)
 
 
+def test_agreement_bounds_are_exact_over_the_sample():
+    from hvd_infer.precision import agreement_bounds
+
+    assert agreement_bounds(60, 64, 128, 0.0) == (60 / 128, 124 / 128)  # 4 of 64 labels differ so far
+    assert agreement_bounds(63.9, 64, 128, -1.0) == pytest.approx(((63.9 - 64) / 128, 127.9 / 128))  # cosines
+    assert agreement_bounds(128, 128, 128, 0.0) == (1.0, 1.0)  # every row scored: the bounds meet
+
+
 # Dynamic int8 scales activations per batch, so a row's output depends on its batch: rows one at a time,
 # unpadded, make the job's outputs reproducible here.
 ONE_ROW = {"batch_size": 1, "pad_to_multiple_of": 1}
@@ -122,8 +130,11 @@ def reference_probs(texts, cfg):
 
 
 @pytest.mark.slow
-def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, dataset, tmp_path):
-    path, table = dataset
+def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path):
+    from hvd_infer.precision import PAYBACK
+
+    path = str(tmp_path / "data")
+    table = builders.write_dataset(path, PAYBACK * 64 * 3 * 2, row_group_size=50)  # large enough not to skip
     out = tmp_path / "out"
     r = horovodrun(2, base(classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
                            "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40"), env=NO_BF16)
@@ -135,7 +146,7 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, dataset, 
         assert float(params[f"resolved.precision_{name}_seconds"]) > 0
     for name in ("int8", "int8-per-channel"):
         assert 0 <= float(params[f"resolved.precision_{name}_agreement"]) <= 1
-    assert params["resolved.precision_check_rows"] == "64"
+    assert params["resolved.precision_check_rows"] == "64" and params["resolved.precision_check"] == "measured"
     assert f"model.dtype=auto-check on 64 rows chose {choice}" in r.stdout
     # Every rank scored with the choice: all rows equal the chosen precision's reference.
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
@@ -144,3 +155,94 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, dataset, 
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
     if choice != "float32":  # and it is not float32's, so the check above tells them apart
         assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5
+
+
+# -- the check that pays for itself: early verdicts, the skip, the resume -------------------------------------
+
+def params_of(tmp):
+    return dict(sqlite3.connect(f"{tmp}/mlflow.db").execute("select key, value from params").fetchall())
+
+
+def job_file_identity(out):
+    import json
+
+    return json.loads((out / "_hvd_infer_job.json").read_text())["identity"]
+
+
+def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder, tmp_path):
+    """check_agreement=1 on embeddings: int8's cosines fall short of 1 on the first chunk, so neither int8 can
+    reach it whatever the other rows do; the check stops there, 64 of its 128 rows scored, and runs float32."""
+    from hvd_infer.precision import CHUNK_ROWS, PAYBACK
+
+    rows = PAYBACK * 128 * 3  # just enough for the check to be worth running: no skip
+    data = tmp_path / "data"
+    builders.write_dataset(str(data), rows, row_group_size=100)
+    r = python_m(base(tiny_encoder, data, tmp_path / "out", tmp_path, "model.task=embedding", "model.dtype=auto-check",
+                      "model.check_rows=128", "model.check_agreement=1"), env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    params = params_of(tmp_path)
+    assert params["resolved.precision_choice"] == "float32" and params["resolved.precision_check"] == "measured"
+    assert params["resolved.precision_check_rows"] == "128"
+    for name in ("float32", "int8", "int8-per-channel"):
+        assert params[f"resolved.precision_{name}_rows"] == str(CHUNK_ROWS)
+    for name in ("int8", "int8-per-channel"):
+        assert float(params[f"resolved.precision_{name}_agreement"]) < 1
+        assert f"{name} " in r.stdout and "rejected: < 1.0 whatever the other rows" in r.stdout
+    assert "model.dtype=auto-check on 128 rows chose float32" in r.stdout
+    assert job_file_identity(tmp_path / "out")["precision"] == "float32"
+
+
+def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
+    path, table = dataset  # 157 rows: under 4 x 64 x 3 precisions x 1 rank
+    out = tmp_path / "out"
+    r = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64"),
+                 env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = ("model.dtype=auto-check skipped: 157 input rows < 768 (4 x model.check_rows 64 x 3 precisions x 1 ranks);"
+            " running float32")
+    assert line in r.stdout
+    params = params_of(tmp_path)
+    assert params["resolved.precision_choice"] == "float32"
+    assert params["resolved.precision_check"] == line.split("auto-check ")[1].split(";")[0]
+    assert "resolved.precision_int8_seconds" not in params
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
+    ref = reference_probs(table.column("text").to_pylist(), job(tiny_classifier))
+    np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
+    assert job_file_identity(out)["precision"] == "float32"
+
+
+def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, tmp_path):
+    """The resumed run scores its missing rows in the recorded choice, unmeasured; another precision is refused."""
+    import json
+
+    path, table = dataset
+    out = tmp_path / "out"
+    first = base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
+                 "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40")
+    r = python_m(first, env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # As if the first run had chosen int8 (a timing decides that) and stopped after its first parts.
+    job_file = out / "_hvd_infer_job.json"
+    written = json.loads(job_file.read_text())
+    written["identity"]["precision"] = "int8"
+    job_file.write_text(json.dumps(written))
+    parts = sorted(p for p in out.rglob("part-*") if p.suffix == ".parquet")
+    assert len(parts) >= 2
+    for p in parts[1:]:
+        p.unlink()
+
+    refused = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=float32", "output.mode=resume"),
+                       env=NO_BF16)
+    assert_user_error(refused, "output.mode=resume but dtype, precision changed", "its rows were scored in int8")
+
+    r = python_m(first + ["output.mode=resume"], env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "model.dtype=auto-check resumed: output.path was scored in int8; running int8" in r.stdout
+    assert job_file_identity(out)["precision"] == "int8"
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
+    texts = table.column("text").to_pylist()
+    ref = reference_probs(texts, job(tiny_classifier, ONE_ROW, quantize="int8"))
+    resumed = ~got["id"].isin(pads.dataset([str(parts[0])]).to_table().column("id").to_pylist())
+    assert resumed.sum() == len(table) - pads.dataset([str(parts[0])]).count_rows()
+    np.testing.assert_allclose(np.stack(got["probs"][resumed].to_numpy()), ref[resumed.to_numpy()], atol=1e-5)
+    assert np.abs(reference_probs(texts, job(tiny_classifier, ONE_ROW)) - ref).max() > 1e-5

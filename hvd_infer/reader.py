@@ -48,8 +48,8 @@ def choose_reader(setting: str = "auto") -> ReaderChoice:
                               "the same rows with pyarrow itself")
         return ReaderChoice("petastorm", "data.reader=petastorm")
     if cannot:
-        return ReaderChoice("pyarrow", f"data.reader=auto: {cannot}")
-    return ReaderChoice("petastorm", "data.reader=auto: petastorm runs here")
+        return ReaderChoice("pyarrow", f"data.reader=auto; {cannot}")
+    return ReaderChoice("petastorm", "data.reader=auto; petastorm runs here")
 
 
 def _petastorm_cannot_run() -> str:
@@ -57,7 +57,7 @@ def _petastorm_cannot_run() -> str:
     try:
         from hvd_infer import petastorm_reader
     except ImportError as e:
-        return f"petastorm does not import here ({e})"
+        return f"petastorm does not import here: {e}"
     if int(pa.__version__.split(".")[0]) >= petastorm_reader.PYARROW_BELOW:
         return (f"petastorm cannot read with pyarrow {pa.__version__} (it needs pyarrow < "
                 f"{petastorm_reader.PYARROW_BELOW})")

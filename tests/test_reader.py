@@ -138,7 +138,7 @@ def test_reader_choice_says_why():
     assert choose_reader("pyarrow").describe() == "pyarrow (data.reader=pyarrow)"
     auto = choose_reader("auto")
     if auto.name == "petastorm":
-        assert auto.describe() == "petastorm (data.reader=auto: petastorm runs here)"
+        assert auto.describe() == "petastorm (data.reader=auto; petastorm runs here)"
         assert choose_reader("petastorm").name == "petastorm"
     else:
-        assert auto.why.startswith("data.reader=auto: petastorm") and "pyarrow" in auto.why
+        assert auto.why.startswith("data.reader=auto; petastorm") and "pyarrow" in auto.why

@@ -25,7 +25,7 @@ from hvd_infer.reader import choose_reader
 
 STACK = os.path.basename(sys.prefix)[len(".venv-"):] if os.path.basename(sys.prefix).startswith(".venv-") else ""
 HOROVOD = importlib.util.find_spec("horovod") is not None
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not STACK, reason="run with a named stack's Python (.venv-NAME)")]
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(not STACK, reason="run with a named stack's Python (.venv-NAME)")]
 
 
 def two_ranks(args):

@@ -113,3 +113,13 @@ def test_spark_path_of_the_runtime_equals_plain_forward(tiny_classifier, dataset
     ref = np.stack([reference[i] for i in got["id"]])
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
     assert (out / "_SUCCESS").exists()
+
+
+@pytest.mark.skipif(HOROVOD, reason="horovod is installed: hvd-infer -np N runs (test_launcher.py)")
+def test_hvd_infer_np_without_horovod_says_how_to_launch(tiny_classifier, dataset, tmp_path):
+    r = python_m(["-np", "2", *job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path)])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
+    assert len(lines) == 1 and "horovod is not installed here" in lines[0], lines
+    assert "torchrun --nproc-per-node 2 -m hvd_infer" in lines[0]
+    assert not (tmp_path / "out").exists()

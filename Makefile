@@ -24,7 +24,8 @@ STACKS ?= dbr-15.4-ml dbr-17.3-ml
 test-stacks:
 	@for s in $(STACKS); do \
 	  bash scripts/install.sh --stack $$s && \
-	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "not slow" || exit 1; \
+	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "not slow" \
+	    -W ignore::DeprecationWarning || exit 1; \
 	done
 
 bench: install

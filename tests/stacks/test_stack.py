@@ -5,9 +5,9 @@
 
 A 2-rank job equal to a plain forward computed in this stack (horovodrun where horovod is installed,
 as on 15.4; torchrun where not, as on 17.3), the reader the stack can run, an MLflow run, and the
-Spark launch path of the runtime (horovod.spark.run on 15.4, TorchDistributor on 17.3). Each task and
-the embedding pooling against this stack's sentence-transformers are tests/test_tasks.py and
-tests/test_embedding.py, which make test-stacks runs on each stack too. On the default stack these
+Spark launch path of the runtime (horovod.spark.run on 15.4, TorchDistributor on 17.3) and predict_udf.
+Each task and the embedding pooling against this stack's sentence-transformers are tests/test_tasks.py
+and tests/test_embedding.py, which make test-stacks runs on each stack too. On the default stack these
 tests skip: the whole suite covers it.
 """
 import importlib.util
@@ -113,16 +113,19 @@ def test_petastorm_refused_in_one_line_where_it_cannot_run(tiny_classifier, data
     assert not (tmp_path / "out").exists()
 
 
-def test_spark_path_of_the_runtime_equals_plain_forward(tiny_classifier, dataset, reference, tmp_path, loopback_env):
-    """horovod.spark.run where horovod is installed (HorovodRunner's runtimes), else TorchDistributor."""
+def test_spark_paths_of_the_runtime_equal_plain_forward(tiny_classifier, dataset, reference, tmp_path, loopback_env):
+    """horovod.spark.run where horovod is installed (HorovodRunner's runtimes), else TorchDistributor; and
+    predict_udf (the runtime's pyspark and pyarrow under predict_batch_udf)."""
     from conftest import spark_session
-    from hvd_infer.spark import run_on_spark
+    from hvd_infer.spark import predict_udf, run_on_spark
 
     spark = spark_session("local[2]", **{"spark.ui.enabled": "false"})
     try:
         out = tmp_path / "out"
         run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, spark=spark,
                      launcher="horovod" if HOROVOD else "torch")
+        udf = predict_udf(job(tiny_classifier, dataset[0], tmp_path / "unused", tmp_path))
+        scored = spark.read.parquet(dataset[0]).withColumn("pred", udf("text")).select("id", "pred.*").toPandas()
     finally:
         spark.stop()
     got = read_output(out)
@@ -130,6 +133,9 @@ def test_spark_path_of_the_runtime_equals_plain_forward(tiny_classifier, dataset
     ref = np.stack([reference[i] for i in got["id"]])
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
     assert (out / "_SUCCESS").exists()
+    assert sorted(scored["id"]) == sorted(dataset[1].column("id").to_pylist())
+    ref = np.stack([reference[i] for i in scored["id"]])
+    np.testing.assert_allclose(np.stack(scored["probs"].to_numpy()), ref, atol=1e-4)
 
 
 @pytest.mark.skipif(HOROVOD, reason="horovod is installed: hvd-infer -np N runs (test_launcher.py)")

@@ -38,7 +38,7 @@ def two_ranks(args):
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [exe, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "hvd_infer", *args]
-    # Seen once in ~15 runs on dbr-17.3-ml under load: the job done (summary printed), one rank never exits.
+    # Seen once in ~25 runs on dbr-17.3-ml under load: the job done (summary printed), one rank never exits.
     # Then each rank's Python stacks (faulthandler, on SIGABRT) go into the failure, to say where it waits.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=dict(os.environ, PYTHONFAULTHANDLER="1"))

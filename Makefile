@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install demo test test-fast bench mlflow-ui
+.PHONY: install demo test test-fast test-stacks bench mlflow-ui
 install:
 	@bash scripts/install.sh
 
@@ -16,6 +16,17 @@ test: install  ## the whole suite: unit tests and real multi-rank, Spark and MLf
 
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow"
+
+# The named stacks (scripts/stacks/NAME.txt, Databricks ML runtimes): each installed into .venv-NAME, then
+# the end-to-end core (tests/stacks), each task and the embedding pooling against the stack's own
+# transformers and sentence-transformers (the non-slow tests of test_tasks.py and test_embedding.py).
+STACKS ?= dbr-15.4-ml dbr-17.3-ml
+test-stacks:
+	@for s in $(STACKS); do \
+	  bash scripts/install.sh --stack $$s && \
+	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "not slow" \
+	    -W ignore::DeprecationWarning || exit 1; \
+	done
 
 bench: install
 	$(PY) scripts/bench.py

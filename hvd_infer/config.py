@@ -91,6 +91,9 @@ class DataConfig:
     # Processes per rank that read and tokenize, sharing the parts in units of whole sort windows; 0: one
     # thread in the rank's process. auto (default): on CUDA the rank's share of the host's cores minus one, on CPU 0
     workers: Union[int, Literal["auto"]] = bounded("auto", 0, note=" (0 = a thread in the rank's process)")
+    # Who reads the row groups: petastorm, or pyarrow itself (same rows, same batches). auto (default): petastorm
+    # where it imports and can read (pyarrow < 15), else pyarrow; the summary and MLflow say which ran and why
+    reader: Literal["auto", "petastorm", "pyarrow"] = "auto"
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,20 +22,6 @@ from hvd_infer.config import DataConfig
 from hvd_infer.errors import DataError
 from hvd_infer.storage import explain
 
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", FutureWarning)
-    from pyarrow.filesystem import DaskFileSystem
-
-
-class FsspecAsLegacy(DaskFileSystem):
-    """An fsspec filesystem as a legacy pyarrow one (module level: picklable to reader workers)."""
-
-    def isdir(self, path):  # DaskFileSystem leaves these two unimplemented
-        return self.fs.isdir(path)
-
-    def isfile(self, path):
-        return self.fs.isfile(path)
 
 
 @dataclass(frozen=True)
@@ -68,21 +53,11 @@ class ParquetInput:
         return sum(rg.rows for rg in self.row_groups)
 
     def url(self, file: int) -> str:
-        """A URL Petastorm and pyarrow understand for one file."""
+        """A URL Petastorm and fsspec understand for one file."""
         return f"{self.protocol}://{self.files[file]}"
 
     def filesystem(self):
         return fsspec.filesystem(self.protocol, **self.storage_options)
-
-    def petastorm_filesystem(self):
-        """What Petastorm should read through: None lets it open local files itself; a store's
-        filesystem is wrapped as a legacy pyarrow filesystem, the only kind Petastorm 0.13's
-        ParquetDataset call accepts on pyarrow 14 (an fsspec one fails on validate_schema)."""
-        if self.protocol in ("file", "local"):
-            return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecated, and what Petastorm needs
-            return FsspecAsLegacy(self.filesystem())
 
     def fingerprint(self) -> str:
         """Changes when the files, their sizes or row counts change: resume refuses then."""

@@ -16,6 +16,7 @@ horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import signal
@@ -82,10 +83,12 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
     """What every rank checks before reading data, once, here; raises UserError. Writes nothing."""
     from hvd_infer.dataset import open_input
     from hvd_infer.model import preflight_model
+    from hvd_infer.reader import choose_reader
     from hvd_infer.tasks import get_task
     from hvd_infer.writer import check_output, job_identity
 
     task = get_task(cfg.model.task)(cfg)
+    choose_reader(cfg.data.reader)  # data.reader=petastorm where it cannot run
     if ranks_on_this_host:  # the ranks' devices are this host's: float16 without a GPU is refused now
         import torch
 
@@ -99,6 +102,14 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
         from hvd_infer.tracking import check_tracking_server
 
         check_tracking_server(cfg.mlflow.tracking_uri)
+
+
+def _check_horovod(np_: int) -> None:
+    """Runtimes since Databricks 16.0 ML have no horovod: say how to start ranks there."""
+    if importlib.util.find_spec("horovod") is None:
+        raise UserError(f"-np {np_} starts ranks through horovodrun, and horovod is not installed here; install it "
+                        f"(pip install 'hvd_infer[horovod]') or start the ranks with torchrun: "
+                        f"torchrun --nproc-per-node {np_} -m hvd_infer [--config FILE] [key=value ...]")
 
 
 def ranks_on_this_host(args: argparse.Namespace) -> bool:
@@ -130,6 +141,7 @@ class _Outcome:
 def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> int:
     """Check the job and every host, then run it on args.np ranks; returns the exit code for the command line."""
     try:
+        _check_horovod(args.np)
         preflight(cfg, ranks_on_this_host(args))
         cluster = Cluster.of(args)
         cluster.check(cfg)

@@ -6,7 +6,7 @@
         if batch.finished: ...    # that part's last batch
 
 With data.workers = N > 0 a torch DataLoader runs N processes; worker w reads parts w, w+N, ...
-through Petastorm (reader.py), tokenizes and pads them (batcher.py) and the batches come back
+through the reader (reader.py), tokenizes and pads them (batcher.py) and the batches come back
 through shared memory, parts of different workers interleaved. The rank's process does little
 but call the model. data.workers = 0 does the same work in one background thread (debugging,
 tiny jobs). A worker that fails or dies fails the job at once, naming its part.
@@ -75,7 +75,7 @@ def work_units(parts: List[Part], sort_window: int) -> List[Tuple[int, Part]]:
 
     A unit is a run of whole sort windows from its part's start, so the batcher sorts the same
     windows as over the whole part (rows skipped for nulls aside). It is at least as long as the
-    part's longest row group slice: Petastorm reads whole row groups, and so each is read by at
+    part's longest row group slice: the reader reads whole row groups, and so each is read by at
     most two producers. A part inside one big row group stays one unit.
     """
     units = []
@@ -190,7 +190,8 @@ class _PartsDataset:
         """Batches of units[i] for i in indices, each step marked in states[slot] as it begins."""
         mark = _marker(states, slot)
         mark(indices[0] if indices else -1, READING)  # opening the reader reads the first row group's footer
-        for i, (unit, chunks) in zip(indices, read_parts(self.inp, [self.units[i] for i in indices], self.columns)):
+        for i, (unit, chunks) in zip(indices, read_parts(self.inp, [self.units[i] for i in indices], self.columns,
+                                                           self.cfg.reader)):
             for batch in part_batches(unit, _marked_chunks(chunks, i, mark), self.task, self.cfg, self.batch_rows,
                                       self.max_tokens):
                 mark(i, HANDING_OVER)

@@ -146,7 +146,7 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
     # Without safetensors (allow_pickle=true), transformers loads .bin with torch.load(weights_only=True).
     model, info = auto.from_pretrained(path, trust_remote_code=m.trust_remote_code, local_files_only=True,
                                        use_safetensors=has_safetensors, output_loading_info=True,
-                                       dtype=torch.float32)
+                                       **{_dtype_argument(transformers.__version__): torch.float32})
     missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
     if missing:
         raise ModelError(f"model.path {m.path} lacks weights that {task.auto_model} needs for model.task={m.task} "
@@ -162,6 +162,14 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
     else:
         model = model.to(dtype)
     return model.to(device), autocast
+
+
+def _dtype_argument(transformers_version: str) -> str:
+    """from_pretrained's name for the weights' dtype: torch_dtype up to transformers 4.55, dtype since 4.56
+    (4.x passes an unknown name on to the model's __init__; 5.x warns on the old one)."""
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers_version) >= Version("4.56") else "torch_dtype"
 
 
 def quantize_int8(model, per_channel: bool):

@@ -41,6 +41,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     from hvd_infer.context import RankContext
     from hvd_infer.dataset import open_input
     from hvd_infer.model import preflight_model, resolve_dtype
+    from hvd_infer.reader import choose_reader
     from hvd_infer.shard_plan import plan_parts
     from hvd_infer.tasks import get_task
     from hvd_infer.tracking import Tracker
@@ -56,6 +57,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         inp, state, error = None, None, None
         if ctx.is_main:
             try:
+                choose_reader(cfg.data.reader)  # data.reader=petastorm where it cannot run: refused here
                 inp = open_input(cfg.data)
                 preflight_model(cfg, task)
                 state = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
@@ -86,6 +88,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.loader import BatchLoader, resolve_workers
     from hvd_infer.precision import load_checked_model
+    from hvd_infer.reader import choose_reader
     from hvd_infer.summary import RankFigures
     from hvd_infer.watchdog import COLLECTIVE, Watchdog
 
@@ -102,6 +105,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
     tracker.share()
     off = dedup_off(cfg.data, task)
     facts["dedup"] = "on" if off is None else f"off: {off}"
+    facts["reader"] = choose_reader(cfg.data.reader).describe()
     fig = RankFigures(rank=ctx.rank, host=os.uname().nodename, device=str(ctx.device), threads=ctx.threads,
                       load_seconds=load_seconds)
 

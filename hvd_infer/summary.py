@@ -110,6 +110,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
                  + (f"data.workers {figures[0].workers} per rank" if figures[0].workers
                     else "data.workers 0 (reading and tokenizing in a thread of each rank)")
                  + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
+    lines.append(f"reader: {facts['reader']}")
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
     dedup = facts.get("dedup", "off")
@@ -129,5 +130,6 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
                                                             for name, value in environment.items()))
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}
     summary["environment"] = environment or {}
+    summary["reader"] = facts["reader"]
     summary["ranks"] = [f.as_dict() for f in figures]
     return m, "\n".join(lines), summary

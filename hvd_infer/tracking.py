@@ -13,6 +13,7 @@ still RUNNING there (its launcher was killed) KILLED and links the two.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
 
 
 def _quiet() -> None:
+    import mlflow  # noqa: F401  MLflow 2.x sets its loggers to INFO when imported (3.x reads MLFLOW_LOGGING_LEVEL)
+
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -172,8 +175,11 @@ class Tracker:
         if self.cfg.mlflow.system_metrics:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # MLflow 2.x and 3.0's monitor takes no tracking_uri: it logs to the global one, which _connect set.
+            where = ({"tracking_uri": self.cfg.mlflow.tracking_uri}
+                     if "tracking_uri" in inspect.signature(SystemMetricsMonitor).parameters else {})
             self.system = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.mlflow.log_every_s,
-                                               node_id=f"rank_{self.ctx.rank}", tracking_uri=self.cfg.mlflow.tracking_uri)
+                                               node_id=f"rank_{self.ctx.rank}", **where)
             self.system.start()
         return self.run_id
 

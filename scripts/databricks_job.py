@@ -8,9 +8,11 @@
 # MAGIC * Cluster: a Databricks Runtime **ML**, GPU or CPU, in *single user* (dedicated) access mode.
 # MAGIC   Up to 15.4 LTS ML the runtime ships HorovodRunner (`sparkdl`) and the ranks run on Horovod;
 # MAGIC   later ML runtimes have no Horovod, and the notebook uses pyspark's TorchDistributor
-# MAGIC   instead (torchrun, torch.distributed with Gloo): the same job, the same output. Torch,
-# MAGIC   pyspark and (on GPU runtimes) DeepSpeed come with the runtime; petastorm needs
-# MAGIC   pyarrow < 15, so on a runtime whose pyarrow is newer, install `petastorm "pyarrow<15"` too.
+# MAGIC   instead (torchrun, torch.distributed with Gloo): the same job, the same output. Everything
+# MAGIC   else comes with the runtime (torch, transformers, MLflow, pyspark, DeepSpeed): hvd_infer is
+# MAGIC   installed without dependencies and runs on the runtime's own versions (tested on the
+# MAGIC   packages of 15.4 and 17.3 LTS ML). Petastorm reads where the runtime ships it (15.4);
+# MAGIC   elsewhere pyarrow reads the same rows (the summary says which).
 # MAGIC * Data: read through the `/Volumes/...` FUSE path that every node mounts.
 # MAGIC * Output: the writer renames its part files into place, so it needs a mounted local path
 # MAGIC   too: a Volume (`/Volumes/...`) or DBFS through `/dbfs/...`, never a `dbfs:/` URL.
@@ -27,7 +29,6 @@
 # COMMAND ----------
 
 # MAGIC %pip install --no-deps /Workspace/Users/you@example.com/hvd_infer
-# MAGIC %pip install "transformers>=4.56,<6" "mlflow>=3"
 
 # COMMAND ----------
 

@@ -106,10 +106,12 @@ def sentence_model(path: str, pooling: str = "mean", normalize: bool = True, pro
     # initializer_range 0.3: at BERT's 0.02 a random model's vectors hardly depend on the text.
     shape = dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=64, max_position_embeddings=512, initializer_range=0.3)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    # A decoder takes no token types. Given at load, the input names are saved with the tokenizer (set
+    # afterwards, transformers 4.x does not save them and sentence-transformers 2.x then passes token types).
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), **({"model_input_names": ["input_ids", "attention_mask"]}
+                                                               if decoder else {}))
     if decoder:
         LlamaModel(LlamaConfig(num_key_value_heads=2, **shape)).save_pretrained(base)
-        tokenizer.model_input_names = ["input_ids", "attention_mask"]  # a decoder takes no token types
     else:
         BertModel(BertConfig(**shape)).save_pretrained(base)
     tokenizer.save_pretrained(base)

@@ -52,11 +52,17 @@ def job(path, **embedding):
 
 
 def reference(path, texts, prompt=None, prompt_name=None, dimensions=None):
-    """sentence-transformers' encode; with dimensions, truncated then normalised when the model normalises."""
+    """sentence-transformers' encode; with dimensions, truncated then normalised when the model normalises.
+
+    The truncation is done here, as encode(truncate_dim=k) does it in current sentence-transformers: the
+    stacks' 2.7 has no such argument, and 4.0's encode swallows it (**kwargs) and does not truncate.
+    """
     st = SentenceTransformer(path, device="cpu")
     normalizes = any(type(m).__name__ == "Normalize" for m in st)
-    return st.encode(list(texts), prompt=prompt, prompt_name=prompt_name, truncate_dim=dimensions or None,
-                     normalize_embeddings=normalizes, convert_to_numpy=True, batch_size=7)
+    vectors = st.encode(list(texts), prompt=prompt, prompt_name=prompt_name, convert_to_numpy=True, batch_size=7)
+    if dimensions:
+        vectors = vectors[:, :dimensions]
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if normalizes else vectors
 
 
 def task_vectors(cfg, texts):

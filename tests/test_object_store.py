@@ -20,6 +20,10 @@ import builders
 from conftest import free_port, horovodrun, http_ready, python_m, wait_for
 from test_failures import _classifier_from_minilm
 from test_multirank import reference_probs
+from hvd_infer.config import DataConfig
+from hvd_infer.dataset import open_input
+from hvd_infer.reader import read_parts
+from hvd_infer.shard_plan import plan_parts
 
 pytestmark = pytest.mark.slow
 
@@ -226,3 +230,18 @@ def test_killed_launcher_then_resume_on_s3(s3, tmp_path):
     dead = next(k for k, v in runs.items() if v == "KILLED")
     tags = dict(db.execute("select key, value from tags where run_uuid=?", (dead,)).fetchall())
     assert runs[tags["hvd_infer.superseded_by"]] == "FINISHED"
+
+
+def test_pyarrow_reader_reads_a_store_as_petastorm_does(s3, s3_dataset):
+    """Rank 1 of 2's rows from s3://, chunk by chunk, through both readers (data.reader; test_reader.py locally)."""
+    env, _ = s3
+    data, table = s3_dataset
+    options = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+               "endpoint_url": env["AWS_ENDPOINT_URL"]}
+    inp = open_input(DataConfig(path=data, id_columns=["id", "doc"], storage_options=options))
+    parts = plan_parts(inp.row_groups, 1, 2, 40)
+    got = {reader: [{c: v.tolist() for c, v in chunk.items()}
+                    for _, chunks in read_parts(inp, parts, ["id", "doc", "text"], reader) for chunk in chunks]
+           for reader in ("petastorm", "pyarrow")}
+    assert got["pyarrow"] == got["petastorm"]
+    assert [i for chunk in got["pyarrow"] for i in chunk["id"]] == table.column("id").to_pylist()[table.num_rows // 2:]

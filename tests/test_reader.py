@@ -1,4 +1,4 @@
-"""Input discovery and reading a rank's rows through Petastorm."""
+"""Input discovery and reading a rank's rows, through Petastorm and through pyarrow."""
 import os
 
 import numpy as np
@@ -10,18 +10,24 @@ import builders
 from hvd_infer.config import DataConfig
 from hvd_infer.dataset import open_input
 from hvd_infer.errors import DataError
-from hvd_infer.reader import read_parts
+from hvd_infer.reader import choose_reader, read_parts
 from hvd_infer.shard_plan import plan_parts
 
 
-def test_reads_exactly_the_planned_rows(dataset):
+# Petastorm is compared where it runs (pyarrow < 15); on a stack without it only pyarrow reads.
+READERS = ["pyarrow"] + (["petastorm"] if choose_reader("auto").name == "petastorm" else [])
+needs_petastorm = pytest.mark.skipif("petastorm" not in READERS, reason=choose_reader("auto").why)
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_reads_exactly_the_planned_rows(dataset, reader):
     path, table = dataset
     inp = open_input(DataConfig(path=path, id_columns=["id", "doc"]))
     assert inp.total_rows == table.num_rows and len(inp.files) == 3 and len(inp.row_groups) > 20
     seen = []
     for rank in range(3):
         parts = plan_parts(inp.row_groups, rank, 3, 20)
-        for part, chunks in read_parts(inp, parts, ["id", "doc", "text"]):
+        for part, chunks in read_parts(inp, parts, ["id", "doc", "text"], reader):
             chunks = list(chunks)
             assert len(chunks) == len(part.pieces)  # one chunk per row group slice: streamed, not whole parts
             cols = {c: np.concatenate([ch[c] for ch in chunks]) for c in ["id", "doc", "text"]}
@@ -78,3 +84,61 @@ def test_truncated_file_named(tmp_path):
 def test_empty_directory(tmp_path):
     with pytest.raises(DataError, match="no Parquet files"):
         open_input(DataConfig(path=str(tmp_path)))
+
+
+def typed_dataset(path):
+    """Columns of the kinds a job reads (ids of several types, nulls in them and in the text), 3 files."""
+    n = 61
+    text = builders.texts(n, seed=3)
+    text[5] = None
+    text[9] = ""
+    table = pa.table({
+        "id": pa.array(np.arange(n, dtype=np.int64) * 7),
+        "small": pa.array(np.arange(n, dtype=np.int32)),
+        "maybe": pa.array([None if i % 5 == 0 else i for i in range(n)], type=pa.int64()),
+        "score": pa.array(np.linspace(0, 1, n)),
+        "flag": pa.array([i % 3 == 0 for i in range(n)]),
+        "doc": pa.array([None if i % 11 == 0 else f"dóc-{i}" for i in range(n)]),
+        "text": pa.array(text),
+    })
+    os.makedirs(path, exist_ok=True)
+    for f, (a, b) in enumerate([(0, 20), (20, 21), (21, n)]):
+        pq.write_table(table.slice(a, b - a), os.path.join(path, f"part-{f}.parquet"), row_group_size=6)
+    return table
+
+
+@needs_petastorm
+def test_pyarrow_reader_gives_what_petastorm_gives(tmp_path):
+    """Chunk by chunk, the same arrays: dtypes, values, nulls (None in strings, NaN in an int column with nulls)."""
+    table = typed_dataset(str(tmp_path / "d"))
+    inp = open_input(DataConfig(path=str(tmp_path / "d"), id_columns=["id", "small", "maybe", "score", "flag", "doc"]))
+    columns = table.column_names
+    for rank in range(3):
+        parts = plan_parts(inp.row_groups, rank, 3, 9)
+        got = {}
+        for reader in ("petastorm", "pyarrow"):
+            got[reader] = [(part.start, [dict(c) for c in chunks]) for part, chunks in read_parts(inp, parts, columns, reader)]
+        assert [s for s, _ in got["pyarrow"]] == [s for s, _ in got["petastorm"]] == [p.start for p in parts]
+        for (_, a_chunks), (_, b_chunks) in zip(got["petastorm"], got["pyarrow"]):
+            assert len(a_chunks) == len(b_chunks)
+            for a, b in zip(a_chunks, b_chunks):
+                for c in columns:
+                    assert a[c].dtype == b[c].dtype, (c, a[c].dtype, b[c].dtype)
+                    if a[c].dtype == object:
+                        assert a[c].tolist() == b[c].tolist(), c
+                    else:
+                        np.testing.assert_array_equal(a[c], b[c])
+    # The reference: what the files hold.
+    inp_rows = np.concatenate([c["doc"] for _, chunks in read_parts(inp, plan_parts(inp.row_groups, 0, 1, 100), ["doc"],
+                                                                      "pyarrow") for c in chunks])
+    assert inp_rows.tolist() == table.column("doc").to_pylist()
+
+
+def test_reader_choice_says_why():
+    assert choose_reader("pyarrow").describe() == "pyarrow (data.reader=pyarrow)"
+    auto = choose_reader("auto")
+    if auto.name == "petastorm":
+        assert auto.describe() == "petastorm (data.reader=auto; petastorm runs here)"
+        assert choose_reader("petastorm").name == "petastorm"
+    else:
+        assert auto.why.startswith("data.reader=auto; petastorm") and "pyarrow" in auto.why

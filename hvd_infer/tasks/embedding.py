@@ -115,7 +115,8 @@ class Embedding(Task):
         if self.prompt_tokens:
             mask = mask.clone()
             mask[:, :self.prompt_tokens] = 0
-        vectors = torch.cat([pool(hidden, mask, mode) for mode in self.layout.pooling], dim=-1)
+        vectors = torch.cat([pool(hidden, mask, mode, self.layout.cls_at_first_position)
+                             for mode in self.layout.pooling], dim=-1)
         return {"vector": vectors[:, :self.width].cpu().numpy(), "tokens": mask.sum(dim=1).cpu().numpy()}
 
     def merge_windows(self, raw, starts):
@@ -131,10 +132,16 @@ class Embedding(Task):
         return {"embedding": fixed_size_list_array(vectors.numpy())}
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """One sentence-transformers pooling mode over right-padded token states; mask marks the pooled tokens."""
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, cls_at_first_position: bool = False) -> torch.Tensor:
+    """One sentence-transformers pooling mode over right-padded token states; mask marks the pooled tokens.
+
+    cls: the first pooled token (after the prompt, when it is left out), or with cls_at_first_position
+    the first position whatever the mask (SentenceLayout.cls_at_first_position).
+    """
     weights = mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "cls":  # the first pooled token (after the prompt, when it is left out)
+    if mode == "cls":
+        if cls_at_first_position:
+            return hidden[:, 0]
         first = mask.to(torch.int32).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
     if mode == "lasttoken":

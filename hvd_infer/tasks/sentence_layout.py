@@ -38,6 +38,10 @@ class SentenceLayout:
     default_prompt_name: Optional[str] = None
     max_seq_length: Optional[int] = None  # what the model was trained with; longer inputs are cut there
     do_lower_case: bool = False
+    # cls pooling with the prompt left out: sentence-transformers < 5.5 takes the first position (the CLS
+    # token) all the same, 5.5 on the first token after the prompt. The version the model was saved with
+    # decides, as config_sentence_transformers.json records it (none recorded: the current behaviour).
+    cls_at_first_position: bool = False
 
 
 def _read_json(path: str, model_dir: str) -> dict:
@@ -87,7 +91,19 @@ def read_sentence_layout(model_dir: str) -> SentenceLayout:
         token_dimension=pooling.get("embedding_dimension", pooling.get("word_embedding_dimension")),
         prompts={str(k): str(v) for k, v in (st_config.get("prompts") or {}).items() if v is not None},
         default_prompt_name=st_config.get("default_prompt_name"),
-        max_seq_length=transformer.get("max_seq_length"), do_lower_case=bool(transformer.get("do_lower_case")))
+        max_seq_length=transformer.get("max_seq_length"), do_lower_case=bool(transformer.get("do_lower_case")),
+        cls_at_first_position=_saved_before(st_config, "5.5"))
+
+
+def _saved_before(st_config: dict, version: str) -> bool:
+    """Whether the sentence-transformers that saved the model is older than `version`."""
+    from packaging.version import InvalidVersion, Version
+
+    saved = (st_config.get("__version__") or {}).get("sentence_transformers")
+    try:
+        return saved is not None and Version(saved) < Version(version)
+    except InvalidVersion:
+        return False
 
 
 def _pooling_modes(pooling: dict, model_dir: str) -> Tuple[str, ...]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -162,7 +163,16 @@ class _TorchDistributed:
         return box[0]
 
     def shutdown(self) -> None:
-        self.dist.destroy_process_group(self.group)
+        # Gloo's worker thread drops its last reference to a finished collective just after the caller's
+        # wait returned. If that frees a tensor Python owns while this thread holds the GIL destroying the
+        # group (whose destructor joins that worker), both wait forever: a rank of a finished job hung
+        # at exit once in ~25 2-rank torchrun jobs on torch 2.7 (py-spy: the main thread in
+        # ~ProcessGroupGloo -> thread::join, the worker in ~AsyncAllgatherWork -> gil_scoped_acquire).
+        # Sleeping releases the GIL so the worker finishes first; the group is then freed here.
+        time.sleep(0.2)
+        group, self.group = self.group, None
+        self.dist.destroy_process_group(group)
+        del group
         if self.owns_process_group:
             self.dist.destroy_process_group()
 

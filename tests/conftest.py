@@ -146,25 +146,32 @@ def rank_pid(rank, marker, rank_var):
     return None
 
 
-def start_and_kill_rank_1(cmd, out, rank_var):
-    """Start cmd, SIGKILL rank 1 once it wrote 3 parts; returns (exit code, seconds from kill to exit, output)."""
+def start_then_fault(cmd, out, fault, timeout=120):
+    """Start cmd; once rank 1 wrote 3 parts into out, call fault(); returns (exit code, seconds from the fault
+    to the exit, output)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline:
-            if out.exists() and len([n for n in os.listdir(out) if n.startswith("part-r00001")]) >= 3:
-                break
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
+        while not (out.exists() and len([n for n in os.listdir(out) if n.startswith("part-r00001")]) >= 3):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
             time.sleep(0.2)
-        pid = rank_pid(1, str(out), rank_var)
-        assert pid, "rank 1 not found"
-        os.kill(pid, signal.SIGKILL)
-        killed = time.time()
-        output, _ = proc.communicate(timeout=120)
-        return proc.returncode, time.time() - killed, output
+        fault()
+        at = time.time()
+        output, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, time.time() - at, output
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def start_and_kill_rank_1(cmd, out, rank_var):
+    """Start cmd, SIGKILL rank 1 once it wrote 3 parts; returns (exit code, seconds from kill to exit, output)."""
+    def kill_rank_1():
+        pid = rank_pid(1, str(out), rank_var)
+        assert pid, "rank 1 not found"
+        os.kill(pid, signal.SIGKILL)
+
+    return start_then_fault(cmd, out, kill_rank_1)
 
 
 def job(model, data_path, out, tmp, **sections):
@@ -261,15 +268,20 @@ def standalone_spark(loopback_env, tmp_path):
                                       "spark.ui.port": str(ui)})
         yield spark, ui
     finally:
-        if spark is not None:
-            spark.stop()
-        for p in reversed(daemons):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in daemons:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_spark_cluster(spark, daemons)
+
+
+def stop_spark_cluster(spark, daemons):
+    """Stops the session (if any), then the daemons' process groups, master last (SIGKILL after 20 s)."""
+    if spark is not None:
+        spark.stop()
+    for p in reversed(daemons):
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in daemons:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def executors_of_last_stage(spark, ui):

@@ -15,7 +15,8 @@ import pytest
 
 import builders
 from conftest import (REPO, _master_state, assert_same_predictions, free_port, job, job_args, minilm_classifier,
-                      mlflow_server, python_m, read_output, spark_session, wait_for)
+                      mlflow_server, python_m, read_output, spark_session, start_then_fault, stop_spark_cluster,
+                      wait_for)
 from hosts import DRIVER_ADDRESS, NIC
 
 pytestmark = pytest.mark.slow
@@ -143,19 +144,7 @@ def start_then(cluster, hosts, args, out, fault):
     fault to the exit, output)."""
     cmd = [sys.executable, "-m", "hvd_infer", "-np", "2", "-H", hosts, "-i", cluster.identity] + args + [
         "mlflow.enabled=false"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    try:
-        deadline = time.time() + 400
-        while not (out.exists() and len([n for n in os.listdir(out) if n.startswith("part-r00001")]) >= 3):
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-            time.sleep(0.2)
-        fault()
-        at = time.time()
-        output, _ = proc.communicate(timeout=300)
-        return proc.returncode, time.time() - at, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    return start_then_fault(cmd, out, fault, timeout=300)
 
 
 def parts(out):
@@ -253,15 +242,7 @@ def spark_across_hosts(cluster, tmp_path_factory):
                                       "spark.executor.memory": "1g", "spark.ui.enabled": "false"})
         yield spark
     finally:
-        if spark is not None:
-            spark.stop()
-        for p in reversed(daemons):
-            os.killpg(p.pid, signal.SIGTERM)
-        for p in daemons:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_spark_cluster(spark, daemons)
 
 
 def test_horovod_spark_run_with_workers_on_two_hosts(spark_across_hosts, horovodrun_reference, tiny_classifier,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -25,10 +27,14 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 # torch.distributed's collectives time out after this; the job's last gather waits for the slowest
 # rank to finish its whole shard, so it is long. A rank that dies closes its connections and the
-# others fail at once; torchrun and Spark's barrier stage also end the survivors. (Horovod's waits
+# others fail at once; torchrun and Spark's barrier stage also end the survivors; a rank cut off
+# closes nothing, and _Heartbeat ends the job within runtime.collective_timeout_s. (Horovod's waits
 # are its background loop's, which keeps talking to every rank: there runtime.collective_timeout_s
 # bounds each exchange, and a rank still scoring is no silent one.)
 _COLLECTIVE_TIMEOUT = datetime.timedelta(days=1)
+# A cut network closes no connection, so under torch.distributed nothing would fail until that day
+# is over: a heartbeat, every HEARTBEAT_S and bounded by runtime.collective_timeout_s, ends it.
+HEARTBEAT_S = 5.0
 
 
 def under_horovod_launcher() -> bool:
@@ -148,6 +154,8 @@ class _TorchDistributed:
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
+        self.hosts = self.allgather_object(socket.gethostname())
+        self._heartbeat = _Heartbeat(dist, self.rank, self.hosts, collective_timeout_s) if self.size > 1 else None
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)
@@ -169,12 +177,66 @@ class _TorchDistributed:
         # at exit once in ~25 2-rank torchrun jobs on torch 2.7 (py-spy: the main thread in
         # ~ProcessGroupGloo -> thread::join, the worker in ~AsyncAllgatherWork -> gil_scoped_acquire).
         # Sleeping releases the GIL so the worker finishes first; the group is then freed here.
+        if self._heartbeat is not None and not self._heartbeat.stop():
+            return  # a rank that stops alone (it failed): its groups are left to the process's exit, not joined
         time.sleep(0.2)
         group, self.group = self.group, None
         self.dist.destroy_process_group(group)
         del group
         if self.owns_process_group:
             self.dist.destroy_process_group()
+
+
+class _Heartbeat:
+    """A thread in every rank that takes part in an all-reduce on a group of its own every HEARTBEAT_S,
+    each bounded by runtime.collective_timeout_s, whatever the rank's main thread is doing (scoring,
+    or waiting in the job's last gather for the slowest rank). When one rank's host is cut off, every
+    rank's next heartbeat fails within that timeout, and the rank ends with one line (exit 1); the
+    finished parts stay for output.mode=resume.
+
+    The value reduced is whether the rank is stopping (MIN): the heartbeats end in the round in which
+    every rank stops, so no rank leaves the others waiting in a round it never joins.
+    """
+
+    def __init__(self, dist, rank: int, hosts: List[str], timeout_s: int):
+        import torch
+
+        self.dist, self.rank, self.hosts, self.timeout_s = dist, rank, hosts, timeout_s
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        self.stopping = threading.Event()
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.thread = threading.Thread(target=self._beat, name="hvd_infer-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            self.stopping.wait(HEARTBEAT_S)
+            self.flag.fill_(1 if self.stopping.is_set() else 0)
+            try:
+                self.dist.all_reduce(self.flag, op=self.dist.ReduceOp.MIN, group=self.group)
+            except Exception as e:  # noqa: BLE001 - Gloo's timeout or a closed connection: any is a lost rank
+                if not self.stopping.is_set():
+                    self._lost(e)
+                return
+            if int(self.flag.item()) == 1:
+                return
+
+    def _lost(self, error: BaseException) -> None:
+        from hvd_infer.launcher import ERROR_PREFIX, EXIT_FAILED
+
+        others = ", ".join(f"{h} (rank {r})" for r, h in enumerate(self.hosts) if r != self.rank)
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        line = (f"lost contact with the other ranks: rank {self.rank} on {self.hosts[self.rank]} heard nothing from "
+                f"{others} for {self.timeout_s} s (runtime.collective_timeout_s): a host is cut off or down ({reason}); "
+                f"no _SUCCESS was written and the finished parts are kept: rerun with output.mode=resume")
+        os.write(2, f"{ERROR_PREFIX}{line}\n".encode())  # not sys.stderr: the main thread may hold its lock
+        os._exit(EXIT_FAILED)
+
+    def stop(self) -> bool:
+        """Stops this rank's heartbeats; True once every rank stopped (within two rounds), False if alone."""
+        self.stopping.set()
+        self.thread.join(timeout=2 * HEARTBEAT_S + 5)
+        return not self.thread.is_alive()
 
 
 @dataclass

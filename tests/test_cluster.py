@@ -65,25 +65,34 @@ def test_hostfile_and_horovodrun_across_hosts(cluster, horovodrun_reference, tin
     assert_same_predictions(read_output(out), horovodrun_reference, atol=1e-6)
 
 
-def test_torchrun_two_nodes_equals_one_host(cluster, horovodrun_reference, tiny_classifier, dataset, tmp_path):
-    out = tmp_path / "out"
-    port = free_port()
+def torchrun_node(cluster, host, node_rank, port, args):
+    """The ssh command that starts `torchrun --nnodes 2` node node_rank on host (rendezvous on hvdh1:port)."""
     env = " ".join(f"{k}={v}" for k, v in [("PYTHONPATH", os.environ.get("PYTHONPATH", "")), ("HF_HUB_OFFLINE", "1"),
                                            ("TRANSFORMERS_OFFLINE", "1"), ("GLOO_SOCKET_IFNAME", NIC)])
-    args = " ".join(str(a) for a in job_args(tiny_classifier, dataset[0], out, tmp_path, "mlflow.enabled=false"))
-    nodes = []
-    for rank, host in enumerate(("hvdh1", "hvdh2")):
-        command = (f"cd {REPO} && env {env} {sys.executable} -m torch.distributed.run --nnodes 2 --node-rank {rank} "
-                   f"--nproc-per-node 1 --master-addr hvdh1 --master-port {port} -m hvd_infer {args}")
-        nodes.append(subprocess.Popen(["ssh", "-i", cluster.identity, "-o", "BatchMode=yes", host, command],
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    command = (f"cd {REPO} && env {env} {sys.executable} -m torch.distributed.run --nnodes 2 --node-rank {node_rank} "
+               f"--nproc-per-node 1 --master-addr hvdh1 --master-port {port} -m hvd_infer "
+               + " ".join(str(a) for a in args))
+    return ["ssh", "-i", cluster.identity, "-o", "BatchMode=yes", host, command]
+
+
+def torchrun_across(cluster, args):
+    """torchrun --nnodes 2 with a node on each of hvdh1 and hvdh2: [(exit code, output)] of each node."""
+    port = free_port()
+    nodes = [subprocess.Popen(torchrun_node(cluster, host, rank, port, args), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank, host in enumerate(("hvdh1", "hvdh2"))]
     try:
         outputs = [n.communicate(timeout=600)[0] for n in nodes]
+        return [(n.returncode, output) for n, output in zip(nodes, outputs)]
     finally:
         for n in nodes:
             if n.poll() is None:
                 n.kill()
-    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+
+def test_torchrun_two_nodes_equals_one_host(cluster, horovodrun_reference, tiny_classifier, dataset, tmp_path):
+    out = tmp_path / "out"
+    nodes = torchrun_across(cluster, job_args(tiny_classifier, dataset[0], out, tmp_path, "mlflow.enabled=false"))
+    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
     assert_same_predictions(read_output(out), horovodrun_reference, atol=1e-6)
     assert (out / "_SUCCESS").exists()
 
@@ -198,6 +207,37 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
     before = parts(out)
     r = across(cluster, "hvdh1:1,hvdh2:1", args + ["output.mode=resume"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_every_row_once(out, table)
+    assert all(parts(out)[n] == t for n, t in before.items())
+
+
+def test_cut_network_under_torchrun_ends_the_job_within_the_timeout(cluster, long_job, tmp_path):
+    """torch.distributed's collectives wait a day (the last gather outlasts the slowest share): the
+    ranks' heartbeat, bounded by runtime.collective_timeout_s, ends a job whose host was cut off."""
+    model, data, table = long_job
+    out = tmp_path / "out"
+    timeout_s = 10
+    args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", f"runtime.collective_timeout_s={timeout_s}",
+                    "mlflow.enabled=false")
+    port = free_port()
+    node_1 = subprocess.Popen(torchrun_node(cluster, "hvdh2", 1, port, args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        code, seconds, output = start_then_fault(torchrun_node(cluster, "hvdh1", 0, port, args), out,
+                                                 lambda: cluster.link("hvdh2", False), timeout=300)
+        assert code != 0 and seconds < timeout_s + 30, (code, seconds, output[-3000:])
+        lost = [l for l in output.splitlines() if "hvd_infer: error: lost contact with the other ranks" in l]
+        assert lost and "hvdh2 (rank 1)" in lost[0] and f"for {timeout_s} s" in lost[0], output[-3000:]
+        assert not (out / "_SUCCESS").exists()
+    finally:
+        for host in ("hvdh1", "hvdh2"):
+            for pid in cluster.processes(host, str(out)):
+                os.kill(pid, signal.SIGKILL)
+        cluster.link("hvdh2", True)
+        node_1.kill()
+    before = parts(out)
+    nodes = torchrun_across(cluster, args + ["output.mode=resume"])
+    assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
     assert_every_row_once(out, table)
     assert all(parts(out)[n] == t for n, t in before.items())
 

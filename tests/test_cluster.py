@@ -247,9 +247,18 @@ def spark_across_hosts(cluster, tmp_path_factory):
     """A Spark session on a standalone master on the driver, with a 1-core worker on each of hvdh1 and hvdh2.
 
     One SparkContext per process: a session still active is stopped first, and this one at the end.
+    The driver tells the executors which Python to start from its own PYSPARK_PYTHON (else `python3` on
+    PATH, which under `make test` is not the venv's), so it is set here for the fixture's lifetime.
     """
     from pyspark.sql import SparkSession
 
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYSPARK_PYTHON", sys.executable)
+        mp.setenv("PYSPARK_DRIVER_PYTHON", sys.executable)
+        yield from _spark_across_hosts(cluster, tmp_path_factory, SparkSession)
+
+
+def _spark_across_hosts(cluster, tmp_path_factory, SparkSession):
     tmp_path = tmp_path_factory.mktemp("spark")
     active = SparkSession.getActiveSession()
     if active is not None:

@@ -184,6 +184,15 @@ def test_lost_host_is_named_then_resumed_on_the_host_that_remains(cluster, long_
     assert all(parts(out)[n] == t for n, t in before.items())  # the finished parts were kept, not redone
 
 
+def reboot_after_cut(cluster, out):
+    """hvdh2's link back up, and the job's ranks gone from both hosts, as after a reboot: the launcher could no
+    longer reach the ranks beyond the cut."""
+    for host in ("hvdh1", "hvdh2"):
+        for pid in cluster.processes(host, str(out)):
+            os.kill(pid, signal.SIGKILL)
+    cluster.link("hvdh2", True)
+
+
 def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_back(cluster, long_job, tmp_path):
     model, data, table = long_job
     out = tmp_path / "out"
@@ -199,11 +208,7 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
         assert f"it has not answered for {timeout_s} s" in last or "it does not answer on its ssh port" in last, last
         assert not (out / "_SUCCESS").exists()
     finally:
-        # The ranks the launcher could no longer reach: a host that comes back is rebooted, they are gone.
-        for host in ("hvdh1", "hvdh2"):
-            for pid in cluster.processes(host, str(out)):
-                os.kill(pid, signal.SIGKILL)
-        cluster.link("hvdh2", True)
+        reboot_after_cut(cluster, out)
     before = parts(out)
     r = across(cluster, "hvdh1:1,hvdh2:1", args + ["output.mode=resume"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -230,10 +235,7 @@ def test_cut_network_under_torchrun_ends_the_job_within_the_timeout(cluster, lon
         assert lost and "hvdh2 (rank 1)" in lost[0] and f"for {timeout_s} s" in lost[0], output[-3000:]
         assert not (out / "_SUCCESS").exists()
     finally:
-        for host in ("hvdh1", "hvdh2"):
-            for pid in cluster.processes(host, str(out)):
-                os.kill(pid, signal.SIGKILL)
-        cluster.link("hvdh2", True)
+        reboot_after_cut(cluster, out)
         node_1.kill()
     before = parts(out)
     nodes = torchrun_across(cluster, args + ["output.mode=resume"])

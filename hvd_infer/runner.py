@@ -159,8 +159,9 @@ def _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar) -> 
             outputs, rows = scored.setdefault(batch.part.start, ([], []))
             if len(batch.rows):
                 tf = time.perf_counter()
-                with watch.stage("the model", f"its forward pass on a batch of {len(batch.rows)} rows, "
-                                              f"{batch.padded_tokens} tokens with padding"):
+                # What it waits for is worded only when the watchdog fires: not on every batch.
+                with watch.stage("the model", lambda b=batch: f"its forward pass on a batch of {len(b.rows)} rows, "
+                                                              f"{b.padded_tokens} tokens with padding"):
                     out = task.predict(model, batch.tensors)
                 fig.forward_seconds += time.perf_counter() - tf
                 # With chunk, windows wait apart until their sort window's rows are whole.

@@ -1,27 +1,34 @@
-# Everything installs itself (scripts/install.sh, idempotent, into .venv).
-VENV ?= .venv
+# Everything installs itself (scripts/install.sh, idempotent): the default stack into .venv, a named
+# stack (scripts/stacks/NAME.txt, a Databricks ML runtime's versions) into .venv-NAME with STACK=NAME.
+STACK ?= default
+VENV ?= $(if $(filter default,$(STACK)),.venv,.venv-$(STACK))
 PY := $(VENV)/bin/python
 NP ?= 2
 
 .PHONY: install demo test test-fast test-stacks bench mlflow-ui
 install:
-	@bash scripts/install.sh
+	@bash scripts/install.sh --stack $(STACK)
 
+# Where horovod is not installed (dbr-17.3-ml: Databricks ML runtimes since 16.0), torchrun starts the ranks.
 demo: install  ## fine-tune the demo model (once), then score the test split on $(NP) ranks
 	$(PY) scripts/make_demo.py
-	$(VENV)/bin/hvd-infer -np $(NP)
+	@if $(PY) -c "import horovod" 2>/dev/null; then set -x; $(VENV)/bin/hvd-infer -np $(NP); \
+	else set -x; $(VENV)/bin/torchrun --nproc-per-node $(NP) -m hvd_infer; fi
 
-test: install  ## the whole suite: unit tests and real multi-rank, Spark and MLflow runs
+test: install  ## the whole suite on the default stack, then the end-to-end core on each named stack
 	$(PY) -m pytest tests -q
+	@$(MAKE) --no-print-directory test-stacks
 
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow"
 
-# The named stacks (scripts/stacks/NAME.txt, Databricks ML runtimes): each installed into .venv-NAME, then
-# the end-to-end core (tests/stacks), each task and the embedding pooling against the stack's own
-# transformers and sentence-transformers (the non-slow tests of test_tasks.py and test_embedding.py).
+# The named stacks: each installed into .venv-NAME, then the end-to-end core (tests/stacks: 2 ranks equal to a
+# plain forward, kill and resume, MLflow, the runtime's Spark path, the demo job equal to the default
+# stack's labels), each task and the embedding pooling against the stack's own transformers and
+# sentence-transformers (the non-slow tests of test_tasks.py and test_embedding.py).
 STACKS ?= dbr-15.4-ml dbr-17.3-ml
 test-stacks:
+	@$(MAKE) --no-print-directory demo STACK=default VENV=.venv
 	@for s in $(STACKS); do \
 	  bash scripts/install.sh --stack $$s && \
 	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "not slow" \

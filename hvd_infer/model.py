@@ -112,6 +112,8 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     if not getattr(tokenizer, "is_fast", False):
         log.warning("tokenizer in %s is not a fast (Rust) tokenizer: tokenization will be slow", path)
     model, autocast = _load_weights(path, cfg, task, dtype, device)
+    if m.runtime == "onnxruntime":
+        return _onnx_model(model, tokenizer, path, cfg, task, device)
     use_ds = m.deepspeed and m.quantize == "none"
     kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
     if use_ds:
@@ -129,11 +131,25 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
             model = wrap_deepspeed(_load_weights(path, cfg, task, dtype, device)[0], ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
-    facts = {"model_path": path, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
+    facts = {"model_path": path, "runtime": m.runtime, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     return Predictor(model, device, autocast), tokenizer, facts
+
+
+def _onnx_model(model, tokenizer, path: str, cfg: JobConfig, task, device: torch.device):
+    """load_model's result for model.runtime=onnxruntime: the float32 model run by ONNX Runtime, no DeepSpeed."""
+    from hvd_infer.engines import OnnxPredictor
+
+    predictor = OnnxPredictor.create(model, tokenizer, path, cfg.model.task)
+    task.setup(model, tokenizer)
+    task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
+    facts = {"model_path": path, "runtime": "onnxruntime", "dtype": "float32", "deepspeed": False,
+             "kernel_inject": False, "quantize": "none", "parameters": sum(p.numel() for p in model.parameters()),
+             "device": str(device), "autocast_bf16": False, "pad_to_multiple_of": task.pad_multiple,
+             **predictor.facts, **task.facts()}
+    return predictor, tokenizer, facts
 
 
 def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device):

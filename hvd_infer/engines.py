@@ -74,20 +74,26 @@ class OnnxPredictor:
         import onnxruntime as ort
 
         graph, how = cached_graph(model, tokenizer, model_dir, task_name)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the rank's share of the cores
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        output = session.get_outputs()[0].name
+        session = inference_session(graph)
         facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
-                 "onnx_threads": options.intra_op_num_threads}
-        return cls(session, model, output, facts)
+                 "onnx_threads": session.get_session_options().intra_op_num_threads}
+        return cls(session, model, session.get_outputs()[0].name, facts)
 
     def __call__(self, **batch):
         ids = batch["input_ids"]
         feeds = {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64, copy=False)
                  for name in self.inputs}  # no token types given: all zeros, as the torch model assumes
         return SimpleNamespace(**{self.output: torch.from_numpy(self.session.run([self.output], feeds)[0])})
+
+
+def inference_session(graph: str):
+    """An ONNX Runtime CPU session with the rank's torch threads (its share of the host's cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
 def cached_graph(model, tokenizer, model_dir: str, task_name: str):

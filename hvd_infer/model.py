@@ -1,4 +1,4 @@
-"""Load the fine-tuned model once per rank: checked, in eval mode, typed, DeepSpeed-wrapped.
+"""Load the fine-tuned model once per rank: checked, in eval mode, typed, DeepSpeed-wrapped (or run by ONNX Runtime).
 
     model, tokenizer, info = load_model(cfg, task, ctx)
 """
@@ -112,9 +112,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     if not getattr(tokenizer, "is_fast", False):
         log.warning("tokenizer in %s is not a fast (Rust) tokenizer: tokenization will be slow", path)
     model, autocast = _load_weights(path, cfg, task, dtype, device)
-    if m.runtime == "onnxruntime":
-        return _onnx_model(model, tokenizer, path, cfg, task, device)
-    use_ds = m.deepspeed and m.quantize == "none"
+    use_ds = m.deepspeed and m.quantize == "none" and m.runtime == "eager"
     kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
     if use_ds:
         ds_dtype = dtype if not autocast else torch.float32
@@ -135,21 +133,12 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
+    if m.runtime == "onnxruntime":
+        from hvd_infer.engines import OnnxPredictor
+
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task)
+        return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
-
-
-def _onnx_model(model, tokenizer, path: str, cfg: JobConfig, task, device: torch.device):
-    """load_model's result for model.runtime=onnxruntime: the float32 model run by ONNX Runtime, no DeepSpeed."""
-    from hvd_infer.engines import OnnxPredictor
-
-    predictor = OnnxPredictor.create(model, tokenizer, path, cfg.model.task)
-    task.setup(model, tokenizer)
-    task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
-    facts = {"model_path": path, "runtime": "onnxruntime", "dtype": "float32", "deepspeed": False,
-             "kernel_inject": False, "quantize": "none", "parameters": sum(p.numel() for p in model.parameters()),
-             "device": str(device), "autocast_bf16": False, "pad_to_multiple_of": task.pad_multiple,
-             **predictor.facts, **task.facts()}
-    return predictor, tokenizer, facts
 
 
 def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device):

@@ -366,10 +366,14 @@ def other_engine(name: str, model_dir: str, tokenizer, work: str, batches):
     predictor = OnnxPredictor.create(model, tokenizer, model_dir, "text-classification")
     if name == "a-ort":
         return predictor
+    from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     int8 = os.path.join(work, "model-int8.onnx")
-    quantize_dynamic(predictor.facts["onnx_graph"], int8, weight_type=QuantType.QInt8, per_channel=True)
+    # The fused operators (Attention, SkipLayerNormalization) are outside shape inference's domain: their
+    # outputs are float32, which the quantizer is told.
+    quantize_dynamic(predictor.facts["onnx_graph"], int8, weight_type=QuantType.QInt8, per_channel=True,
+                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
     return OnnxPredictor(inference_session(int8), model, predictor.output, {"onnx_graph": int8})
 
 

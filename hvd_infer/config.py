@@ -54,7 +54,8 @@ class ModelConfig:
     check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision, at most
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
     # The engine of the forward pass: eager (torch, DeepSpeed-wrapped where model.deepspeed) or onnxruntime
-    # (CPU float32: the model exported to ONNX once per host and run by ONNX Runtime; not for text-generation)
+    # (CPU float32: the model exported to ONNX once per host and run by ONNX Runtime, quantized by ONNX Runtime
+    # where model.quantize says; not for text-generation)
     runtime: Literal["eager", "onnxruntime"] = "eager"
     deepspeed: bool = True  # wrap with deepspeed.init_inference (model.runtime=eager)
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
@@ -362,10 +363,10 @@ def _check_runtime(m: ModelConfig) -> None:
     if m.task == "text-generation":
         raise ConfigError("model.runtime=onnxruntime does not run text-generation (its decoding loop is torch's); "
                           "use model.runtime=eager")
-    if m.dtype not in ("auto", "float32") or m.quantize != "none":
-        got = f"model.quantize={m.quantize}" if m.quantize != "none" else f"model.dtype={m.dtype}"
-        raise ConfigError(f"model.runtime=onnxruntime runs float32 on CPU; set model.dtype=float32 and "
-                          f"model.quantize=none (got {got}), or use model.runtime=eager for other precisions")
+    if m.dtype not in ("auto", "float32"):
+        raise ConfigError(f"model.runtime=onnxruntime runs float32 on CPU (or int8, with model.quantize); set "
+                          f"model.dtype=float32 (got model.dtype={m.dtype}), or use model.runtime=eager for other "
+                          "precisions")
 
 
 def _check_long_texts(cfg: JobConfig) -> None:

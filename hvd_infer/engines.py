@@ -2,16 +2,19 @@
 
     eager        the transformers model in torch, DeepSpeed-wrapped where model.deepspeed=true (the default)
     onnxruntime  the same weights exported to ONNX, fused by ONNX Runtime's transformer optimizer and run
-                 by an InferenceSession with the rank's torch threads (CPU, float32)
+                 by an InferenceSession with the rank's torch threads (CPU, float32; with model.quantize,
+                 ONNX Runtime's own dynamic int8 of that graph)
 
     check_runtime(cfg, device)                       # before any row is read: refuses what cannot run here
-    predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name)
+    predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name, quantize)
 
 The export happens once per host: the graph is cached under $TMPDIR/hvd_infer-onnx, keyed by the model
 directory's content, the task and the versions of torch, transformers, onnx and onnxruntime; a file lock
 lets the first rank export while the others wait and then load its file. Before a graph is cached its
 outputs are compared with torch's on a probe batch: the fused graph is kept if it agrees, else the plain
-export, else the job stops (model.runtime=eager runs it). The predictor returns what the torch model
+export, else the job stops (model.runtime=eager runs it); with model.quantize the checked graph is then
+quantized (int8: every MatMul, per-tensor weight scales; int8-per-channel: per-channel scales, the task
+head and pooler left in float32, as model.quantize does in torch). The predictor returns what the torch model
 returns to the tasks (logits, last_hidden_state), as torch tensors.
 """
 from __future__ import annotations
@@ -70,10 +73,10 @@ class OnnxPredictor:
         return self.model
 
     @classmethod
-    def create(cls, model, tokenizer, model_dir: str, task_name: str) -> "OnnxPredictor":
+    def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none") -> "OnnxPredictor":
         import onnxruntime as ort
 
-        graph, how = cached_graph(model, tokenizer, model_dir, task_name)
+        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize)
         session = inference_session(graph)
         facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
                  "onnx_threads": session.get_session_options().intra_op_num_threads}
@@ -96,11 +99,12 @@ def inference_session(graph: str):
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-def cached_graph(model, tokenizer, model_dir: str, task_name: str):
-    """(path of the host's ONNX graph for this model and task, how it was optimized); exported if missing."""
+def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none"):
+    """(path of the host's ONNX graph for this model, task and quantization, how it was optimized); exported
+    if missing."""
     import fcntl
 
-    key = cache_key(model_dir, task_name)
+    key = cache_key(model_dir, task_name, quantize)
     root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
@@ -110,9 +114,11 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str):
             tmp = tempfile.mkdtemp(prefix=key + ".", dir=root)
             try:
                 how = export(model, tokenizer, tmp)
+                if quantize != "none":
+                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model)
                 with open(os.path.join(tmp, "recipe.json"), "w") as f:
-                    json.dump({"model_dir": os.path.abspath(model_dir), "task": task_name, "optimizer": how,
-                               "versions": _versions()}, f)
+                    json.dump({"model_dir": os.path.abspath(model_dir), "task": task_name, "quantize": quantize,
+                               "optimizer": how, "versions": _versions()}, f)
                 os.rename(tmp, final)  # atomic: a graph is in the cache whole or not at all
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -120,9 +126,10 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str):
         return os.path.join(final, "model.onnx"), json.load(f)["optimizer"]
 
 
-def cache_key(model_dir: str, task_name: str) -> str:
-    """The model directory's content, the task, the recipe and the versions that shape the graph."""
-    h = hashlib.sha256(json.dumps({"task": task_name, "recipe": RECIPE, "versions": _versions()}).encode())
+def cache_key(model_dir: str, task_name: str, quantize: str = "none") -> str:
+    """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
+    h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
+                                   "versions": _versions()}).encode())
     for folder, dirs, files in sorted(os.walk(model_dir)):
         dirs.sort()
         for name in sorted(files):
@@ -235,6 +242,38 @@ def _optimize(source: str, target: str, config) -> str:
     fused.save_model_to_file(target)
     counts = {k: v for k, v in (fused.get_fused_operator_statistics() or {}).items() if v}
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no fusions"
+
+
+def quantize_graph(path: str, quantize: str, model) -> str:
+    """ONNX Runtime's dynamic int8 of the graph at path, in place; returns what it did."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from hvd_infer.model import head_modules
+
+    per_channel = quantize == "int8-per-channel"
+    kept = []
+    if per_channel:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
+        import onnx
+
+        prefixes = tuple("/model/" + name.replace(".", "/") + "/" for name in head_modules(model))
+        head = [n for n in onnx.load(path, load_external_data=False).graph.node if n.name.startswith(prefixes)]
+        # quantize_dynamic splits each Gemm into <name>_MatMul and <name>_Add before it reads nodes_to_exclude
+        # (onnxruntime 1.32): the names it then sees are kept too.
+        kept = [name for n in head for name in ([n.name, n.name + "_MatMul"] if n.op_type == "Gemm" else [n.name])]
+    target = path + ".int8"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process, logged on the root logger on every export
+    try:
+        # The fused operators (Attention, SkipLayerNormalization) are outside shape inference's domain: their
+        # outputs are float32, which the quantizer is told.
+        quantize_dynamic(path, target, weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=kept,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+    os.replace(target, path)
+    return f"{quantize} ({len(head)} head nodes in float32)" if per_channel else quantize
 
 
 def _difference(graph: str, feeds: Dict[str, np.ndarray], expected: np.ndarray) -> float:

@@ -136,7 +136,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     if m.runtime == "onnxruntime":
         from hvd_infer.engines import OnnxPredictor
 
-        predictor = OnnxPredictor.create(model, tokenizer, path, m.task)
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
 
@@ -159,7 +159,7 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
                          "is it the right model for this task?")
     model.eval()
     autocast = False
-    if m.quantize != "none":
+    if m.quantize != "none" and m.runtime == "eager":  # onnxruntime exports the float32 model, then quantizes
         model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel")
     elif dtype == torch.bfloat16 and device.type == "cpu":
         # CPU bf16: autocast keeps softmax/layernorm in float32 (agreement) and runs matmuls in bf16.

@@ -25,9 +25,10 @@ one model (the demo's fine-tuned classifier, or --model DIR) and the same cores 
   a-ort, a-ort-int8, a-compile
            the bare loop on other float32 engines (and one int8): the graph model.runtime=onnxruntime runs
            (exported once, ONNX Runtime's BERT fusions), that graph with ONNX Runtime's own dynamic int8
-           (onnxruntime.quantization.quantize_dynamic), and torch.compile (inductor, dynamic shapes). Their
+           (model.quantize=int8-per-channel's), and torch.compile (inductor, dynamic shapes). Their
            setup (export, quantization, compilation on the warm-up batches) is recorded apart from the loop.
-  hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a).
+  hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
+           hvd-ort-int8 the same with model.quantize=int8-per-channel.
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
            the check's seconds (inside end to end) and each candidate's timing and agreement (or the
            line saying the check was skipped: an input too small for it to pay, see the README).
@@ -73,7 +74,7 @@ from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
-          "hvd-np1", "hvd", "hvd-ort", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
+          "hvd-np1", "hvd", "hvd-ort", "hvd-ort-int8", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -238,13 +239,13 @@ def main(argv=None) -> int:
 
     # (a) on other engines: ONNX Runtime float32 and int8, torch.compile
     for name, what in [("a-ort", "bare loop, ONNX Runtime float32 (model.runtime=onnxruntime's graph)"),
-                       ("a-ort-int8", "bare loop, ONNX Runtime dynamic int8 (quantize_dynamic on that graph)"),
+                       ("a-ort-int8", "bare loop, ONNX Runtime dynamic int8 per-channel, head in float32"),
                        ("a-compile", "bare loop, torch.compile (inductor, dynamic shapes) float32")]:
         if name in skip:
             continue
         with Stage(name) as st:
             t = time.perf_counter()
-            model = other_engine(name, model_dir, tok, work, batches)
+            model = other_engine(name, model_dir, tok, batches)
             setup = time.perf_counter() - t
             labels[name], secs = bare_loop(model, batches, n)
         extra = {"agreement_vs_a": agreement(labels[name], labels["a"])} if "a" in labels else {}
@@ -288,6 +289,8 @@ def main(argv=None) -> int:
     hvd_runs = [("hvd-np1", 1, [], "hvd_infer np=1", n)] if np_full != 1 else []
     hvd_runs += [("hvd", np_full, [], f"hvd_infer np={np_full}", n),
                  ("hvd-ort", np_full, ["model.runtime=onnxruntime"], f"hvd_infer np={np_full} model.runtime=onnxruntime", n),
+                 ("hvd-ort-int8", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel"],
+                  f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
                  ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n),
                  ("hvd-auto", np_full, ["model.dtype=auto-check", f"model.check_rows={args.check_rows}"],
@@ -347,14 +350,15 @@ def main(argv=None) -> int:
     return 0
 
 
-def other_engine(name: str, model_dir: str, tokenizer, work: str, batches):
-    """The classifier on another engine, set up (exported, quantized or compiled) and warmed up on three batches.
+def other_engine(name: str, model_dir: str, tokenizer, batches):
+    """The classifier on another engine, set up: exported (and quantized), or compiled on three batches.
 
-    a-ort uses hvd_infer's own export (the host's cached graph, as model.runtime=onnxruntime runs it).
+    a-ort and a-ort-int8 use hvd_infer's own export (the host's cached graph, as model.runtime=onnxruntime
+    runs it, the int8 one with model.quantize=int8-per-channel).
     """
     import torch
 
-    from hvd_infer.engines import OnnxPredictor, inference_session
+    from hvd_infer.engines import OnnxPredictor
 
     model = load_classifier(model_dir)
     if name == "a-compile":
@@ -363,18 +367,8 @@ def other_engine(name: str, model_dir: str, tokenizer, work: str, batches):
             for k in (0, len(batches) // 2, len(batches) - 1):  # compiled here, not in the timed loop
                 compiled(**batches[k][1])
         return compiled
-    predictor = OnnxPredictor.create(model, tokenizer, model_dir, "text-classification")
-    if name == "a-ort":
-        return predictor
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    int8 = os.path.join(work, "model-int8.onnx")
-    # The fused operators (Attention, SkipLayerNormalization) are outside shape inference's domain: their
-    # outputs are float32, which the quantizer is told.
-    quantize_dynamic(predictor.facts["onnx_graph"], int8, weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": TensorProto.FLOAT})
-    return OnnxPredictor(inference_session(int8), model, predictor.output, {"onnx_graph": int8})
+    quantize = "int8-per-channel" if name == "a-ort-int8" else "none"
+    return OnnxPredictor.create(model, tokenizer, model_dir, "text-classification", quantize)
 
 
 def breakdown(model_dir: str, data: str, work: str, np_: int, hvd_extra: List[str], src: str, n: int,

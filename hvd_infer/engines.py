@@ -9,7 +9,7 @@
     predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name, quantize)
 
 The export happens once per host: the graph is cached under $TMPDIR/hvd_infer-onnx, keyed by the model
-directory's content, the task and the versions of torch, transformers, onnx and onnxruntime; a file lock
+directory's content, the task, model.quantize and the versions of torch, transformers, onnx and onnxruntime; a file lock
 lets the first rank export while the others wait and then load its file. Before a graph is cached its
 outputs are compared with torch's on a probe batch: the fused graph is kept if it agrees, else the plain
 export, else the job stops (model.runtime=eager runs it); with model.quantize the checked graph is then
@@ -130,8 +130,7 @@ def cache_key(model_dir: str, task_name: str, quantize: str = "none") -> str:
     """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
     h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
                                    "versions": _versions()}).encode())
-    for folder, dirs, files in sorted(os.walk(model_dir)):
-        dirs.sort()
+    for folder, _, files in sorted(os.walk(model_dir)):
         for name in sorted(files):
             path = os.path.join(folder, name)
             h.update(os.path.relpath(path, model_dir).encode() + b"\0")
@@ -192,6 +191,8 @@ def export(model, tokenizer, folder: str) -> str:
         if worst <= AGREEMENT * max(1.0, float(np.abs(expected).max())):
             if graph != path:
                 os.replace(graph, path)
+            else:
+                os.remove(plain)  # the cache keeps one graph per key
             if how == "none" and len(graphs) > 1:
                 log.warning("model.runtime=onnxruntime: the fused graph differs from torch by more than %g; "
                             "running the plain export", AGREEMENT)

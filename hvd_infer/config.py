@@ -53,7 +53,11 @@ class ModelConfig:
     allow_slow_bf16: bool = False  # run model.dtype=bfloat16 on a CPU without AVX512-BF16/AMX (many times slower)
     check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision, at most
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
-    deepspeed: bool = True  # wrap with deepspeed.init_inference
+    # The engine of the forward pass: eager (torch, DeepSpeed-wrapped where model.deepspeed) or onnxruntime
+    # (CPU float32: the model exported to ONNX once per host and run by ONNX Runtime, quantized by ONNX Runtime
+    # where model.quantize says; not for text-generation)
+    runtime: Literal["eager", "onnxruntime"] = "eager"
+    deepspeed: bool = True  # wrap with deepspeed.init_inference (model.runtime=eager)
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
     max_length: int = bounded(256, 1)  # tokens per sequence; longer texts are truncated and counted, or chunked
     # Texts longer than max_length: truncate (cut, counted) or chunk (scored whole: windows of max_length tokens
@@ -336,6 +340,7 @@ def validate(cfg: JobConfig) -> JobConfig:
                           f"(got {m.quantize}) or pick model.dtype=float32 with model.quantize={m.quantize}")
     if m.quantize != "none" and m.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantize={m.quantize} runs float32 activations; set model.dtype=float32 (got {m.dtype})")
+    _check_runtime(m)
     if not d.path:
         raise ConfigError("data.path is required: a Parquet file, directory or glob")
     if not d.text_column:
@@ -350,6 +355,18 @@ def validate(cfg: JobConfig) -> JobConfig:
     if m.task == "zero-shot-classification" and "{}" not in cfg.zero_shot.hypothesis_template:
         raise ConfigError(f"zero_shot.hypothesis_template must contain '{{}}' where the label goes; got {cfg.zero_shot.hypothesis_template!r}")
     return cfg
+
+
+def _check_runtime(m: ModelConfig) -> None:
+    if m.runtime == "eager":
+        return
+    if m.task == "text-generation":
+        raise ConfigError("model.runtime=onnxruntime does not run text-generation (its decoding loop is torch's); "
+                          "use model.runtime=eager")
+    if m.dtype not in ("auto", "float32"):
+        raise ConfigError(f"model.runtime=onnxruntime runs float32 on CPU (or int8, with model.quantize); set "
+                          f"model.dtype=float32 (got model.dtype={m.dtype}), or use model.runtime=eager for other "
+                          "precisions")
 
 
 def _check_long_texts(cfg: JobConfig) -> None:

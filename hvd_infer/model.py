@@ -1,4 +1,4 @@
-"""Load the fine-tuned model once per rank: checked, in eval mode, typed, DeepSpeed-wrapped.
+"""Load the fine-tuned model once per rank: checked, in eval mode, typed, DeepSpeed-wrapped (or run by ONNX Runtime).
 
     model, tokenizer, info = load_model(cfg, task, ctx)
 """
@@ -112,7 +112,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     if not getattr(tokenizer, "is_fast", False):
         log.warning("tokenizer in %s is not a fast (Rust) tokenizer: tokenization will be slow", path)
     model, autocast = _load_weights(path, cfg, task, dtype, device)
-    use_ds = m.deepspeed and m.quantize == "none"
+    use_ds = m.deepspeed and m.quantize == "none" and m.runtime == "eager"
     kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
     if use_ds:
         ds_dtype = dtype if not autocast else torch.float32
@@ -129,10 +129,15 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
             model = wrap_deepspeed(_load_weights(path, cfg, task, dtype, device)[0], ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
-    facts = {"model_path": path, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
+    facts = {"model_path": path, "runtime": m.runtime, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
+    if m.runtime == "onnxruntime":
+        from hvd_infer.engines import OnnxPredictor
+
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize)
+        return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
 
 
@@ -154,7 +159,7 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
                          "is it the right model for this task?")
     model.eval()
     autocast = False
-    if m.quantize != "none":
+    if m.quantize != "none" and m.runtime == "eager":  # onnxruntime exports the float32 model, then quantizes
         model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel")
     elif dtype == torch.bfloat16 and device.type == "cpu":
         # CPU bf16: autocast keeps softmax/layernorm in float32 (agreement) and runs matmuls in bf16.

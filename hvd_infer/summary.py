@@ -95,6 +95,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
              f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}{', DeepSpeed' if facts['deepspeed'] else ''}"
+             f"{', ONNX Runtime (' + facts['onnx_optimizer'] + ')' if facts.get('runtime') == 'onnxruntime' else ''}"
              f"{' + kernel injection' if facts['kernel_inject'] else ''})",
              *facts.get("notes", []),
              f"{'rank':>5} {'host':<14} {'device':<8} {'threads':>7} {'rows':>9} {'seconds':>8} {'rows/s':>9}"]
@@ -131,5 +132,6 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}
     summary["environment"] = environment or {}
     summary["reader"] = facts["reader"]
+    summary["runtime"] = facts.get("runtime", "eager")
     summary["ranks"] = [f.as_dict() for f in figures]
     return m, "\n".join(lines), summary

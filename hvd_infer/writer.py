@@ -65,7 +65,12 @@ def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
             "text_pair_column": cfg.data.text_pair_column, "id_columns": cfg.data.id_columns,
             "model_path": cfg.model.path, "task": cfg.model.task, "max_length": cfg.model.max_length,
             "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null,
-            **_long_texts_identity(cfg)}
+            **_long_texts_identity(cfg), **_runtime_identity(cfg)}
+
+
+def _runtime_identity(cfg: JobConfig) -> Dict[str, Any]:
+    """Another engine scores within float32's tolerance, not bit for bit; absent for eager, as in older job files."""
+    return {} if cfg.model.runtime == "eager" else {"runtime": cfg.model.runtime}
 
 
 def _long_texts_identity(cfg: JobConfig) -> Dict[str, Any]:

@@ -22,6 +22,13 @@ one model (the demo's fine-tuned classifier, or --model DIR) and the same cores 
            included), writing Parquet.
   d        hvd_infer under horovodrun as a subprocess: end to end is the wall clock of the command,
            steady state the runner's own rows/s from the output's _manifest.json.
+  a-ort, a-ort-int8, a-compile
+           the bare loop on other float32 engines (and one int8): the graph model.runtime=onnxruntime runs
+           (exported once, ONNX Runtime's BERT fusions), that graph with ONNX Runtime's own dynamic int8
+           (model.quantize=int8-per-channel's), and torch.compile (inductor, dynamic shapes). Their
+           setup (export, quantization, compilation on the warm-up batches) is recorded apart from the loop.
+  hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
+           hvd-ort-int8 the same with model.quantize=int8-per-channel.
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
            the check's seconds (inside end to end) and each candidate's timing and agreement (or the
            line saying the check was skipped: an input too small for it to pay, see the README).
@@ -66,8 +73,8 @@ from benchmarks.report import (agreement, baseline, hvd_records, print_report, r
 from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
-STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "pipeline", "spark", "hvd-np1", "hvd", "hvd-bf16", "hvd-int8",
-          "hvd-auto", "dedup"]
+STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
+          "hvd-np1", "hvd", "hvd-ort", "hvd-ort-int8", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -164,8 +171,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")  # quantize_dynamic's deprecation
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
     mach = machine()
-    log(f"machine: {mach['cpu']}, {cores} cores, avx512_bf16={mach['avx512_bf16']}, amx_bf16={mach['amx_bf16']}, "
-        f"torch {mach['torch']}, load average {mach['load_average_at_start'][0]:.2f}")
+    from hvd_infer.context import CPU_FLAGS
+
+    log(f"machine: {mach['cpu']}, {cores} cores, CPU flags: "
+        + ", ".join(f"{flag}={'yes' if mach[flag] else 'no'}" for flag in CPU_FLAGS)
+        + f", torch {mach['torch']} ({mach['torch_cpu_capability']}), load average {mach['load_average_at_start'][0]:.2f}")
     if args.wait_quiet:
         mach["waited_for_quiet_seconds"] = round(wait_quiet(args.wait_quiet), 1)
     report: Dict[str, Any] = {"hvd_infer_source": source_state(src), "machine": mach, "args": {k: v for k, v in vars(args).items()}, "results": []}
@@ -227,6 +237,22 @@ def main(argv=None) -> int:
         record(results, name, what, rows, secs, st, **extra)
         del model
 
+    # (a) on other engines: ONNX Runtime float32 and int8, torch.compile
+    for name, what in [("a-ort", "bare loop, ONNX Runtime float32 (model.runtime=onnxruntime's graph)"),
+                       ("a-ort-int8", "bare loop, ONNX Runtime dynamic int8 per-channel, head in float32"),
+                       ("a-compile", "bare loop, torch.compile (inductor, dynamic shapes) float32")]:
+        if name in skip:
+            continue
+        with Stage(name) as st:
+            t = time.perf_counter()
+            model = other_engine(name, model_dir, tok, batches)
+            setup = time.perf_counter() - t
+            labels[name], secs = bare_loop(model, batches, n)
+        extra = {"agreement_vs_a": agreement(labels[name], labels["a"])} if "a" in labels else {}
+        record(results, name, what, n, secs, st, setup_seconds=round(setup, 2), **extra)
+        del model
+        gc.collect()
+
     # (b) transformers pipeline, model load included
     if "pipeline" not in skip:
         with Stage("pipeline") as st:
@@ -262,6 +288,9 @@ def main(argv=None) -> int:
         report["mlflow"] = tracking_uri or "disabled"
     hvd_runs = [("hvd-np1", 1, [], "hvd_infer np=1", n)] if np_full != 1 else []
     hvd_runs += [("hvd", np_full, [], f"hvd_infer np={np_full}", n),
+                 ("hvd-ort", np_full, ["model.runtime=onnxruntime"], f"hvd_infer np={np_full} model.runtime=onnxruntime", n),
+                 ("hvd-ort-int8", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel"],
+                  f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
                  ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n),
                  ("hvd-auto", np_full, ["model.dtype=auto-check", f"model.check_rows={args.check_rows}"],
@@ -277,7 +306,7 @@ def main(argv=None) -> int:
                       hvd_extra + ["data.dedup=false"] + extra_over, src, env=hvd_env)
         labels[name] = read_labels(res["out"], "label", ids[:rows], label2id)
         extra = {}
-        ref = "hvd" if name in ("hvd-bf16", "hvd-int8") else "a"
+        ref = "hvd" if name in ("hvd-bf16", "hvd-int8") else "a"  # hvd-ort: against the bare float32 loop
         if ref in labels and name != ref:
             extra[f"agreement_vs_{ref}"] = agreement(labels[name], labels[ref][:rows])
         if rows < n:
@@ -319,6 +348,27 @@ def main(argv=None) -> int:
     print_report(report)
     write_json(args.json, report)
     return 0
+
+
+def other_engine(name: str, model_dir: str, tokenizer, batches):
+    """The classifier on another engine, set up: exported (and quantized), or compiled on three batches.
+
+    a-ort and a-ort-int8 use hvd_infer's own export (the host's cached graph, as model.runtime=onnxruntime
+    runs it, the int8 one with model.quantize=int8-per-channel).
+    """
+    import torch
+
+    from hvd_infer.engines import OnnxPredictor
+
+    model = load_classifier(model_dir)
+    if name == "a-compile":
+        compiled = torch.compile(model, dynamic=True)
+        with torch.inference_mode():
+            for k in (0, len(batches) // 2, len(batches) - 1):  # compiled here, not in the timed loop
+                compiled(**batches[k][1])
+        return compiled
+    quantize = "int8-per-channel" if name == "a-ort-int8" else "none"
+    return OnnxPredictor.create(model, tokenizer, model_dir, "text-classification", quantize)
 
 
 def breakdown(model_dir: str, data: str, work: str, np_: int, hvd_extra: List[str], src: str, n: int,

@@ -33,18 +33,19 @@ python_of() {
   echo "$found"
 }
 
-# What differs between stacks: the constraints, the Python, horovod + petastorm (not on 17.3), and the
-# object store test servers (default only: beside 15.4's pins pip backtracks for minutes on moto + s3fs).
+# What differs between stacks: the constraints, the Python, horovod + petastorm (not on 17.3), the
+# object store test servers (default only: beside 15.4's pins pip backtracks for minutes on moto + s3fs)
+# and ONNX Runtime for model.runtime=onnxruntime (default only: the runtimes do not ship it).
 case "$STACK" in
   default)
     CONSTRAINTS=$here/scripts/constraints.txt; VENV=${VENV:-$here/.venv}; PY=${PYTHON:-python3}
-    TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}; WITH_HOROVOD=1; WITH_STORES=1 ;;
+    TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}; WITH_HOROVOD=1; WITH_STORES=1; WITH_ONNX=1 ;;
   dbr-15.4-ml)
     CONSTRAINTS=$here/scripts/stacks/$STACK.txt; VENV=${VENV:-$here/.venv-$STACK}; PY=${PYTHON:-$(python_of 3.11)}
-    TORCH_SPEC=${TORCH_SPEC:-torch}; WITH_HOROVOD=1; WITH_STORES=0 ;;
+    TORCH_SPEC=${TORCH_SPEC:-torch}; WITH_HOROVOD=1; WITH_STORES=0; WITH_ONNX=0 ;;
   dbr-17.3-ml)
     CONSTRAINTS=$here/scripts/stacks/$STACK.txt; VENV=${VENV:-$here/.venv-$STACK}; PY=${PYTHON:-$(python_of 3.12)}
-    TORCH_SPEC=${TORCH_SPEC:-torch}; WITH_HOROVOD=0; WITH_STORES=0 ;;
+    TORCH_SPEC=${TORCH_SPEC:-torch}; WITH_HOROVOD=0; WITH_STORES=0; WITH_ONNX=0 ;;
   *) echo "install.sh: no stack named $STACK; stacks are: default, $(cd "$here/scripts/stacks" && ls *.txt | sed 's/.txt$//' | paste -sd, | sed 's/,/, /g')" >&2; exit 2 ;;
 esac
 TORCH_INDEX_URL=${TORCH_INDEX_URL:-}  # an extra index for torch alone (CUDA or CPU-only builds)
@@ -124,6 +125,9 @@ if [ "$WITH_STORES" = 1 ]; then
   # runs on) serves a real S3 API on loopback for the tests.
   fsspec_ver=$("$VENV/bin/python" -c "import fsspec; print(fsspec.__version__)")
   "${pip[@]}" "${C[@]}" "s3fs==$fsspec_ver" "moto[s3]==5.2.5" flask flask-cors
+fi
+if [ "$WITH_ONNX" = 1 ]; then
+  "${pip[@]}" "${C[@]}" onnxruntime onnx onnxscript  # model.runtime=onnxruntime (the setup.cfg extra onnx)
 fi
 # deepspeed's setup.py imports torch: build against the torch just installed.
 "${pip[@]}" "${C[@]}" --no-build-isolation deepspeed

@@ -107,9 +107,11 @@ def print_report(report: Dict[str, Any]) -> None:
     base = baseline(results)
     sub_rate = next((r["rows_per_second"] for r in results if r["name"] == "a-sub"), None)
     print()
-    print(f"machine: {m['cpu']}, {m['cores']} cores, avx512_bf16={'yes' if m['avx512_bf16'] else 'no'}, "
-          f"amx_bf16={'yes' if m['amx_bf16'] else 'no'}, avx512_vnni={'yes' if m['avx512_vnni'] else 'no'}; "
-          f"torch {m['torch']}, transformers {m['transformers']}")
+    from hvd_infer.context import CPU_FLAGS
+
+    print(f"machine: {m['cpu']}, {m['cores']} cores, "
+          + ", ".join(f"{flag}={'yes' if m.get(flag) else 'no'}" for flag in CPU_FLAGS)
+          + f"; torch {m['torch']}, transformers {m['transformers']}")
     d = report["data"]
     print(f"data: {d['rows']} rows, {d['files']} files, row groups of {d['row_group_rows']}, max_length "
           f"{d['max_length']}, batch {d['batch_size']}; MLflow for hvd_infer: {report.get('mlflow', '-')}")
@@ -139,6 +141,8 @@ def print_report(report: Dict[str, Any]) -> None:
             s = r["per_rank_stage_seconds"]
             notes.append(f"per rank: read {s['read']:.2f} tok {s['tokenize']:.2f} fwd {s['forward']:.2f} "
                          f"write {s['write']:.2f} wait {s['wait']:.2f} s; load {r['load_seconds']:.1f} s")
+        if "setup_seconds" in r:
+            notes.append(f"setup {r['setup_seconds']:.1f} s excluded (export, quantization or compilation)")
         if "load_seconds" in r and r["name"] == "pipeline":
             notes.append(f"model load {r['load_seconds']:.1f} s")
         if "session_startup_seconds" in r:

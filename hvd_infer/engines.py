@@ -1,0 +1,286 @@
+"""model.runtime: the engine that runs the loaded float32 model's forward pass.
+
+    eager        the transformers model in torch, DeepSpeed-wrapped where model.deepspeed=true (the default)
+    onnxruntime  the same weights exported to ONNX, fused by ONNX Runtime's transformer optimizer and run
+                 by an InferenceSession with the rank's torch threads (CPU, float32; with model.quantize,
+                 ONNX Runtime's own dynamic int8 of that graph)
+
+    check_runtime(cfg, device)                       # before any row is read: refuses what cannot run here
+    predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name, quantize)
+
+The export happens once per host: the graph is cached under $TMPDIR/hvd_infer-onnx, keyed by the model
+directory's content, the task, model.quantize and the versions of torch, transformers, onnx and onnxruntime; a file lock
+lets the first rank export while the others wait and then load its file. Before a graph is cached its
+outputs are compared with torch's on a probe batch: the fused graph is kept if it agrees, else the plain
+export, else the job stops (model.runtime=eager runs it); with model.quantize the checked graph is then
+quantized (int8: every MatMul, per-tensor weight scales; int8-per-channel: per-channel scales, the task
+head and pooler left in float32, as model.quantize does in torch). The predictor returns what the torch model
+returns to the tasks (logits, last_hidden_state), as torch tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from types import SimpleNamespace
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from hvd_infer.errors import ConfigError, ModelError
+
+log = logging.getLogger("hvd_infer")
+
+# Bump when the export recipe changes: graphs cached by an older recipe are then not reused.
+RECIPE = 1
+# A graph agrees with torch when its outputs differ by at most this, relative to the largest output.
+AGREEMENT = 1e-4
+# Model types whose graphs ONNX Runtime's optimizer fuses as BERT's (attention, layer norm, GELU).
+BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "deberta"}
+
+
+def check_runtime(cfg, device: torch.device) -> None:
+    """model.runtime=onnxruntime where it cannot run (a GPU job, no ONNX Runtime installed): ConfigError."""
+    if cfg.model.runtime == "eager":
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"model.runtime=onnxruntime runs on CPU and this job has a {device.type} device; "
+                          "use model.runtime=eager (with model.dtype=float16 on a GPU)")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"model.runtime=onnxruntime needs ONNX Runtime and onnx, which are not installed here "
+                          f"({e}); pip install onnxruntime onnx (or pip install hvd_infer[onnx]), "
+                          "or use model.runtime=eager") from None
+
+
+class OnnxPredictor:
+    """Predictor's interface (model(**batch), .module, .config) over an ONNX Runtime session."""
+
+    def __init__(self, session, module, output: str, facts: Dict[str, Any]):
+        self.session, self.model, self.output, self.facts = session, module, output, facts
+        self.config = module.config
+        self.inputs = [i.name for i in session.get_inputs()]
+
+    @property
+    def module(self):
+        return self.model
+
+    @classmethod
+    def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none") -> "OnnxPredictor":
+        import onnxruntime as ort
+
+        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize)
+        session = inference_session(graph)
+        facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
+                 "onnx_threads": session.get_session_options().intra_op_num_threads}
+        return cls(session, model, session.get_outputs()[0].name, facts)
+
+    def __call__(self, **batch):
+        ids = batch["input_ids"]
+        feeds = {name: (batch[name] if name in batch else torch.zeros_like(ids)).numpy().astype(np.int64, copy=False)
+                 for name in self.inputs}  # no token types given: all zeros, as the torch model assumes
+        return SimpleNamespace(**{self.output: torch.from_numpy(self.session.run([self.output], feeds)[0])})
+
+
+def inference_session(graph: str):
+    """An ONNX Runtime CPU session with the rank's torch threads (its share of the host's cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+
+def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none"):
+    """(path of the host's ONNX graph for this model, task and quantization, how it was optimized); exported
+    if missing."""
+    import fcntl
+
+    key = cache_key(model_dir, task_name, quantize)
+    root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, key)
+    with open(final + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one rank exports; the others wait and reuse its file
+        if not os.path.isdir(final):
+            tmp = tempfile.mkdtemp(prefix=key + ".", dir=root)
+            try:
+                how = export(model, tokenizer, tmp)
+                if quantize != "none":
+                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model)
+                with open(os.path.join(tmp, "recipe.json"), "w") as f:
+                    json.dump({"model_dir": os.path.abspath(model_dir), "task": task_name, "quantize": quantize,
+                               "optimizer": how, "versions": _versions()}, f)
+                os.rename(tmp, final)  # atomic: a graph is in the cache whole or not at all
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(final, "recipe.json")) as f:
+        return os.path.join(final, "model.onnx"), json.load(f)["optimizer"]
+
+
+def cache_key(model_dir: str, task_name: str, quantize: str = "none") -> str:
+    """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
+    h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
+                                   "versions": _versions()}).encode())
+    for folder, _, files in sorted(os.walk(model_dir)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, model_dir).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:24]
+
+
+def _versions() -> Dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+class _FirstOutput(torch.nn.Module):
+    """The model with named tensor inputs in a fixed order, returning only its first output (what tasks read)."""
+
+    def __init__(self, model, names: List[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors):
+        return self.model(**dict(zip(self.names, tensors)))[0]
+
+
+def export(model, tokenizer, folder: str) -> str:
+    """Write folder/model.onnx, fused where that keeps torch's outputs; returns how it was optimized."""
+    path = os.path.join(folder, "model.onnx")
+    plain = os.path.join(folder, "plain.onnx")
+    # Rows of different lengths, so the graph is traced with padding and a real attention mask.
+    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
+                      padding=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted]
+    args = tuple(probe[n] for n in names)
+    with torch.inference_mode():
+        reference = model(**dict(zip(names, args)))
+    output = next(iter(reference.keys()))
+    expected = reference[output].float().numpy()
+    attention = _eager_attention(model)
+    try:
+        _torch_export(_FirstOutput(model, names), args, plain, names, output, expected.ndim)
+    finally:
+        attention()
+    graphs = []
+    if getattr(model.config, "model_type", "") in BERT_LIKE:
+        how = _optimize(plain, path, model.config)
+        graphs.append((path, how))
+    graphs.append((plain, "none"))
+    feeds = {n: a.numpy() for n, a in zip(names, args)}
+    worst = 0.0
+    for graph, how in graphs:
+        worst = _difference(graph, feeds, expected)
+        if worst <= AGREEMENT * max(1.0, float(np.abs(expected).max())):
+            if graph != path:
+                os.replace(graph, path)
+            else:
+                os.remove(plain)  # the cache keeps one graph per key
+            if how == "none" and len(graphs) > 1:
+                log.warning("model.runtime=onnxruntime: the fused graph differs from torch by more than %g; "
+                            "running the plain export", AGREEMENT)
+            return how
+    raise ModelError(f"model.runtime=onnxruntime: the exported {type(model).__name__}'s {output} differs from "
+                     f"torch's by {worst:.3g} on a probe batch (more than {AGREEMENT:g} relative); "
+                     "use model.runtime=eager")
+
+
+def _eager_attention(model):
+    """Switch the model to transformers' eager attention (whose graph ONNX Runtime fuses into its Attention
+    op; SDPA's is left unfused) and return what switches it back. set_attn_implementation since
+    transformers 4.48; before, the config's _attn_implementation is what the layers read."""
+    before = getattr(model.config, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if before in (None, "eager"):
+        return lambda: None
+    try:
+        setter("eager") if setter else setattr(model.config, "_attn_implementation", "eager")
+    except Exception:  # a model without eager attention: export what it has
+        return lambda: None
+    return lambda: setter(before) if setter else setattr(model.config, "_attn_implementation", before)
+
+
+def _torch_export(module, args, path: str, names: List[str], output: str, output_dims: int) -> None:
+    """torch.onnx.export with dynamic batch and sequence axes. The TorchScript exporter (dynamo=False where
+    torch has the choice, its default before 2.9) gives a graph ONNX Runtime's optimizer fuses into
+    Attention/EmbedLayerNormalization; the dynamo exporter's graph (torch 2.13, onnxscript 0.7) is left
+    with unfused attention."""
+    import warnings
+
+    options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes[output] = {0: "batch", 1: "sequence"} if output_dims >= 3 else {0: "batch"}  # per token, or per row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's and the deprecation's warnings, on every export
+        torch.onnx.export(module, args, path, input_names=names, output_names=[output], dynamic_axes=axes,
+                          opset_version=17, do_constant_folding=True, **options)
+
+
+def _optimize(source: str, target: str, config) -> str:
+    """ONNX Runtime's transformer optimizer, BERT fusions; returns the fused operators it made."""
+    from onnxruntime.transformers import optimizer
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    fused = optimizer.optimize_model(source, model_type="bert", num_heads=getattr(config, "num_attention_heads", 0),
+                                     hidden_size=getattr(config, "hidden_size", 0), opt_level=0)
+    fused.save_model_to_file(target)
+    counts = {k: v for k, v in (fused.get_fused_operator_statistics() or {}).items() if v}
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no fusions"
+
+
+def quantize_graph(path: str, quantize: str, model) -> str:
+    """ONNX Runtime's dynamic int8 of the graph at path, in place; returns what it did."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from hvd_infer.model import head_modules
+
+    per_channel = quantize == "int8-per-channel"
+    kept = []
+    if per_channel:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
+        import onnx
+
+        prefixes = tuple("/model/" + name.replace(".", "/") + "/" for name in head_modules(model))
+        head = [n for n in onnx.load(path, load_external_data=False).graph.node if n.name.startswith(prefixes)]
+        # quantize_dynamic splits each Gemm into <name>_MatMul and <name>_Add before it reads nodes_to_exclude
+        # (onnxruntime 1.32): the names it then sees are kept too.
+        kept = [name for n in head for name in ([n.name, n.name + "_MatMul"] if n.op_type == "Gemm" else [n.name])]
+    target = path + ".int8"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process, logged on the root logger on every export
+    try:
+        # The fused operators (Attention, SkipLayerNormalization) are outside shape inference's domain: their
+        # outputs are float32, which the quantizer is told.
+        quantize_dynamic(path, target, weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=kept,
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})
+    finally:
+        root.setLevel(level)
+    os.replace(target, path)
+    return f"{quantize} ({len(head)} head nodes in float32)" if per_channel else quantize
+
+
+def _difference(graph: str, feeds: Dict[str, np.ndarray], expected: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    taken = {i.name for i in session.get_inputs()}
+    got = session.run(None, {k: v for k, v in feeds.items() if k in taken})[0]
+    return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")

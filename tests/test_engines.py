@@ -1,0 +1,210 @@
+"""model.runtime=onnxruntime against the plain torch forward, row by row, for every task it runs.
+
+Tiny random models built offline (tests/builders.py, test_tasks' task models); the jobs run on 2 real
+ranks through the launcher (slow), the engine on one batch in process (fast). Labels must be equal,
+probabilities and embeddings within float32's tolerance (1e-4). Each test gets its own $TMPDIR, so
+its ranks export the graph into an empty cache and share it.
+"""
+import json
+import os
+import sqlite3
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+import builders
+from conftest import hvd_infer_np, job_args, minilm_classifier, python_m, read_output
+from hvd_infer.config import load_config
+from hvd_infer.errors import ConfigError
+from hvd_infer.model import load_model
+from hvd_infer.tasks import get_task
+from test_embedding import reference as embedding_reference
+from test_failures import assert_user_error, base
+from test_multirank import reference_probs
+from test_tasks import (LABELS, assert_entities_equal, assert_zero_shot_equal, cli, models,  # noqa: F401 (fixture)
+                        ner_reference, ner_texts, zero_shot_reference)
+
+ORT = "model.runtime=onnxruntime"
+# The Databricks stacks install no ONNX Runtime (scripts/install.sh): there model.runtime=onnxruntime is refused.
+pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install hvd_infer[onnx])")
+
+
+def own_cache(tmp_path):
+    """An environment whose $TMPDIR (where the host's graphs are cached) is this test's own."""
+    cache = tmp_path / "tmpdir"
+    cache.mkdir(exist_ok=True)
+    return {"TMPDIR": str(cache)}, cache / "hvd_infer-onnx"
+
+
+def cached_graphs(cache):
+    return sorted(n for n in os.listdir(cache) if not n.endswith(".lock"))
+
+
+def test_engine_on_one_batch_equals_eager(tiny_classifier, tmp_path, monkeypatch):
+    """The session returns the torch model's logits; a second load reuses the host's graph, unexported."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+    texts = builders.texts(20, seed=5, long_every=7)
+    outputs = {}
+    for runtime in ("eager", "onnxruntime"):
+        cfg = load_config({"model": {"path": tiny_classifier, "runtime": runtime}, "data": {"path": "/d"},
+                           "output": {"path": "/o"}})
+        task = get_task(cfg.model.task)(cfg)
+        model, _, facts = load_model(cfg, task, torch.device("cpu"))
+        batch = task.collate(task.encode(texts).features)
+        with torch.inference_mode():
+            outputs[runtime] = model(**batch).logits.numpy()
+    assert facts["runtime"] == "onnxruntime" and "Attention" in facts["onnx_optimizer"]
+    np.testing.assert_allclose(outputs["onnxruntime"], outputs["eager"], atol=1e-4)
+    assert (outputs["onnxruntime"].argmax(1) == outputs["eager"].argmax(1)).all()
+    assert len(set(outputs["eager"].argmax(1))) >= 2  # the rows differ, so equal rows prove something
+    graph = facts["onnx_graph"]
+    made = os.stat(graph).st_mtime_ns
+    model, _, again = load_model(cfg, task, torch.device("cpu"))
+    assert again["onnx_graph"] == graph and os.stat(graph).st_mtime_ns == made
+    assert cached_graphs(tmp_path / "hvd_infer-onnx") == [os.path.basename(os.path.dirname(graph))]
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    """MiniLM's trained encoder (int8 error on a tiny random model's large weights says little) with a new head."""
+    return minilm_classifier(str(tmp_path_factory.mktemp("minilm") / "cls"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["int8", "int8-per-channel"])
+def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypatch, quantize):
+    """model.quantize with onnxruntime: ONNX Runtime's int8 of the float32 graph; per-channel keeps the head float32."""
+    import tempfile
+
+    import onnx
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    texts = builders.texts(40, seed=5, long_every=7)
+    probs = {}
+    for runtime, q in (("eager", "none"), ("onnxruntime", quantize)):
+        cfg = load_config({"model": {"path": minilm, "runtime": runtime, "quantize": q},
+                           "data": {"path": "/d"}, "output": {"path": "/o"}})
+        task = get_task(cfg.model.task)(cfg)
+        model, _, facts = load_model(cfg, task, torch.device("cpu"))
+        with torch.inference_mode():
+            probs[runtime] = torch.softmax(model(**task.collate(task.encode(texts).features)).logits, -1).numpy()
+    nodes = onnx.load(facts["onnx_graph"]).graph.node
+    quantized = {n.name for n in nodes if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")}
+    assert quantized and facts["quantize"] == quantize and quantize in facts["onnx_optimizer"]
+    head = {n.op_type for n in nodes if n.name.startswith("/model/classifier/")}
+    assert head and ("MatMulInteger" in head) == (quantize == "int8"), head
+    # int8 moves a trained encoder's probabilities by hundredths; float32 is what the other tests hold to 1e-4.
+    # (0.004 and 0.002 measured; a new head's near-even probabilities make label agreement no measure here.)
+    assert np.abs(probs["onnxruntime"] - probs["eager"]).max() < 0.02
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"task": "text-generation"}, "model.runtime=onnxruntime does not run text-generation"),
+    ({"dtype": "bfloat16"}, "got model.dtype=bfloat16"),
+    ({"dtype": "auto-check"}, "got model.dtype=auto-check"),
+])
+def test_config_refuses_what_onnxruntime_does_not_run(options, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config({"model": {"path": "/m", "runtime": "onnxruntime", **options}, "data": {"path": "/d"},
+                     "output": {"path": "/o"}})
+
+
+@pytest.mark.slow
+def test_classification_two_ranks_equals_plain_forward(tiny_classifier, dataset, tmp_path):
+    path, table = dataset
+    env, cache = own_cache(tmp_path)
+    out = tmp_path / "out"
+    r = hvd_infer_np(2, job_args(tiny_classifier, path, out, tmp_path, ORT), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = read_output(out)
+    ref = reference_probs(tiny_classifier, table.column("text").to_pylist())
+    assert got["id"].tolist() == table.column("id").to_pylist()
+    assert got["label"].tolist() == [f"class_{chr(97 + i)}" for i in ref.argmax(1)]
+    np.testing.assert_allclose(np.stack(got["probs"]), ref, atol=1e-4)
+    # Both ranks ran the one graph the host cached; the engine is in the summary, manifest and MLflow.
+    assert len(cached_graphs(cache)) == 1
+    assert "ONNX Runtime (" in r.stdout
+    assert json.loads((out / "_manifest.json").read_text())["summary"]["runtime"] == "onnxruntime"
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    params = dict(db.execute("select key, value from params").fetchall())
+    assert params["model.runtime"] == "onnxruntime" and params["resolved.runtime"] == "onnxruntime"
+    assert params["resolved.deepspeed"] == "False"
+
+
+@pytest.mark.slow
+def test_embedding_two_ranks_equals_sentence_transformers(tmp_path):
+    model = builders.sentence_model(str(tmp_path / "st-mean"), pooling="mean")
+    texts = builders.texts(30, seed=4, long_every=9)
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), len(texts), files=2, row_group_size=5, text=texts)
+    env, _ = own_cache(tmp_path)
+    out = tmp_path / "out"
+    r = hvd_infer_np(2, base(model, data, out, tmp_path, "model.task=embedding", "mlflow.enabled=false",
+                             "data.batch_size=4", "output.rows_per_part=8", ORT), env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
+    assert got["id"].tolist() == table.column("id").to_pylist()
+    np.testing.assert_allclose(np.stack(got["embedding"]), embedding_reference(model, texts), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_zero_shot_two_ranks_equals_pipeline(models, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    table = builders.write_dataset(str(data), 24, files=2, row_group_size=5, text=builders.texts(24, seed=3, long_every=100))
+    monkeypatch.setenv("TMPDIR", own_cache(tmp_path)[0]["TMPDIR"])  # cli() starts ranks in this environment
+    got, _ = cli(tmp_path, models["nli"], "zero-shot-classification", data,
+                 f"zero_shot.candidate_labels=[{','.join(LABELS)}]", "model.max_length=512", ORT, ranks=2)
+    assert got["id"].tolist() == table.column("id").to_pylist()
+    ref = zero_shot_reference(models["nli"], table.column("text").to_pylist(), LABELS, False)
+    assert_zero_shot_equal(got["labels"], got["scores"], ref)
+
+
+@pytest.mark.slow
+def test_ner_two_ranks_equals_pipeline(models, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    texts = ner_texts(24, seed=3)
+    builders.write_dataset(str(data), len(texts), files=2, row_group_size=5, text=texts)
+    monkeypatch.setenv("TMPDIR", own_cache(tmp_path)[0]["TMPDIR"])
+    got, _ = cli(tmp_path, models["ner"], "token-classification", data, "token_classification.aggregation=first",
+                 ORT, ranks=2)
+    assert_entities_equal(got["entities"].tolist(), ner_reference(models["ner"], texts, "first"))
+
+
+@pytest.mark.slow
+def test_errors_through_the_launcher(models, tiny_classifier, dataset, tmp_path):
+    path, _ = dataset
+    r = hvd_infer_np(2, base(models["lm"], path, tmp_path / "gen", tmp_path, "model.task=text-generation", ORT))
+    assert_user_error(r, "model.runtime=onnxruntime does not run text-generation", "model.runtime=eager")
+    assert not (tmp_path / "gen").exists()
+    # An environment without ONNX Runtime: a package of that name whose import fails as a missing one does.
+    hidden = tmp_path / "no-onnxruntime" / "onnxruntime"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'onnxruntime'\")\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
+    r = hvd_infer_np(2, base(tiny_classifier, path, tmp_path / "none", tmp_path, ORT), env=env)
+    assert_user_error(r, "pip install onnxruntime onnx", "pip install hvd_infer[onnx]", "model.runtime=eager")
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").glob("part-*"))
+
+
+@pytest.mark.slow
+def test_resume_with_another_runtime_refused(tiny_classifier, dataset, tmp_path):
+    path, _ = dataset
+    env, _ = own_cache(tmp_path)
+    out = tmp_path / "out"
+    first = base(tiny_classifier, path, out, tmp_path, "mlflow.enabled=false", "output.rows_per_part=40", ORT)
+    r = python_m(first, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parts = sorted(p for p in out.glob("part-*.parquet"))
+    for p in parts[1:]:  # as if the run had stopped after its first part
+        p.unlink()
+    eager = [a for a in first if a != ORT] + ["output.mode=resume"]
+    assert_user_error(python_m(eager, env=env), "output.mode=resume but runtime changed")
+    r = python_m(first + ["output.mode=resume"], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pads.dataset(str(out)).count_rows() == dataset[1].num_rows

@@ -366,7 +366,7 @@ def _check_runtime(m: ModelConfig) -> None:
     if m.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.runtime=onnxruntime runs float32 on CPU (or int8, with model.quantize); set "
                           f"model.dtype=float32 (got model.dtype={m.dtype}), or use model.runtime=eager for other "
-                          "precisions")
+                          "precisions (with model.dtype=auto-check, which tries ONNX Runtime itself)")
 
 
 def _check_long_texts(cfg: JobConfig) -> None:

@@ -2,12 +2,14 @@
 
     model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp)   # instead of load_model
 
-Rank 0 reads the first model.check_rows rows of the input and scores them in float32 and in each
-faster precision this device runs natively: on CUDA float16, and bfloat16 where the GPU supports
-it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many times slower than float32), and
-dynamic int8 twice, with per-tensor weight scales on every Linear and with per-channel scales and
-the task head left in float32. It times each (after one warm-up batch) and picks the fastest whose
-agreement with float32 is at least model.check_agreement:
+Rank 0 reads the first model.check_rows rows of the input (fewer on a smaller job: sample_rows) and
+scores them in float32 and in each faster precision this device runs natively: on CUDA float16, and
+bfloat16 where the GPU supports it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many
+times slower than float32), dynamic int8 twice, with per-tensor weight scales on every Linear and with
+per-channel scales and the task head left in float32, and, where ONNX Runtime is installed, the same
+float32 weights in ONNX Runtime and ONNX Runtime's per-channel int8 (model.runtime=onnxruntime). It
+times each (after one warm-up batch) and picks the fastest whose agreement with float32 is at least
+model.check_agreement:
 
     text-classification, zero-shot   share of rows with the same label
     token-classification             share of rows with the same entity spans (group, start, end)
@@ -21,7 +23,7 @@ rows scored and agreement, and the check's own cost go to the job summary and to
 resolved.precision_*).
 
 The check is skipped, and the job runs float32, when the input is too small for a faster precision
-to win back its cost (skip_reason). A resumed job (output.mode=resume) keeps the precision recorded
+to win back the cost of even one chunk in each (skip_reason). A resumed job (output.mode=resume) keeps the precision recorded
 in the output's job file, so its rows are never scored in two precisions.
 """
 from __future__ import annotations
@@ -41,12 +43,15 @@ from hvd_infer.config import JobConfig
 
 @dataclass(frozen=True)
 class Precision:
+    """A precision and the engine that runs it (model.dtype, model.quantize, model.runtime)."""
     name: str
     dtype: str  # model.dtype
     quantize: str = "none"  # model.quantize
+    runtime: str = "eager"  # model.runtime
 
     def config(self, cfg: JobConfig) -> JobConfig:
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.dtype, quantize=self.quantize))
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.dtype, quantize=self.quantize,
+                                                                  runtime=self.runtime))
 
 
 FLOAT32 = Precision("float32", "float32")
@@ -54,33 +59,51 @@ FLOAT32 = Precision("float32", "float32")
 
 PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
-                                    Precision("int8", "float32", "int8")]}
+                                    Precision("int8", "float32", "int8"),
+                                    Precision("onnxruntime", "float32", "none", "onnxruntime"),
+                                    Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
+                                              "onnxruntime")]}
 
 # Rows scored per precision before the agreement bounds are looked at again.
 CHUNK_ROWS = 64
-# The check pays for itself only if a faster precision wins back its cost: it scores up to check_rows rows in
-# each precision, so with a candidate saving about a quarter of the time a rank needs this many times that.
+# The check pays for itself only if a faster precision wins back its cost: it scores its rows in each
+# precision, so with a candidate saving about a quarter of the time a rank needs this many times that.
 PAYBACK = 4
 
 
-def candidates(device: torch.device) -> List[Precision]:
-    """The precisions that can beat float32 on this device; those it would emulate slowly are left out."""
+def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
+    """The precisions that can beat float32 on this device; those it would emulate slowly are left out. On a
+    CPU with ONNX Runtime installed, its float32 and per-channel int8 too (not for text-generation)."""
     if device.type == "cuda":
         return [PRECISIONS["float16"]] + ([PRECISIONS["bfloat16"]] if torch.cuda.is_bf16_supported() else [])
+    import importlib.util
+
     from hvd_infer.model import cpu_has_native_bf16
 
-    return ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"],
-                                                                          PRECISIONS["int8"]]
+    found = ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"],
+                                                                           PRECISIONS["int8"]]
+    if cfg.model.task != "text-generation" and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
+        found += [PRECISIONS["onnxruntime-int8-per-channel"], PRECISIONS["onnxruntime"]]
+    return found
+
+
+def sample_rows(cfg: JobConfig, device: torch.device, total_rows: int, world_size: int) -> int:
+    """Rows the check scores per precision: model.check_rows, or fewer on a job too small to win that back
+    (a faster precision saving about a quarter of a rank's time pays for PAYBACK x the check's rows)."""
+    precisions = 1 + len(candidates(cfg, device))
+    return min(cfg.model.check_rows, total_rows // (PAYBACK * precisions * world_size))
 
 
 def skip_reason(cfg: JobConfig, device: torch.device, total_rows: int, world_size: int) -> str:
-    """Why the check would cost more than it can win back ("" when it can pay): a job too small."""
-    precisions = 1 + len(candidates(device))
-    least = PAYBACK * cfg.model.check_rows * precisions * world_size
-    if total_rows >= least:
+    """Why the check would cost more than it can win back ("" when it can pay): a job too small to score even
+    one chunk of rows in each precision."""
+    least_rows = min(CHUNK_ROWS, cfg.model.check_rows)
+    if sample_rows(cfg, device, total_rows, world_size) >= least_rows:
         return ""
-    return (f"{total_rows} input rows < {least} ({PAYBACK} x model.check_rows {cfg.model.check_rows} "
-            f"x {precisions} precisions x {world_size} ranks)")
+    precisions = 1 + len(candidates(cfg, device))
+    least = PAYBACK * least_rows * precisions * world_size
+    return (f"{total_rows} input rows < {least} ({PAYBACK} x {least_rows} rows x {precisions} precisions "
+            f"x {world_size} ranks)")
 
 
 @dataclass
@@ -139,7 +162,7 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
             elif skip:
                 decision = Decision(how=f"skipped: {skip}")
             else:
-                decision = measure(cfg, task, ctx.device, inp)
+                decision = measure(cfg, task, ctx.device, inp, sample_rows(cfg, ctx.device, inp.total_rows, ctx.size))
             record_precision(cfg, decision.choice.name)
         except Exception as e:
             error = e
@@ -151,8 +174,8 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
     return model, tokenizer, facts
 
 
-def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
-    """Score the input's first model.check_rows rows in float32 and each candidate; the fastest that agrees wins.
+def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decision:
+    """Score the input's first `rows` rows in float32 and each candidate; the fastest that agrees wins.
 
     Rows are scored CHUNK_ROWS at a time by every precision still in the running. After each chunk the
     agreement a candidate can still reach over the whole sample is bounded exactly: at best every remaining
@@ -168,7 +191,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
     d = cfg.data
     threshold = cfg.model.check_agreement
     columns = [d.text_column] + ([d.text_pair_column] if d.text_pair_column else [])
-    sample = read_head(inp, columns, cfg.model.check_rows)
+    sample = read_head(inp, columns, rows)
     # Null and empty texts are left out of the sample, whatever data.on_null does with them.
     for column in columns:
         text = sample.column(column)
@@ -182,7 +205,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp) -> Decision:
         return decision
 
     models = {"float32": load_model(FLOAT32.config(cfg), task, device)[0]}  # task.setup gives encode its tokenizer
-    for candidate in candidates(device):
+    for candidate in candidates(cfg, device):
         models[candidate.name] = load_model(candidate.config(cfg), task, device)[0]
     texts = sample.column(d.text_column).to_pylist()
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None

@@ -4,6 +4,7 @@ HVD_INFER_CPU_BF16 stands in for the CPU's flags, so these tests behave the same
 AVX512-BF16/AMX and on one with AVX2 only. Timings decide the auto-check's choice, so the tests
 assert what holds whatever it chose: every rank scored with the choice, and it is reported.
 """
+import importlib.util
 import sqlite3
 
 import numpy as np
@@ -22,6 +23,11 @@ from hvd_infer.tasks import get_task
 from test_failures import assert_user_error, base
 
 NO_BF16 = {NATIVE_BF16_ENV: "0"}
+# The candidates on a CPU without native bf16 (NO_BF16): torch's int8 twice, and ONNX Runtime's float32 and
+# per-channel int8 where it is installed (the default stack; not the Databricks stacks).
+ORT = ["onnxruntime-int8-per-channel", "onnxruntime"] if all(
+    importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else []
+CANDIDATES = ["int8-per-channel", "int8"] + ORT
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +90,22 @@ def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
         load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
 
 
+def test_a_smaller_job_checks_fewer_rows_and_the_smallest_skip(monkeypatch):
+    from hvd_infer.precision import PAYBACK, candidates, sample_rows, skip_reason
+
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    cpu = torch.device("cpu")
+    cfg = job("/m", dtype="auto-check")
+    assert [c.name for c in candidates(cfg, cpu)] == CANDIDATES
+    per_row = PAYBACK * (1 + len(CANDIDATES)) * 2  # input rows per checked row at 2 ranks
+    assert sample_rows(cfg, cpu, 10 ** 7, 2) == 512  # model.check_rows
+    assert sample_rows(cfg, cpu, per_row * 100, 2) == 100 and skip_reason(cfg, cpu, per_row * 100, 2) == ""
+    assert sample_rows(cfg, cpu, per_row * 64, 2) == 64 and skip_reason(cfg, cpu, per_row * 64, 2) == ""
+    assert "rows x" in skip_reason(cfg, cpu, per_row * 64 - 1, 2)  # under one chunk in each precision
+    generation = job("/m", dtype="auto-check", task="text-generation")
+    assert [c.name for c in candidates(generation, cpu)] == ["int8-per-channel", "int8"]  # no ONNX Runtime
+
+
 def test_sample_is_the_inputs_first_rows(dataset):
     from hvd_infer.dataset import open_input, read_head
 
@@ -134,26 +156,29 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     from hvd_infer.precision import PAYBACK
 
     path = str(tmp_path / "data")
-    table = builders.write_dataset(path, PAYBACK * 64 * 3 * 2, row_group_size=50)  # large enough not to skip
+    table = builders.write_dataset(path, PAYBACK * 64 * (1 + len(CANDIDATES)) * 2, row_group_size=50)  # no skip
     out = tmp_path / "out"
     r = horovodrun(2, base(classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
                            "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40"), env=NO_BF16)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
     choice = params["resolved.precision_choice"]
-    assert choice in ("float32", "int8", "int8-per-channel")  # bfloat16 is no candidate on a CPU without it
-    for name in ("float32", "int8", "int8-per-channel"):
+    assert choice in ["float32"] + CANDIDATES  # bfloat16 is no candidate on a CPU without it
+    for name in ["float32"] + CANDIDATES:
         assert float(params[f"resolved.precision_{name}_seconds"]) > 0
-    for name in ("int8", "int8-per-channel"):
+    for name in CANDIDATES:
         assert 0 <= float(params[f"resolved.precision_{name}_agreement"]) <= 1
     assert params["resolved.precision_check_rows"] == "64" and params["resolved.precision_check"] == "measured"
     assert f"model.dtype=auto-check on 64 rows chose {choice}" in r.stdout
     # Every rank scored with the choice: all rows equal the chosen precision's reference.
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     texts = table.column("text").to_pylist()
-    ref = reference_probs(texts, job(classifier, ONE_ROW, quantize="none" if choice == "float32" else choice))
+    from hvd_infer.precision import PRECISIONS
+
+    chosen = PRECISIONS[choice]
+    ref = reference_probs(texts, job(classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
-    if choice != "float32":  # and it is not float32's, so the check above tells them apart
+    if chosen.quantize != "none":  # int8 is not float32: the check above tells them apart (ONNX Runtime float32 is within 1e-6 of it)
         assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5
 
 
@@ -174,31 +199,36 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
     reach it whatever the other rows do; the check stops there, 64 of its 128 rows scored, and runs float32."""
     from hvd_infer.precision import CHUNK_ROWS, PAYBACK
 
-    rows = PAYBACK * 128 * 3  # just enough for the check to be worth running: no skip
+    rows = PAYBACK * 128 * (1 + len(CANDIDATES))  # just enough for the check to be worth running: no skip
     data = tmp_path / "data"
     builders.write_dataset(str(data), rows, row_group_size=100)
     r = python_m(base(tiny_encoder, data, tmp_path / "out", tmp_path, "model.task=embedding", "model.dtype=auto-check",
                       "model.check_rows=128", "model.check_agreement=1"), env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
     params = params_of(tmp_path)
-    assert params["resolved.precision_choice"] == "float32" and params["resolved.precision_check"] == "measured"
+    # ONNX Runtime's float32 may reproduce torch's vectors to the last bit (cosine 1), so it may be chosen.
+    choice = params["resolved.precision_choice"]
+    assert choice in ("float32", "onnxruntime") and params["resolved.precision_check"] == "measured"
     assert params["resolved.precision_check_rows"] == "128"
-    for name in ("float32", "int8", "int8-per-channel"):
+    int8s = [name for name in CANDIDATES if "int8" in name]
+    for name in ["float32"] + int8s:
+        assert params[f"resolved.precision_{name}_rows"] == str(CHUNK_ROWS) or choice != "float32"
+    for name in int8s:
         assert params[f"resolved.precision_{name}_rows"] == str(CHUNK_ROWS)
-    for name in ("int8", "int8-per-channel"):
         assert float(params[f"resolved.precision_{name}_agreement"]) < 1
         assert f"{name} " in r.stdout and "rejected: < 1.0 whatever the other rows" in r.stdout
-    assert "model.dtype=auto-check on 128 rows chose float32" in r.stdout
-    assert job_file_identity(tmp_path / "out")["precision"] == "float32"
+    assert f"model.dtype=auto-check on 128 rows chose {choice}" in r.stdout
+    assert job_file_identity(tmp_path / "out")["precision"] == choice
 
 
 def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
-    path, table = dataset  # 157 rows: under 4 x 64 x 3 precisions x 1 rank
+    path, table = dataset  # 157 rows: under 4 x 64 rows x the precisions x 1 rank
     out = tmp_path / "out"
     r = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64"),
                  env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
-    line = ("model.dtype=auto-check skipped: 157 input rows < 768 (4 x model.check_rows 64 x 3 precisions x 1 ranks);"
+    n = 1 + len(CANDIDATES)
+    line = (f"model.dtype=auto-check skipped: 157 input rows < {4 * 64 * n} (4 x 64 rows x {n} precisions x 1 ranks);"
             " running float32")
     assert line in r.stdout
     params = params_of(tmp_path)

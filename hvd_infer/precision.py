@@ -76,14 +76,19 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
     CPU with ONNX Runtime installed, its float32 and per-channel int8 too (not for text-generation)."""
     if device.type == "cuda":
         return [PRECISIONS["float16"]] + ([PRECISIONS["bfloat16"]] if torch.cuda.is_bf16_supported() else [])
-    import importlib.util
-
+    from hvd_infer.engines import check_runtime
+    from hvd_infer.errors import ConfigError
     from hvd_infer.model import cpu_has_native_bf16
 
     found = ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"],
                                                                            PRECISIONS["int8"]]
-    if cfg.model.task != "text-generation" and all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")):
-        found += [PRECISIONS["onnxruntime-int8-per-channel"], PRECISIONS["onnxruntime"]]
+    onnx = PRECISIONS["onnxruntime"]
+    if cfg.model.task != "text-generation":
+        try:
+            check_runtime(onnx.config(cfg), device)  # ONNX Runtime installed and importable
+            found += [PRECISIONS["onnxruntime-int8-per-channel"], onnx]
+        except ConfigError:
+            pass
     return found
 
 

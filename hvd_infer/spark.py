@@ -31,6 +31,11 @@ from hvd_infer.errors import ConfigError
 _WORKER_MODULES = ("hvd_infer", "yaml", "pyarrow", "torch", "transformers")
 
 
+def _worker_modules(cfg) -> tuple:
+    """What Spark's Python workers must import for this job: model.runtime=onnxruntime adds ONNX Runtime."""
+    return _WORKER_MODULES + (("onnxruntime", "onnx") if cfg.model.runtime == "onnxruntime" else ())
+
+
 def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
                  nics: Optional[List[str]] = None, launcher: Literal["horovod", "torch"] = "horovod",
                  local_mode: bool = False, use_gpu: Optional[bool] = None,
@@ -59,7 +64,7 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     if launcher == "horovod":
         import horovod.spark
 
-        check_spark_workers(spark, n, _WORKER_MODULES + ("horovod",))
+        check_spark_workers(spark, n, _worker_modules(cfg) + ("horovod",))
         return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n, nics=nics)
     if launcher != "torch":
         raise ConfigError(f"launcher={launcher!r}: give launcher='horovod' (horovod.spark.run) or 'torch' "
@@ -69,7 +74,7 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     from hvd_infer.writer import MANIFEST
 
     if not local_mode:
-        check_spark_workers(spark, n, _WORKER_MODULES)
+        check_spark_workers(spark, n, _worker_modules(cfg))
     if use_gpu is None:
         if local_mode:
             import torch
@@ -139,6 +144,12 @@ def predict_udf(config: Any = None, **overrides: Any):
     from hvd_infer.tasks import get_task
 
     cfg = load_config(config, **overrides)
+    if cfg.model.runtime == "onnxruntime":  # ONNX Runtime missing here: one line now, not a worker's traceback
+        import torch
+
+        from hvd_infer.engines import check_runtime
+
+        check_runtime(cfg, torch.device("cpu"))
     if cfg.data.on_null == "skip":
         raise ConfigError("data.on_null=skip cannot drop rows inside a UDF; filter them first "
                           "(df.where(\"length(trim(text)) > 0\")) or use data.on_null=error or empty")

@@ -8,6 +8,8 @@ its ranks export the graph into an empty cache and share it.
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -190,6 +192,20 @@ def test_errors_through_the_launcher(models, tiny_classifier, dataset, tmp_path)
     r = hvd_infer_np(2, base(tiny_classifier, path, tmp_path / "none", tmp_path, ORT), env=env)
     assert_user_error(r, "pip install onnxruntime onnx", "pip install hvd_infer[onnx]", "model.runtime=eager")
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").glob("part-*"))
+    # predict_udf says it on the driver, as it is made, rather than a worker's traceback later.
+    cfg = {"model": {"path": tiny_classifier, "runtime": "onnxruntime"}, "data": {"path": path},
+           "output": {"path": str(tmp_path / "udf")}}
+    r = subprocess.run([sys.executable, "-c", "from hvd_infer.errors import ConfigError\n"
+                        "from hvd_infer.spark import predict_udf\n"
+                        f"try:\n    predict_udf({cfg!r})\nexcept ConfigError as e:\n    print(e)\n"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, **env))
+    assert r.returncode == 0 and "pip install onnxruntime onnx" in r.stdout, r.stdout + r.stderr[-2000:]
+    # auto-check leaves out the candidates of an ONNX Runtime that does not import.
+    r = subprocess.run([sys.executable, "-c", "import torch\nfrom hvd_infer.config import load_config\n"
+                        "from hvd_infer.precision import candidates\n"
+                        f"print([c.runtime for c in candidates(load_config({cfg!r}), torch.device('cpu'))])"],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, **env))
+    assert r.returncode == 0 and "onnxruntime" not in r.stdout, r.stdout + r.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -23,11 +23,11 @@ from hvd_infer.tasks import get_task
 from test_failures import assert_user_error, base
 
 NO_BF16 = {NATIVE_BF16_ENV: "0"}
-# The candidates on a CPU without native bf16 (NO_BF16): torch's int8 twice, and ONNX Runtime's float32 and
-# per-channel int8 where it is installed (the default stack; not the Databricks stacks).
-ORT = ["onnxruntime-int8-per-channel", "onnxruntime"] if all(
+# The candidates on a CPU without native bf16 (NO_BF16): torch's per-channel int8, and ONNX Runtime's where it
+# is installed (the default stack; not the Databricks stacks).
+ORT = ["onnxruntime-int8-per-channel"] if all(
     importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else []
-CANDIDATES = ["int8-per-channel", "int8"] + ORT
+CANDIDATES = ["int8-per-channel"] + ORT
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_a_smaller_job_checks_fewer_rows_and_the_smallest_skip(monkeypatch):
     assert sample_rows(cfg, cpu, per_row * 64, 2) == 64 and skip_reason(cfg, cpu, per_row * 64, 2) == ""
     assert "rows x" in skip_reason(cfg, cpu, per_row * 64 - 1, 2)  # under one chunk in each precision
     generation = job("/m", dtype="auto-check", task="text-generation")
-    assert [c.name for c in candidates(generation, cpu)] == ["int8-per-channel", "int8"]  # no ONNX Runtime
+    assert [c.name for c in candidates(generation, cpu)] == ["int8-per-channel"]  # no ONNX Runtime
 
 
 def test_sample_is_the_inputs_first_rows(dataset):
@@ -222,14 +222,16 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
 
 
 def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
-    path, table = dataset  # 157 rows: under 4 x 64 rows x the precisions x 1 rank
+    from hvd_infer.precision import PAYBACK
+
+    path, table = dataset  # 157 rows: under PAYBACK x 64 rows x the precisions x 1 rank
     out = tmp_path / "out"
     r = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64"),
                  env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
     n = 1 + len(CANDIDATES)
-    line = (f"model.dtype=auto-check skipped: 157 input rows < {4 * 64 * n} (4 x 64 rows x {n} precisions x 1 ranks);"
-            " running float32")
+    line = (f"model.dtype=auto-check skipped: 157 input rows < {PAYBACK * 64 * n} ({PAYBACK} x 64 rows x {n} precisions"
+            " x 1 ranks); running float32")
     assert line in r.stdout
     params = params_of(tmp_path)
     assert params["resolved.precision_choice"] == "float32"

@@ -173,7 +173,14 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
             elif skip:
                 decision = Decision(how=f"skipped: {skip}")
             else:
-                decision = measure(cfg, task, ctx.device, inp, sample_rows(cfg, ctx.device, inp.total_rows, ctx.size))
+                # The host's other ranks only wait meanwhile: the check takes their cores too (every precision
+                # is timed with the same threads, so they still compare fairly).
+                torch.set_num_threads(ctx.threads * (ctx.local_size if ctx.device.type == "cpu" else 1))
+                try:
+                    decision = measure(cfg, task, ctx.device, inp, sample_rows(cfg, ctx.device, inp.total_rows,
+                                                                               ctx.size))
+                finally:
+                    torch.set_num_threads(ctx.threads)
             record_precision(cfg, decision.choice.name)
         except Exception as e:
             error = e

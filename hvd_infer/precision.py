@@ -5,11 +5,10 @@
 Rank 0 reads the first model.check_rows rows of the input (fewer on a smaller job: sample_rows) and
 scores them in float32 and in each faster precision this device runs natively: on CUDA float16, and
 bfloat16 where the GPU supports it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many
-times slower than float32), dynamic int8 twice, with per-tensor weight scales on every Linear and with
-per-channel scales and the task head left in float32, and, where ONNX Runtime is installed, the same
-float32 weights in ONNX Runtime and ONNX Runtime's per-channel int8 (model.runtime=onnxruntime). It
-times each (after one warm-up batch) and picks the fastest whose agreement with float32 is at least
-model.check_agreement:
+times slower than float32), and dynamic int8 with per-channel scales and the task head left in float32,
+in torch and, where ONNX Runtime is installed, in ONNX Runtime (model.runtime=onnxruntime; see
+candidates). It times each (after one warm-up batch) and picks the fastest whose agreement with float32
+is at least model.check_agreement:
 
     text-classification, zero-shot   share of rows with the same label
     token-classification             share of rows with the same entity spans (group, start, end)
@@ -23,8 +22,8 @@ rows scored and agreement, and the check's own cost go to the job summary and to
 resolved.precision_*).
 
 The check is skipped, and the job runs float32, when the input is too small for a faster precision
-to win back the cost of even one chunk in each (skip_reason). A resumed job (output.mode=resume) keeps the precision recorded
-in the output's job file, so its rows are never scored in two precisions.
+to win back the cost of even one chunk in each (skip_reason). A resumed job (output.mode=resume) keeps
+the precision recorded in the output's job file, so its rows are never scored in two precisions.
 """
 from __future__ import annotations
 
@@ -60,7 +59,6 @@ FLOAT32 = Precision("float32", "float32")
 PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
                                     Precision("int8", "float32", "int8"),
-                                    Precision("onnxruntime", "float32", "none", "onnxruntime"),
                                     Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
                                               "onnxruntime")]}
 

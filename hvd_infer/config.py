@@ -50,6 +50,9 @@ class ModelConfig:
     # int8: dynamic int8 Linear layers, per-tensor weight scales; int8-per-channel: per-channel weight
     # scales, the task head left in float32 (keeps more of a classifier's labels). CPU only
     quantize: Literal["none", "int8", "int8-per-channel"] = "none"
+    # Linear layers (module names, e.g. bert.encoder.layer.5.output.dense) model.quantize leaves in float32:
+    # those whose int8 error moves the labels most; model.dtype=auto-check finds them on the job's rows
+    keep_float32: List[str] = field(default_factory=list)
     allow_slow_bf16: bool = False  # run model.dtype=bfloat16 on a CPU without AVX512-BF16/AMX (many times slower)
     check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision, at most
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
@@ -340,6 +343,9 @@ def validate(cfg: JobConfig) -> JobConfig:
                           f"(got {m.quantize}) or pick model.dtype=float32 with model.quantize={m.quantize}")
     if m.quantize != "none" and m.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantize={m.quantize} runs float32 activations; set model.dtype=float32 (got {m.dtype})")
+    if m.keep_float32 and m.quantize == "none":
+        raise ConfigError(f"model.keep_float32 names layers that model.quantize leaves in float32, but nothing is "
+                          f"quantized; set model.quantize=int8-per-channel (or int8), or remove model.keep_float32")
     _check_runtime(m)
     if not d.path:
         raise ConfigError("data.path is required: a Parquet file, directory or glob")

@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from types import SimpleNamespace
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -73,10 +73,11 @@ class OnnxPredictor:
         return self.model
 
     @classmethod
-    def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none") -> "OnnxPredictor":
+    def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none",
+               keep: Sequence[str] = ()) -> "OnnxPredictor":
         import onnxruntime as ort
 
-        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize)
+        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, keep)
         session = inference_session(graph)
         facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
                  "onnx_threads": session.get_session_options().intra_op_num_threads}
@@ -99,12 +100,12 @@ def inference_session(graph: str):
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none"):
-    """(path of the host's ONNX graph for this model, task and quantization, how it was optimized); exported
-    if missing."""
+def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = ()):
+    """(path of the host's ONNX graph for this model, task and quantization (keep: layers left float32), how it
+    was optimized); exported if missing."""
     import fcntl
 
-    key = cache_key(model_dir, task_name, quantize)
+    key = cache_key(model_dir, task_name, quantize, keep)
     root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
@@ -115,7 +116,7 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
             try:
                 how = export(model, tokenizer, tmp)
                 if quantize != "none":
-                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model)
+                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model, keep)
                 with open(os.path.join(tmp, "recipe.json"), "w") as f:
                     json.dump({"model_dir": os.path.abspath(model_dir), "task": task_name, "quantize": quantize,
                                "optimizer": how, "versions": _versions()}, f)
@@ -126,10 +127,11 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
         return os.path.join(final, "model.onnx"), json.load(f)["optimizer"]
 
 
-def cache_key(model_dir: str, task_name: str, quantize: str = "none") -> str:
+def cache_key(model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = ()) -> str:
     """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
     h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
-                                   "versions": _versions()}).encode())
+                                   "versions": _versions(), **({"keep_float32": sorted(keep)} if keep else {})
+                                   }).encode())
     for folder, _, files in sorted(os.walk(model_dir)):
         for name in sorted(files):
             path = os.path.join(folder, name)
@@ -245,19 +247,20 @@ def _optimize(source: str, target: str, config) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no fusions"
 
 
-def quantize_graph(path: str, quantize: str, model) -> str:
-    """ONNX Runtime's dynamic int8 of the graph at path, in place; returns what it did."""
+def quantize_graph(path: str, quantize: str, model, keep: Sequence[str] = ()) -> str:
+    """ONNX Runtime's dynamic int8 of the graph at path, in place, keep's layers left float32; what it did."""
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from hvd_infer.model import head_modules
 
     per_channel = quantize == "int8-per-channel"
-    kept = []
-    if per_channel:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
+    kept, head = [], []
+    modules = (head_modules(model) if per_channel else []) + list(keep)
+    if modules:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
         import onnx
 
-        prefixes = tuple("/model/" + name.replace(".", "/") + "/" for name in head_modules(model))
+        prefixes = tuple("/model/" + name.replace(".", "/") + "/" for name in modules)
         head = [n for n in onnx.load(path, load_external_data=False).graph.node if n.name.startswith(prefixes)]
         # quantize_dynamic splits each Gemm into <name>_MatMul and <name>_Add before it reads nodes_to_exclude
         # (onnxruntime 1.32): the names it then sees are kept too.
@@ -274,7 +277,7 @@ def quantize_graph(path: str, quantize: str, model) -> str:
     finally:
         root.setLevel(level)
     os.replace(target, path)
-    return f"{quantize} ({len(head)} head nodes in float32)" if per_channel else quantize
+    return f"{quantize} ({len(head)} nodes in float32)" if head else quantize
 
 
 def _difference(graph: str, feeds: Dict[str, np.ndarray], expected: np.ndarray) -> float:

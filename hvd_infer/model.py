@@ -91,6 +91,13 @@ def preflight_model(cfg: JobConfig, task) -> None:
     hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, local_files_only=True)
     task.check_model_config(hf_config, m.path)
     task.read_model_dir(hf_config, m.path, m.path)
+    if m.keep_float32:  # the layers' names, from the model's structure built on the meta device (no weights)
+        import transformers
+
+        with torch.device("meta"):
+            skeleton = getattr(transformers, task.auto_model).from_config(hf_config,
+                                                                          trust_remote_code=m.trust_remote_code)
+        linear_layers(skeleton, m.keep_float32)
 
 
 def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Dict[str, Any]]:
@@ -131,12 +138,14 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
     facts = {"model_path": path, "runtime": m.runtime, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
+             "keep_float32": ",".join(m.keep_float32),
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     if m.runtime == "onnxruntime":
         from hvd_infer.engines import OnnxPredictor
 
-        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize)
+        linear_layers(_unwrap(model), m.keep_float32)
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, m.keep_float32)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
 
@@ -160,7 +169,7 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
     model.eval()
     autocast = False
     if m.quantize != "none" and m.runtime == "eager":  # onnxruntime exports the float32 model, then quantizes
-        model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel")
+        model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel", keep=m.keep_float32)
     elif dtype == torch.bfloat16 and device.type == "cpu":
         # CPU bf16: autocast keeps softmax/layernorm in float32 (agreement) and runs matmuls in bf16.
         autocast = True
@@ -177,27 +186,36 @@ def _dtype_argument(transformers_version: str) -> str:
     return "dtype" if Version(transformers_version) >= Version("4.56") else "torch_dtype"
 
 
-def quantize_int8(model, per_channel: bool):
-    """Dynamic int8 Linear layers; per_channel: a weight scale per output row, and the task head left in float32.
+def quantize_int8(model, per_channel: bool, keep=()):
+    """Dynamic int8 Linear layers; per_channel: a weight scale per output row, and the task head left in float32;
+    keep: other Linear layers left in float32, by module name (model.keep_float32).
 
     Per-tensor scales and a quantized head changed 7% of a fine-tuned MiniLM classifier's labels
     (issue 11); the head is a few thousand weights that decide the label, so keeping it costs nothing.
     """
     import warnings
 
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
-    if per_channel:
-        head = head_modules(model)
-        spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
-                if isinstance(module, torch.nn.Linear) and not any(name == h or name.startswith(h + ".") for h in head)}
-    else:
-        spec = {torch.nn.Linear}
+    linear = linear_layers(model, keep)
+    kept = set(keep) | (set(head_modules(model)) if per_channel else set())
+    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    spec = {name: qconfig for name in linear if not any(name == k or name.startswith(k + ".") for k in kept)}
     # torch.ao's deprecation notices (it still works on the pinned torch) would print on every rank's load.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, spec, dtype=torch.qint8) if spec else model
+
+
+def linear_layers(model, keep=()) -> List[str]:
+    """The model's Linear layers by module name; keep (model.keep_float32) must name some of them."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    unknown = [name for name in keep if name not in linear]
+    if unknown:
+        raise ConfigError(f"model.keep_float32 names {', '.join(unknown[:3])}, not a Linear layer of this model; "
+                          f"its Linear layers are {', '.join(linear[:2])}, ... {linear[-1]} ({len(linear)} in all)")
+    return linear
 
 
 def head_modules(model) -> List[str]:

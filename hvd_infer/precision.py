@@ -42,15 +42,26 @@ from hvd_infer.config import JobConfig
 
 @dataclass(frozen=True)
 class Precision:
-    """A precision and the engine that runs it (model.dtype, model.quantize, model.runtime)."""
+    """A precision and the engine that runs it (model.dtype, model.quantize, model.keep_float32, model.runtime)."""
     name: str
     dtype: str  # model.dtype
     quantize: str = "none"  # model.quantize
     runtime: str = "eager"  # model.runtime
+    keep: Tuple[str, ...] = ()  # model.keep_float32
 
     def config(self, cfg: JobConfig) -> JobConfig:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.dtype, quantize=self.quantize,
-                                                                  runtime=self.runtime))
+                                                                  runtime=self.runtime, keep_float32=list(self.keep)))
+
+    @property
+    def token(self) -> str:
+        """The precision as the output's job file records it (parse_precision reads it back)."""
+        return f"{self.name}:{','.join(self.keep)}" if self.keep else self.name
+
+
+def parse_precision(token: str) -> Precision:
+    name, _, keep = token.partition(":")
+    return dataclasses.replace(PRECISIONS[name], keep=tuple(keep.split(","))) if keep else PRECISIONS[name]
 
 
 FLOAT32 = Precision("float32", "float32")
@@ -58,12 +69,19 @@ FLOAT32 = Precision("float32", "float32")
 
 PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
+                                    Precision("int8-selective", "float32", "int8-per-channel"),  # keep: measured
                                     Precision("int8", "float32", "int8"),
                                     Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
                                               "onnxruntime")]}
 
 # Rows scored per precision before the agreement bounds are looked at again.
 CHUNK_ROWS = 64
+# int8-selective leaves in float32 the Linear layers whose int8 error moves the labels most, until they account
+# for SELECTIVE_SCORE of the measured moves, and at most SELECTIVE_WEIGHTS of the int8 weights (its speed).
+SELECTIVE_SCORE = 0.5
+SELECTIVE_WEIGHTS = 0.25
+# The rows whose label int8 changed are those it measures on, at most this many (a float32 forward and backward).
+SELECTIVE_ROWS = 16
 # The check scores its sample in every precision while the other ranks wait: a sample of at most a rank's
 # rows / (PAYBACK x the precisions) keeps that under a tenth of the time a rank takes in float32.
 PAYBACK = 10
@@ -127,8 +145,10 @@ class Decision:
 
     def facts(self, threshold: float) -> Dict[str, Any]:
         facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
+        kept = (f" (these {len(self.choice.keep)} layers in float32: {', '.join(self.choice.keep)})"
+                if self.choice.keep else "")
         if self.how != "measured":
-            facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}"]
+            facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}{kept}"]
             return facts
         facts.update(precision_check_rows=self.rows, precision_check_seconds=round(self.check_seconds, 2))
         parts = []
@@ -146,7 +166,8 @@ class Decision:
             else:
                 parts.append(f"{name} {seconds:.2f} s{on}")
         facts["notes"] = [f"model.dtype=auto-check on {self.rows} rows chose {self.choice.name} "
-                          f"(check took {self.check_seconds:.1f} s): " + "; ".join(parts or ["no rows to score"])]
+                          f"(check took {self.check_seconds:.1f} s): " + "; ".join(parts or ["no rows to score"])
+                          + kept]
         return facts
 
 
@@ -167,7 +188,8 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
         try:
             skip = skip_reason(cfg, ctx.device, inp.total_rows, ctx.size)
             if resumed:
-                decision = Decision(choice=PRECISIONS[resumed], how=f"resumed: output.path was scored in {resumed}")
+                decision = Decision(choice=parse_precision(resumed),
+                                    how=f"resumed: output.path was scored in {resumed.partition(':')[0]}")
             elif skip:
                 decision = Decision(how=f"skipped: {skip}")
             else:
@@ -179,7 +201,7 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
                                                                                ctx.size))
                 finally:
                     torch.set_num_threads(ctx.threads)
-            record_precision(cfg, decision.choice.name)
+            record_precision(cfg, decision.choice.token)
         except Exception as e:
             error = e
     ctx.agree(error)
@@ -222,7 +244,8 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
         return decision
 
     models = {"float32": load_model(FLOAT32.config(cfg), task, device)[0]}  # task.setup gives encode its tokenizer
-    for candidate in candidates(cfg, device):
+    precisions = {p.name: p for p in [FLOAT32, *candidates(cfg, device)]}
+    for candidate in list(precisions.values())[1:]:
         models[candidate.name] = load_model(candidate.config(cfg), task, device)[0]
     texts = sample.column(d.text_column).to_pylist()
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None
@@ -237,6 +260,18 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
             seconds, outputs[name] = _score(task, model, batches, order, window_row, warm_up=first)
             decision.seconds[name] = decision.seconds.get(name, 0.0) + seconds
             decision.scored[name] = decision.scored.get(name, 0) + len(texts[chunk])
+        flipped = _flipped_rows(cfg, outputs, order, window_row) if start == 0 else []
+        if len(flipped):
+            # int8 changed labels in the first chunk: int8-selective joins, its float32 layers measured on those rows.
+            rows = flipped[:SELECTIVE_ROWS]
+            measured = _chunk_batches(cfg, task, models["float32"], device, [texts[chunk][i] for i in rows],
+                                      [pairs[chunk][i] for i in rows] if pairs else None)[0]
+            selective = dataclasses.replace(PRECISIONS["int8-selective"], keep=sensitive_layers(
+                models["float32"], models["int8-per-channel"], measured))
+            precisions[selective.name] = selective
+            models[selective.name] = load_model(selective.config(cfg), task, device)[0]
+            seconds, outputs[selective.name] = _score(task, models[selective.name], batches, order, window_row, True)
+            decision.seconds[selective.name], decision.scored[selective.name] = seconds, len(texts[chunk])
         done = decision.scored["float32"]
         worst_row = -1.0 if "embedding" in outputs["float32"] else 0.0  # cosine can be -1; a label match 0
         live = [name for name in models if name != "float32"]
@@ -265,9 +300,86 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
             break
     agreeing = [name for name in models if name != "float32" and decision.agreement[name] >= threshold]
     fastest = min(["float32"] + agreeing, key=lambda name: decision.seconds[name])
-    decision.choice = PRECISIONS[fastest]
+    decision.choice = precisions[fastest]
     decision.check_seconds = time.perf_counter() - t0
     return decision
+
+
+def _flipped_rows(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], order, window_row) -> np.ndarray:
+    """The chunk's rows (indices into its texts) whose label per-channel int8 changed, on a labelling task;
+    int8-selective is tried where there are some."""
+    if cfg.model.task not in SELECTIVE_TASKS or "int8-per-channel" not in outputs:
+        return np.array([], dtype=np.int64)
+    flipped = np.flatnonzero(row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1)
+    return flipped if window_row is not None else np.concatenate(order)[flipped]  # outputs are in batch order
+
+
+# Tasks whose label margins (top logit minus the runner-up) sensitive_layers can follow.
+SELECTIVE_TASKS = ("text-classification", "token-classification")
+
+
+def sensitive_layers(reference, quantized, batches) -> Tuple[str, ...]:
+    """The Linear layers of the float32 model `reference` whose int8 error (in `quantized`, the same model with
+    per-channel int8) moves the labels of these batches most: up to SELECTIVE_SCORE of all the moves, and at most
+    SELECTIVE_WEIGHTS of the int8 weights.
+
+    First order, from one float32 forward and backward: a layer's int8 error moves log(margin) of a row (a row's
+    top logit minus its runner-up; per token for token-classification) by the dot product of the error with the
+    gradient of log(margin) at the layer's output. The error is the int8 layer's output on the layer's own float32
+    input minus the float32 output. A layer's score is the sum over rows of |move|: a move of 1 takes a row's margin
+    e-fold, which is how labels flip. The candidate is then measured like any other: this only picks it."""
+    ref, q = reference.module, dict(quantized.module.named_modules())
+    names = [n for n, module in ref.named_modules()
+             if isinstance(module, torch.nn.Linear) and n in q and not isinstance(q[n], torch.nn.Linear)]
+    if not names:
+        return ()
+    outputs, errors, scores = {}, {}, dict.fromkeys(names, 0.0)
+
+    def capture(name):
+        def hook(module, inputs, output):
+            with torch.no_grad():
+                errors[name] = q[name](inputs[0]) - output
+            output.retain_grad()
+            outputs[name] = output
+        return hook
+
+    def start_graph(module, inputs, output):  # the graph starts at the embeddings: no weight gradients
+        return output.detach().requires_grad_()
+
+    handles = [ref.get_submodule(n).register_forward_hook(capture(n)) for n in names]
+    handles.append(ref.get_input_embeddings().register_forward_hook(start_graph))
+    wanted = [p.requires_grad for p in ref.parameters()]
+    try:
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        for batch in batches:
+            with torch.enable_grad():
+                logits = ref(**batch).logits.float()
+                top = logits.topk(2, dim=-1).values
+                log_margin = (top[..., 0] - top[..., 1]).clamp_min(1e-4).log()
+                if log_margin.dim() > 1:  # tokens: the padding's margins are nobody's labels
+                    log_margin = log_margin[batch["attention_mask"].bool()]
+                log_margin.sum().backward()
+            for name in names:
+                move = (outputs[name].grad * errors[name]).flatten(1).sum(1)
+                scores[name] += float(move.abs().sum())
+            outputs.clear()
+            errors.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, w in zip(ref.parameters(), wanted):
+            p.requires_grad_(w)
+    weights = {n: ref.get_submodule(n).weight.numel() for n in names}
+    total_score, budget = sum(scores.values()), SELECTIVE_WEIGHTS * sum(weights.values())
+    kept, score, used = [], 0.0, 0
+    for name in sorted(names, key=lambda n: -scores[n]):
+        if score >= SELECTIVE_SCORE * total_score:
+            break
+        if used + weights[name] <= budget:
+            kept.append(name)
+            score, used = score + scores[name], used + weights[name]
+    return tuple(sorted(kept, key=names.index))
 
 
 def agreement_bounds(agreed: float, scored: int, rows: int, worst_row: float) -> Tuple[float, float]:

@@ -94,7 +94,9 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         m[f"rank_{f.rank}_rows"] = f.rows
         m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
-             f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}{', DeepSpeed' if facts['deepspeed'] else ''}"
+             f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}"
+             f"{' with %d layers in float32' % len(facts['keep_float32'].split(',')) if facts.get('keep_float32') else ''}"
+             f"{', DeepSpeed' if facts['deepspeed'] else ''}"
              f"{', ONNX Runtime (' + facts['onnx_optimizer'] + ')' if facts.get('runtime') == 'onnxruntime' else ''}"
              f"{' + kernel injection' if facts['kernel_inject'] else ''})",
              *facts.get("notes", []),

@@ -44,6 +44,28 @@ def classifier(tmp_path_factory):
     return str(path)
 
 
+# outlier_classifier's layer that int8 quantizes badly
+BAD_LAYER = "bert.encoder.layer.0.attention.output.dense"
+
+
+@pytest.fixture(scope="module")
+def outlier_classifier(tmp_path_factory):
+    """classifier with one layer int8 quantizes badly: a weight 40x the others in each of its rows sets the row's
+    int8 scale, so the rest of the row rounds away."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=3, initializer_range=0.3))
+    with torch.no_grad():
+        model.get_submodule(BAD_LAYER).weight[:, 0] *= 40
+    path = tmp_path_factory.mktemp("models") / "outlier"
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
+    return str(path)
+
+
 def job(model, data=None, **model_options):
     return load_config({"model": {"path": model, **model_options}, "data": {"path": "/d", **(data or {})},
                         "output": {"path": "/o"}})
@@ -57,6 +79,11 @@ def job(model, data=None, **model_options):
     (["model.dtype=auto-check", "model.check_agreement=0"], ["model.check_agreement must be in (0, 1], got 0"]),
     (["model.dtype=auto-check", "model.quantize=int8"], ["model.dtype=auto-check chooses the quantization itself"]),
     (["model.dtype=fast"], ["model.dtype must be one of auto, auto-check, float32, float16, bfloat16"]),
+    (["model.keep_float32=[bert.pooler.dense]"], ["model.keep_float32 names layers that model.quantize leaves in "
+                                                  "float32, but nothing is quantized", "model.quantize=int8-per-channel"]),
+    (["model.quantize=int8-per-channel", "model.keep_float32=[bert.encoder.layer.9.output.dense]"],
+     ["model.keep_float32 names bert.encoder.layer.9.output.dense, not a Linear layer of this model",
+      "its Linear layers are bert.encoder.layer.0.attention.self.query"]),
 ])
 def test_bad_precision_options_fail_in_one_line(extra, fragments, tiny_classifier, dataset, tmp_path):
     out = tmp_path / "out"
@@ -82,6 +109,45 @@ def test_per_channel_int8_keeps_the_head_in_float32(classifier):
     query = module.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, DynamicLinear) and query.weight().qscheme() == torch.per_channel_affine
     assert facts["quantize"] == "int8-per-channel" and not facts["deepspeed"]
+
+
+def test_keep_float32_leaves_those_layers_float32(classifier):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    kept = ["bert.encoder.layer.1.output.dense", "bert.encoder.layer.0.attention.self.value"]
+    cfg = job(classifier, quantize="int8-per-channel", keep_float32=kept)
+    model, _, facts = load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
+    layers = dict(model.module.named_modules())
+    assert all(type(layers[name]) is torch.nn.Linear for name in kept)
+    assert isinstance(layers["bert.encoder.layer.1.intermediate.dense"], DynamicLinear)
+    assert facts["keep_float32"] == ",".join(kept)
+
+
+def test_sensitive_layers_keep_the_layer_int8_hurts_most(outlier_classifier):
+    """sensitive_layers keeps in float32 the layer int8 quantizes badly, within the weight budget and never the
+    head; int8 with it kept is closer to float32 than int8 everywhere."""
+    from hvd_infer.precision import PRECISIONS, SELECTIVE_WEIGHTS, _chunk_batches, sensitive_layers
+
+    path = outlier_classifier
+    cfg = job(path, ONE_ROW | {"batch_size": 8})
+    task = get_task(cfg.model.task)(cfg)
+    cpu = torch.device("cpu")
+    reference = load_model(cfg, task, cpu)[0]
+    int8 = load_model(PRECISIONS["int8-per-channel"].config(cfg), task, cpu)[0]
+    batches = _chunk_batches(cfg, task, reference, cpu, builders.texts(32), None)[0]
+    kept = sensitive_layers(reference, int8, batches)
+    assert BAD_LAYER in kept
+    linear = {n: m.weight.numel() for n, m in reference.module.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = [n for n in linear if ".encoder." in f".{n}"]
+    assert set(kept) <= set(quantized)
+    assert sum(linear[n] for n in kept) <= SELECTIVE_WEIGHTS * sum(linear[n] for n in quantized)
+
+    def logit_error(keep):
+        model = load_model(job(path, ONE_ROW, quantize="int8-per-channel", keep_float32=list(keep)), task, cpu)[0]
+        with torch.inference_mode():
+            return sum(float((reference(**b).logits - model(**b).logits).abs().sum()) for b in batches)
+
+    assert logit_error(kept) < logit_error([])
 
 
 def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
@@ -163,7 +229,7 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
     choice = params["resolved.precision_choice"]
-    assert choice in ["float32"] + CANDIDATES  # bfloat16 is no candidate on a CPU without it
+    assert choice in ["float32", "int8-selective"] + CANDIDATES  # bfloat16 is no candidate on a CPU without it
     for name in ["float32"] + CANDIDATES:
         assert float(params[f"resolved.precision_{name}_seconds"]) > 0
     for name in CANDIDATES:
@@ -173,10 +239,12 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     # Every rank scored with the choice: all rows equal the chosen precision's reference.
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     texts = table.column("text").to_pylist()
-    from hvd_infer.precision import PRECISIONS
+    from hvd_infer.precision import parse_precision
 
-    chosen = PRECISIONS[choice]
-    ref = reference_probs(texts, job(classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime))
+    chosen = parse_precision(job_file_identity(out)["precision"])
+    assert chosen.name == choice
+    ref = reference_probs(texts, job(classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime,
+                                     keep_float32=list(chosen.keep)))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
     if chosen.quantize != "none":  # int8 is not float32: the check above tells them apart (ONNX Runtime float32 is within 1e-6 of it)
         assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5
@@ -243,6 +311,36 @@ def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_
     assert job_file_identity(out)["precision"] == "float32"
 
 
+def test_auto_check_tries_int8_selective_where_int8_changes_labels(outlier_classifier, tmp_path):
+    """Per-channel int8 changes labels of the first chunk: int8-selective joins the check, its float32 layers
+    measured on those rows, and is reported; whatever is chosen is what every row was scored in."""
+    from hvd_infer.precision import PAYBACK, parse_precision
+
+    path = str(tmp_path / "data")
+    table = builders.write_dataset(path, PAYBACK * 64 * (1 + len(CANDIDATES)), row_group_size=50)
+    out = tmp_path / "out"
+    r = python_m(base(outlier_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
+                      "data.batch_size=8", "data.pad_to_multiple_of=1"), env=NO_BF16)
+    assert r.returncode == 0, r.stderr[-3000:]
+    params = params_of(tmp_path)
+    assert float(params["resolved.precision_int8-per-channel_agreement"]) < 1
+    assert params["resolved.precision_int8-selective_rows"] == "64"
+    assert float(params["resolved.precision_int8-selective_seconds"]) > 0
+    assert 0 <= float(params["resolved.precision_int8-selective_agreement"]) <= 1
+    assert "int8-selective " in r.stdout
+    chosen = parse_precision(job_file_identity(out)["precision"])
+    assert chosen.name == params["resolved.precision_choice"]
+    if chosen.name == "int8-selective":
+        assert BAD_LAYER in chosen.keep and f"layers in float32: " in r.stdout
+    got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
+    ref = reference_probs(table.column("text").to_pylist(), job(outlier_classifier, ONE_ROW, quantize=chosen.quantize,
+                                                                runtime=chosen.runtime, keep_float32=list(chosen.keep)))
+    np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
+
+
+KEPT = "bert.encoder.layer.0.output.dense"
+
+
 def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, tmp_path):
     """The resumed run scores its missing rows in the recorded choice, unmeasured; another precision is refused."""
     import json
@@ -253,10 +351,10 @@ def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, t
                  "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40")
     r = python_m(first, env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
-    # As if the first run had chosen int8 (a timing decides that) and stopped after its first parts.
+    # As if the first run had chosen int8-selective (a timing decides that) and stopped after its first parts.
     job_file = out / "_hvd_infer_job.json"
     written = json.loads(job_file.read_text())
-    written["identity"]["precision"] = "int8"
+    written["identity"]["precision"] = f"int8-selective:{KEPT}"
     job_file.write_text(json.dumps(written))
     parts = sorted(p for p in out.rglob("part-*") if p.suffix == ".parquet")
     assert len(parts) >= 2
@@ -265,15 +363,17 @@ def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, t
 
     refused = python_m(base(tiny_classifier, path, out, tmp_path, "model.dtype=float32", "output.mode=resume"),
                        env=NO_BF16)
-    assert_user_error(refused, "output.mode=resume but dtype, precision changed", "its rows were scored in int8")
+    assert_user_error(refused, "output.mode=resume but dtype, precision changed",
+                      f"its rows were scored in int8-selective:{KEPT}")
 
     r = python_m(first + ["output.mode=resume"], env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "model.dtype=auto-check resumed: output.path was scored in int8; running int8" in r.stdout
-    assert job_file_identity(out)["precision"] == "int8"
+    assert (f"model.dtype=auto-check resumed: output.path was scored in int8-selective; running int8-selective "
+            f"(these 1 layers in float32: {KEPT})") in r.stdout
+    assert job_file_identity(out)["precision"] == f"int8-selective:{KEPT}"
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     texts = table.column("text").to_pylist()
-    ref = reference_probs(texts, job(tiny_classifier, ONE_ROW, quantize="int8"))
+    ref = reference_probs(texts, job(tiny_classifier, ONE_ROW, quantize="int8-per-channel", keep_float32=[KEPT]))
     resumed = ~got["id"].isin(pads.dataset([str(parts[0])]).to_table().column("id").to_pylist())
     assert resumed.sum() == len(table) - pads.dataset([str(parts[0])]).count_rows()
     np.testing.assert_allclose(np.stack(got["probs"][resumed].to_numpy()), ref[resumed.to_numpy()], atol=1e-5)

@@ -53,6 +53,9 @@ class ModelConfig:
     # Linear layers (module names, e.g. bert.encoder.layer.5.output.dense) model.quantize leaves in float32:
     # those whose int8 error moves the labels most; model.dtype=auto-check finds them on the job's rows
     keep_float32: List[str] = field(default_factory=list)
+    # text-classification with model.quantize: rows whose two likeliest labels are closer in probability than this
+    # are scored again in float32 and take float32's outputs (int8 speed where the model is sure); 0: off
+    rescore_margin: float = bounded(0.0, 0, 1)
     allow_slow_bf16: bool = False  # run model.dtype=bfloat16 on a CPU without AVX512-BF16/AMX (many times slower)
     check_rows: int = bounded(512, 8, 100000)  # model.dtype=auto-check: rows of the job's input it scores per precision, at most
     check_agreement: float = bounded(0.995, 0, 1, lo_open=True)  # auto-check: least agreement with float32 to accept
@@ -346,6 +349,10 @@ def validate(cfg: JobConfig) -> JobConfig:
     if m.keep_float32 and m.quantize == "none":
         raise ConfigError(f"model.keep_float32 names layers that model.quantize leaves in float32, but nothing is "
                           f"quantized; set model.quantize=int8-per-channel (or int8), or remove model.keep_float32")
+    if m.rescore_margin and (m.quantize == "none" or m.task != "text-classification"):
+        raise ConfigError(f"model.rescore_margin rescores in float32 the rows int8 is unsure of, for "
+                          f"text-classification with model.quantize; got model.task={m.task}, model.quantize="
+                          f"{m.quantize}: set model.quantize=int8-per-channel, or model.rescore_margin=0")
     _check_runtime(m)
     if not d.path:
         raise ConfigError("data.path is required: a Parquet file, directory or glob")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -105,6 +106,8 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     from transformers import AutoConfig, AutoTokenizer
 
     m = cfg.model
+    if m.rescore_margin:
+        return _load_rescoring(cfg, task, device)
     path = resolve_model_path(m.path, cfg.mlflow.tracking_uri)
     check_model_dir(path, m.allow_pickle)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, local_files_only=True)
@@ -148,6 +151,44 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
         predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, m.keep_float32)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
+
+
+def _load_rescoring(cfg: JobConfig, task, device: torch.device):
+    """model.rescore_margin: the quantized model, and the float32 one for the rows it is unsure of."""
+    import dataclasses
+
+    m = dataclasses.replace(cfg.model, rescore_margin=0.0)
+    fast, tokenizer, facts = load_model(dataclasses.replace(cfg, model=m), task, device)
+    exact = load_model(dataclasses.replace(cfg, model=dataclasses.replace(m, quantize="none", keep_float32=[],
+                                                                          runtime="eager")), task, device)[0]
+    return RescoringPredictor(fast, exact, cfg.model.rescore_margin), tokenizer, {
+        **facts, "rescore_margin": cfg.model.rescore_margin}
+
+
+class RescoringPredictor:
+    """Scores a batch with `fast` (int8); the rows whose two likeliest labels are closer in probability than
+    `margin` are scored again by `exact` (float32) and take its logits. Their labels are float32's; int8 changes
+    a label only where the model is unsure, so a margin measured on the job's rows keeps them all."""
+
+    def __init__(self, fast, exact, margin: float):
+        self.fast, self.exact, self.margin = fast, exact, margin
+        self.config = fast.config
+        self.rows = self.rescored = 0
+
+    @property
+    def module(self):
+        return self.fast.module
+
+    def __call__(self, **batch):
+        with torch.inference_mode():
+            logits = self.fast(**batch).logits.float()
+            top = torch.softmax(logits, dim=-1).topk(2, dim=-1).values
+            unsure = torch.nonzero(top[:, 0] - top[:, 1] < self.margin).squeeze(1)
+            self.rows += len(logits)
+            self.rescored += len(unsure)
+            if len(unsure):
+                logits[unsure] = self.exact(**{k: v[unsure] for k, v in batch.items()}).logits.float()
+            return SimpleNamespace(logits=logits)
 
 
 def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device):

@@ -48,20 +48,25 @@ class Precision:
     quantize: str = "none"  # model.quantize
     runtime: str = "eager"  # model.runtime
     keep: Tuple[str, ...] = ()  # model.keep_float32
+    rescore: float = 0.0  # model.rescore_margin
 
     def config(self, cfg: JobConfig) -> JobConfig:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.dtype, quantize=self.quantize,
-                                                                  runtime=self.runtime, keep_float32=list(self.keep)))
+                                                                  runtime=self.runtime, keep_float32=list(self.keep),
+                                                                  rescore_margin=self.rescore))
 
     @property
     def token(self) -> str:
         """The precision as the output's job file records it (parse_precision reads it back)."""
-        return f"{self.name}:{','.join(self.keep)}" if self.keep else self.name
+        return (self.name + (f":{','.join(self.keep)}" if self.keep else "")
+                + (f"@{self.rescore!r}" if self.rescore else ""))
 
 
 def parse_precision(token: str) -> Precision:
+    token, _, rescore = token.partition("@")
     name, _, keep = token.partition(":")
-    return dataclasses.replace(PRECISIONS[name], keep=tuple(keep.split(","))) if keep else PRECISIONS[name]
+    return dataclasses.replace(PRECISIONS[name], keep=tuple(keep.split(",")) if keep else (),
+                               rescore=float(rescore) if rescore else 0.0)
 
 
 FLOAT32 = Precision("float32", "float32")
@@ -70,6 +75,7 @@ FLOAT32 = Precision("float32", "float32")
 PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
                                     Precision("int8-selective", "float32", "int8-per-channel"),  # keep: measured
+                                    Precision("int8-rescore", "float32", "int8-per-channel"),  # rescore: measured
                                     Precision("int8", "float32", "int8"),
                                     Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
                                               "onnxruntime")]}
@@ -82,6 +88,9 @@ SELECTIVE_SCORE = 0.5
 SELECTIVE_WEIGHTS = 0.25
 # The rows whose label int8 changed are those it measures on, at most this many (a float32 forward and backward).
 SELECTIVE_ROWS = 16
+# int8-rescore scores again in float32 the rows whose two likeliest labels int8 puts closer than RESCORE_SAFETY x
+# the widest such gap among the first chunk's rows whose label int8 changed.
+RESCORE_SAFETY = 2.0
 # The check scores its sample in every precision while the other ranks wait: a sample of at most a rank's
 # rows / (PAYBACK x the precisions) keeps that under a tenth of the time a rank takes in float32.
 PAYBACK = 10
@@ -140,17 +149,22 @@ class Decision:
     agreement: Dict[str, float] = field(default_factory=dict)  # with float32 over the rows scored, per candidate
     rejected: List[str] = field(default_factory=list)  # stopped early: even all remaining rows agreeing fall short
     outrun: Dict[str, str] = field(default_factory=dict)  # stopped early: slower than this other, and no closer
+    load_seconds: Dict[str, float] = field(default_factory=dict)  # loading (ONNX Runtime: exporting) each
     check_seconds: float = 0.0  # the whole check: reading, loading each precision, scoring
     how: str = "measured"  # or why it was not: "skipped: ...", "resumed: ..."
 
     def facts(self, threshold: float) -> Dict[str, Any]:
         facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
         kept = (f" (these {len(self.choice.keep)} layers in float32: {', '.join(self.choice.keep)})"
-                if self.choice.keep else "")
+                if self.choice.keep else
+                f" (rows whose two likeliest labels are within {self.choice.rescore:.4f} in probability rescored "
+                "in float32)" if self.choice.rescore else "")
         if self.how != "measured":
             facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}{kept}"]
             return facts
-        facts.update(precision_check_rows=self.rows, precision_check_seconds=round(self.check_seconds, 2))
+        loading = sum(self.load_seconds.values())
+        facts.update(precision_check_rows=self.rows, precision_check_seconds=round(self.check_seconds, 2),
+                     precision_check_load_seconds=round(loading, 2))
         parts = []
         for name, seconds in self.seconds.items():
             rows = self.scored[name]
@@ -166,7 +180,7 @@ class Decision:
             else:
                 parts.append(f"{name} {seconds:.2f} s{on}")
         facts["notes"] = [f"model.dtype=auto-check on {self.rows} rows chose {self.choice.name} "
-                          f"(check took {self.check_seconds:.1f} s): " + "; ".join(parts or ["no rows to score"])
+                          f"(check took {self.check_seconds:.1f} s, {loading:.1f} s of it loading): " + "; ".join(parts or ["no rows to score"])
                           + kept]
         return facts
 
@@ -183,7 +197,7 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
 
     if cfg.model.dtype != "auto-check":
         return load_model(cfg, task, ctx.device)
-    decision, error = None, None
+    decision, error, loaded = None, None, None
     if ctx.is_main:
         try:
             skip = skip_reason(cfg, ctx.device, inp.total_rows, ctx.size)
@@ -197,8 +211,8 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
                 # is timed with the same threads, so they still compare fairly).
                 torch.set_num_threads(ctx.threads * (ctx.local_size if ctx.device.type == "cpu" else 1))
                 try:
-                    decision = measure(cfg, task, ctx.device, inp, sample_rows(cfg, ctx.device, inp.total_rows,
-                                                                               ctx.size))
+                    decision, loaded = measure(cfg, task, ctx.device, inp,
+                                               sample_rows(cfg, ctx.device, inp.total_rows, ctx.size))
                 finally:
                     torch.set_num_threads(ctx.threads)
             record_precision(cfg, decision.choice.token)
@@ -206,14 +220,20 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
             error = e
     ctx.agree(error)
     decision = ctx.broadcast_object(decision)
-    model, tokenizer, facts = load_model(decision.choice.config(cfg), task, ctx.device)
+    if loaded is not None:  # rank 0 keeps the model it checked (task.setup again: the last one loaded set it up)
+        model, tokenizer, facts = loaded
+        task.setup(model.module, tokenizer)
+    else:
+        model, tokenizer, facts = load_model(decision.choice.config(cfg), task, ctx.device)
     check = decision.facts(cfg.model.check_agreement)
     facts.update(check, notes=facts.get("notes", []) + check["notes"])
     return model, tokenizer, facts
 
 
-def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decision:
-    """Score the input's first `rows` rows in float32 and each candidate; the fastest that agrees wins.
+def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple[Decision, Any]:
+    """Score the input's first `rows` rows in float32 and each candidate; the fastest that agrees wins. Returns the
+    decision and, where the choice runs in torch, the (model, tokenizer, facts) load_model gave it, for rank 0 to
+    keep (an ONNX Runtime session keeps the threads it was made with: the check's, all the host's cores).
 
     Rows are scored CHUNK_ROWS at a time by every precision still in the running. After each chunk the
     agreement a candidate can still reach over the whole sample is bounded exactly: at best every remaining
@@ -224,7 +244,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
     running has scored the same rows, so their seconds compare fairly, and the one chosen has scored them all.
     """
     from hvd_infer.dataset import read_head
-    from hvd_infer.model import load_model
+    from hvd_infer.model import RescoringPredictor, load_model
 
     t0 = time.perf_counter()
     d = cfg.data
@@ -241,12 +261,18 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
     decision = Decision(rows=n)
     if not n:
         decision.check_seconds = time.perf_counter() - t0
-        return decision
+        return decision, None
 
-    models = {"float32": load_model(FLOAT32.config(cfg), task, device)[0]}  # task.setup gives encode its tokenizer
+    loads: Dict[str, Tuple[Any, Any, Dict[str, Any]]] = {}
+
+    def load(precision: Precision):
+        t = time.perf_counter()
+        loads[precision.name] = load_model(precision.config(cfg), task, device)
+        decision.load_seconds[precision.name] = time.perf_counter() - t
+        return loads[precision.name][0]
+
     precisions = {p.name: p for p in [FLOAT32, *candidates(cfg, device)]}
-    for candidate in list(precisions.values())[1:]:
-        models[candidate.name] = load_model(candidate.config(cfg), task, device)[0]
+    models = {name: load(p) for name, p in precisions.items()}  # float32's task.setup gives encode its tokenizer
     texts = sample.column(d.text_column).to_pylist()
     pairs = sample.column(d.text_pair_column).to_pylist() if d.text_pair_column else None
     sums: Dict[str, float] = {}  # per candidate: the per-row agreements added up
@@ -269,9 +295,16 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
             selective = dataclasses.replace(PRECISIONS["int8-selective"], keep=sensitive_layers(
                 models["float32"], models["int8-per-channel"], measured))
             precisions[selective.name] = selective
-            models[selective.name] = load_model(selective.config(cfg), task, device)[0]
+            models[selective.name] = load(selective)
             seconds, outputs[selective.name] = _score(task, models[selective.name], batches, order, window_row, True)
             decision.seconds[selective.name], decision.scored[selective.name] = seconds, len(texts[chunk])
+            margin = _rescore_margin(cfg, outputs)
+            if margin:  # int8-rescore joins: both its models are loaded and warm already
+                rescore = dataclasses.replace(PRECISIONS["int8-rescore"], rescore=margin)
+                precisions[rescore.name] = rescore
+                models[rescore.name] = RescoringPredictor(models["int8-per-channel"], models["float32"], margin)
+                seconds, outputs[rescore.name] = _score(task, models[rescore.name], batches, order, window_row, False)
+                decision.seconds[rescore.name], decision.scored[rescore.name] = seconds, len(texts[chunk])
         done = decision.scored["float32"]
         worst_row = -1.0 if "embedding" in outputs["float32"] else 0.0  # cosine can be -1; a label match 0
         live = [name for name in models if name != "float32"]
@@ -281,6 +314,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
             if agreement_bounds(sums[name], done, n, worst_row)[1] < threshold:
                 decision.rejected.append(name)
                 del models[name]
+                loads.pop(name, None)
         live = [name for name in models if name != "float32"]
         # A candidate slower than another that agrees at least as well so far stops: should the faster one fall
         # short later, float32 or another candidate is chosen; whatever is chosen has scored every row.
@@ -291,6 +325,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
             if better:
                 decision.outrun[name] = min(better, key=lambda o: decision.seconds[o])
                 del models[name]
+                loads.pop(name, None)
         live = [name for name in models if name != "float32"]
         if not live:
             break
@@ -302,7 +337,19 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Decis
     fastest = min(["float32"] + agreeing, key=lambda name: decision.seconds[name])
     decision.choice = precisions[fastest]
     decision.check_seconds = time.perf_counter() - t0
-    return decision
+    return decision, loads.get(fastest) if decision.choice.runtime == "eager" else None
+
+
+def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]]) -> float:
+    """int8-rescore's margin from the first chunk (text-classification, rows truncated): RESCORE_SAFETY x the widest
+    gap int8 put between the two likeliest labels of a row whose label it changed; 0 where it changed none."""
+    if cfg.model.task != "text-classification" or cfg.model.long_texts != "truncate":
+        return 0.0
+    changed = row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1
+    if not changed.any():
+        return 0.0
+    probs = np.sort(np.stack(outputs["int8-per-channel"]["probs"].to_numpy(zero_copy_only=False)[changed]), axis=1)
+    return float(min(1.0, RESCORE_SAFETY * (probs[:, -1] - probs[:, -2]).max()))
 
 
 def _flipped_rows(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], order, window_row) -> np.ndarray:

@@ -132,6 +132,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
         _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar)
         fig.seconds = time.perf_counter() - t_loop
         fig.wait_seconds = loader.wait_seconds
+        fig.rescored = getattr(model, "rescored", 0)
         fig.total_seconds = time.perf_counter() - t_start
         watch.share_done()
         with watch.stage(COLLECTIVE, "the other ranks to finish their shares (the gather of every rank's figures)"):

@@ -41,6 +41,7 @@ class RankFigures:
     seconds: float = 0.0  # the scoring loop: read, tokenize, forward, write
     total_seconds: float = 0.0  # this rank's whole run, start-up and model load included
     load_seconds: float = 0.0
+    rescored: int = 0  # model.rescore_margin: sequences scored again in float32
     read_seconds: float = 0.0
     tokenize_seconds: float = 0.0
     forward_seconds: float = 0.0
@@ -96,6 +97,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
              f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}"
              f"{' with %d layers in float32' % len(facts['keep_float32'].split(',')) if facts.get('keep_float32') else ''}"
+             f"{', rows with a margin under %g rescored in float32' % facts['rescore_margin'] if facts.get('rescore_margin') else ''}"
              f"{', DeepSpeed' if facts['deepspeed'] else ''}"
              f"{', ONNX Runtime (' + facts['onnx_optimizer'] + ')' if facts.get('runtime') == 'onnxruntime' else ''}"
              f"{' + kernel injection' if facts['kernel_inject'] else ''})",
@@ -126,6 +128,10 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
     if m["chunked_texts"]:
         lines.append(f"chunked {int(m['chunked_texts'])} texts longer than model.max_length={cfg.model.max_length} "
                      f"tokens into {int(m['chunk_windows'])} windows (model.stride={cfg.model.stride})")
+    if facts.get("rescore_margin"):
+        m["rescored_rows"] = sum(f.rescored for f in figures)
+        lines.append(f"model.rescore_margin={facts['rescore_margin']:g}: {int(m['rescored_rows'])} forward rows int8 was "
+                     f"unsure of rescored in float32 ({100 * m['rescored_rows'] / max(1, rows):.1f}% of rows)")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
     if environment:

@@ -79,6 +79,10 @@ def job(model, data=None, **model_options):
     (["model.dtype=auto-check", "model.check_agreement=0"], ["model.check_agreement must be in (0, 1], got 0"]),
     (["model.dtype=auto-check", "model.quantize=int8"], ["model.dtype=auto-check chooses the quantization itself"]),
     (["model.dtype=fast"], ["model.dtype must be one of auto, auto-check, float32, float16, bfloat16"]),
+    (["model.rescore_margin=0.1"], ["model.rescore_margin rescores in float32 the rows int8 is unsure of",
+                                    "got model.task=text-classification, model.quantize=none",
+                                    "set model.quantize=int8-per-channel, or model.rescore_margin=0"]),
+    (["model.quantize=int8-per-channel", "model.rescore_margin=1.5"], ["model.rescore_margin must be in [0, 1], got 1.5"]),
     (["model.keep_float32=[bert.pooler.dense]"], ["model.keep_float32 names layers that model.quantize leaves in "
                                                   "float32, but nothing is quantized", "model.quantize=int8-per-channel"]),
     (["model.quantize=int8-per-channel", "model.keep_float32=[bert.encoder.layer.9.output.dense]"],
@@ -121,6 +125,35 @@ def test_keep_float32_leaves_those_layers_float32(classifier):
     assert all(type(layers[name]) is torch.nn.Linear for name in kept)
     assert isinstance(layers["bert.encoder.layer.1.intermediate.dense"], DynamicLinear)
     assert facts["keep_float32"] == ",".join(kept)
+
+
+def test_rescoring_gives_float32_outputs_to_the_rows_int8_is_unsure_of(outlier_classifier):
+    """model.rescore_margin: a row whose int8 probabilities put its two likeliest labels closer than the margin gets
+    float32's probabilities, every other row int8's; a margin over every gap is float32 throughout. (Batches of 8
+    throughout: int8's activation scale is the batch's, so its probabilities depend on the batch.)"""
+    texts = builders.texts(40)
+
+    def probs(**options):
+        cfg = job(outlier_classifier, {"batch_size": 8}, **options)
+        task = get_task(cfg.model.task)(cfg)
+        model = load_model(cfg, task, torch.device("cpu"))[0]
+        enc = task.encode(texts)
+        return model, np.concatenate([
+            np.stack(task.predict(model, task.collate(enc.features[np.arange(i, min(i + 8, len(texts)))]))["probs"]
+                     .to_numpy(zero_copy_only=False)) for i in range(0, len(texts), 8)])
+
+    f32 = probs()[1]
+    int8 = probs(quantize="int8-per-channel")[1]
+    top = np.sort(int8, axis=1)
+    gaps = top[:, -1] - top[:, -2]
+    margin = float(np.median(gaps))
+    assert (f32.argmax(1) != int8.argmax(1)).any()  # the model's int8 changes labels: the rescoring shows
+    model, got = probs(quantize="int8-per-channel", rescore_margin=margin)
+    unsure = gaps < margin
+    assert 0 < unsure.sum() < len(texts) and model.rescored == unsure.sum() and model.rows == len(texts)
+    np.testing.assert_allclose(got[unsure], f32[unsure], atol=1e-5)
+    np.testing.assert_allclose(got[~unsure], int8[~unsure], atol=1e-5)
+    np.testing.assert_allclose(probs(quantize="int8-per-channel", rescore_margin=1.0)[1], f32, atol=1e-5)
 
 
 def test_sensitive_layers_keep_the_layer_int8_hurts_most(outlier_classifier):
@@ -311,7 +344,7 @@ def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_
     assert job_file_identity(out)["precision"] == "float32"
 
 
-def test_auto_check_tries_int8_selective_where_int8_changes_labels(outlier_classifier, tmp_path):
+def test_auto_check_tries_selective_and_rescoring_where_int8_changes_labels(outlier_classifier, tmp_path):
     """Per-channel int8 changes labels of the first chunk: int8-selective joins the check, its float32 layers
     measured on those rows, and is reported; whatever is chosen is what every row was scored in."""
     from hvd_infer.precision import PAYBACK, parse_precision
@@ -320,7 +353,7 @@ def test_auto_check_tries_int8_selective_where_int8_changes_labels(outlier_class
     table = builders.write_dataset(path, PAYBACK * 64 * (1 + len(CANDIDATES)), row_group_size=50)
     out = tmp_path / "out"
     r = python_m(base(outlier_classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=64",
-                      "data.batch_size=8", "data.pad_to_multiple_of=1"), env=NO_BF16)
+                      "data.batch_size=1", "data.pad_to_multiple_of=1"), env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
     params = params_of(tmp_path)
     assert float(params["resolved.precision_int8-per-channel_agreement"]) < 1
@@ -328,13 +361,18 @@ def test_auto_check_tries_int8_selective_where_int8_changes_labels(outlier_class
     assert float(params["resolved.precision_int8-selective_seconds"]) > 0
     assert 0 <= float(params["resolved.precision_int8-selective_agreement"]) <= 1
     assert "int8-selective " in r.stdout
+    # int8-rescore joins too, its margin twice the widest gap of a changed row: it agrees on those rows
+    assert params["resolved.precision_int8-rescore_rows"] == "64" and "int8-rescore " in r.stdout
     chosen = parse_precision(job_file_identity(out)["precision"])
     assert chosen.name == params["resolved.precision_choice"]
     if chosen.name == "int8-selective":
-        assert BAD_LAYER in chosen.keep and f"layers in float32: " in r.stdout
+        assert BAD_LAYER in chosen.keep and "layers in float32: " in r.stdout
+    if chosen.name == "int8-rescore":
+        assert 0 < chosen.rescore <= 1 and "rescored in float32" in r.stdout
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
-    ref = reference_probs(table.column("text").to_pylist(), job(outlier_classifier, ONE_ROW, quantize=chosen.quantize,
-                                                                runtime=chosen.runtime, keep_float32=list(chosen.keep)))
+    ref = reference_probs(table.column("text").to_pylist(), job(
+        outlier_classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime, keep_float32=list(chosen.keep),
+        rescore_margin=chosen.rescore))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
 
 

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             p.error(f"--corpus {e}")
         if corpus_rows < max([args.rows] + (args.rss_rows if args.rss else [])):
-            p.error(f"--corpus {args.corpus} has {corpus_rows} rows; ask for at most that many with --rows")
+            p.error(f"--corpus {args.corpus} has {corpus_rows} rows; --rows{' and --rss-rows' if args.rss else ''} must not ask for more")
     os.makedirs(work, exist_ok=True)
     cores = cpu_cores()
     np_full = args.np or cores

@@ -35,7 +35,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import argparse
 import importlib.util
 import json
-import random
 import re
 import subprocess
 import sys
@@ -65,6 +64,8 @@ MIN_PER_PACKAGE = 300  # a class with fewer texts would be learnt from a handful
 # A paragraph that opens a docstring section, an example or a directive ends the description.
 _SECTION = re.compile(r"^(>>>|\.\. |:\w+|[A-Z]\w*( \w+){0,2}:{1,2}$)")
 _UNDERLINE = re.compile(r"^[-=~^]{3,}$")
+# pybind11 signatures print default objects with their address, which changes from run to run
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _load_make_demo():
@@ -92,7 +93,7 @@ def description(doc: str, names: List[str], max_chars: int) -> str:
         lines = [x.strip() for x in para.strip().splitlines()]
         if not lines or _SECTION.match(lines[0]) or (len(lines) > 1 and _UNDERLINE.match(lines[1])):
             break
-        text = re.sub(r"\s+", " ", name_re.sub("", " ".join(lines))).strip()
+        text = re.sub(r"\s+", " ", name_re.sub("", _ADDRESS.sub("", " ".join(lines)))).strip()
         if kept and len("\n\n".join(kept + [text])) > max_chars:
             break
         kept.append(text)
@@ -109,7 +110,7 @@ def _documented(module, package: str):
     for name, obj in sorted(vars(module).items()):
         if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
-        if not str(getattr(obj, "__module__", "") or "").split(".")[0] == package:
+        if str(getattr(obj, "__module__", "") or "").split(".")[0] != package:
             continue  # re-exported from elsewhere
         qual = f"{obj.__module__}.{getattr(obj, '__qualname__', name)}"
         # the object's own __doc__, not inspect.getdoc's inherited one: a base class's text would be
@@ -140,16 +141,15 @@ def extract_package(package: str, out_path: str, seconds: float, max_docs: int, 
     names = PACKAGES[package]
     deadline = time.monotonic() + seconds
     seen_objects, n = set(), 0
-    top = __import__(package)
-    modules = [top] + [info.name for info in pkgutil.walk_packages(top.__path__, package + ".", onerror=lambda _: None)
+    top = importlib.import_module(package)
+    modules = [package] + [info.name for info in pkgutil.walk_packages(top.__path__, package + ".", onerror=lambda _: None)
                        if not any(p.startswith("_") or p in ("tests", "test", "testing") for p in info.name.split("."))]
     with open(out_path, "w") as out:
         for mod in modules:
             if n >= max_docs or time.monotonic() > deadline:
                 break
             try:
-                module = mod if not isinstance(mod, str) else importlib.import_module(mod)
-                found = list(_documented(module, package))
+                found = list(_documented(importlib.import_module(mod), package))
             except BaseException:  # noqa: B902 - a module that fails to import (or exits) is skipped
                 continue
             taken = 0

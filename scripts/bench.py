@@ -85,13 +85,15 @@ def auto_check(job_log: str) -> Dict[str, Any]:
     """The precision model.dtype=auto-check chose and what the check cost, from the job's summary line."""
     import re
 
-    m = re.search(r"model\.dtype=auto-check on (\d+) rows chose (\S+) \(check took ([\d.]+) s\): (.*)", job_log)
+    m = re.search(r"model\.dtype=auto-check on (\d+) rows chose (\S+) \(check took ([\d.]+) s(?:, ([\d.]+) s of it "
+                  r"loading)?\): (.*)", job_log)
     if not m:  # too small an input for the check to pay: skipped, and the job ran float32
         skipped = re.search(r"model\.dtype=auto-check skipped: .*; running (\S+)", job_log)
         return {"auto_check_choice": skipped.group(1), "auto_check_rows": 0, "auto_check_seconds": 0.0,
                 "auto_check": skipped.group(0).strip()} if skipped else {}
     return {"auto_check_choice": m.group(2), "auto_check_rows": int(m.group(1)),
-            "auto_check_seconds": float(m.group(3)), "auto_check": m.group(0).strip()}
+            "auto_check_seconds": float(m.group(3)), "auto_check_load_seconds": float(m.group(4) or 0),
+            "auto_check": m.group(0).strip()}
 
 
 def rss_mode(args, model_dir: str, work: str, src: str) -> Dict[str, Any]:

@@ -543,6 +543,34 @@ def train_model(model_dir: str, train, test, args, labels: Sequence[str] = LABEL
     return acc
 
 
+def start_build(out: str, force: bool, what: str):
+    """(data dir, model dir, data complete?, model complete?) under out, leftovers of an interrupted run removed;
+    None when both are complete and not force."""
+    data_dir, model_dir = os.path.join(out, "data"), os.path.join(out, "model")
+    data_done = os.path.isfile(os.path.join(data_dir, "test", "_DONE"))
+    model_done = os.path.isfile(os.path.join(model_dir, "config.json"))
+    if data_done and model_done and not force:
+        log(f"{what} already built in {out}")
+        return None
+    os.makedirs(out, exist_ok=True)
+    for stale in (data_dir + ".tmp", data_dir + ".old", model_dir + ".tmp", model_dir + ".old"):
+        _rmtree(stale)  # left by an interrupted run
+    return data_dir, model_dir, data_done, model_done
+
+
+def finish_build(build, train, test, args, labels: List[str]) -> None:
+    """Write the splits and train the model where start_build found them missing (or args.force)."""
+    data_dir, model_dir, data_done, model_done = build
+    if args.force or not data_done:
+        write_data(data_dir, train, test, args.test_files, args.row_group_size, labels)
+    else:
+        log(f"data already in {data_dir}")
+    if args.force or not model_done:
+        train_model(model_dir, train, test, args, labels)
+    else:
+        log(f"model already in {model_dir}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "demo"), help="output directory (default: <repo>/demo)")
@@ -562,28 +590,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     out = os.path.abspath(args.out)
-    data_dir, model_dir = os.path.join(out, "data"), os.path.join(out, "model")
-    data_done = os.path.isfile(os.path.join(data_dir, "test", "_DONE"))
-    model_done = os.path.isfile(os.path.join(model_dir, "config.json"))
-    if data_done and model_done and not args.force:
-        log(f"demo already built in {out}")
-        return 0
-
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    for stale in (data_dir + ".tmp", data_dir + ".old", model_dir + ".tmp", model_dir + ".old"):
-        _rmtree(stale)  # left by an interrupted run
+    build = start_build(out, args.force, "demo")
+    if build is None:
+        return 0
     random.seed(args.seed)
     train, test = make_splits(args.train_rows, args.test_rows, args.seed)
     log(f"corpus: {len(train)} train / {len(test)} test rows, labels {LABELS} ({time.time() - t0:.1f}s)")
-    if args.force or not data_done:
-        write_data(data_dir, train, test, args.test_files, args.row_group_size)
-    else:
-        log(f"data already in {data_dir}")
-    if args.force or not model_done:
-        train_model(model_dir, train, test, args)
-    else:
-        log(f"model already in {model_dir}")
+    finish_build(build, train, test, args, LABELS)
     log(f"done in {time.time() - t0:.0f}s: {out}")
     return 0
 

@@ -264,17 +264,10 @@ def main(argv=None) -> int:
         return 0
 
     out = os.path.abspath(args.out)
-    data_dir, model_dir = os.path.join(out, "data"), os.path.join(out, "model")
-    data_done = os.path.isfile(os.path.join(data_dir, "test", "_DONE"))
-    model_done = os.path.isfile(os.path.join(model_dir, "config.json"))
-    if data_done and model_done and not args.force:
-        log(f"docs classifier already built in {out}")
-        return 0
-
     t0 = time.time()
-    os.makedirs(out, exist_ok=True)
-    for stale in (data_dir + ".tmp", data_dir + ".old", model_dir + ".tmp", model_dir + ".old"):
-        make_demo._rmtree(stale)  # left by an interrupted run
+    build = make_demo.start_build(out, args.force, "docs classifier")
+    if build is None:
+        return 0
     corpus = extract(os.path.join(out, "corpus.parquet"), sorted(PACKAGES), args.extract_seconds, args.max_per_package,
                      args.max_per_module, args.max_chars)
     labels = sorted(PACKAGES)
@@ -288,14 +281,7 @@ def main(argv=None) -> int:
     train, test = make_splits(corpus, args.train_rows, args.seed)
     counts = lambda df: ", ".join(f"{k} {v}" for k, v in sorted(df["label"].value_counts().items()))  # noqa: E731
     log(f"splits: {len(train)} train rows ({counts(train)}); {len(test)} test rows ({counts(test)})")
-    if args.force or not data_done:
-        make_demo.write_data(data_dir, train, test, args.test_files, args.row_group_size, labels)
-    else:
-        log(f"data already in {data_dir}")
-    if args.force or not model_done:
-        make_demo.train_model(model_dir, train, test, args, labels)
-    else:
-        log(f"model already in {model_dir}")
+    make_demo.finish_build(build, train, test, args, labels)
     log(f"done in {time.time() - t0:.0f}s: {out}")
     return 0
 

@@ -158,7 +158,7 @@ class Decision:
 
     def facts(self, threshold: float) -> Dict[str, Any]:
         facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
-        kept = (f" (these {len(self.choice.keep)} layers in float32: {', '.join(self.choice.keep)})"
+        kept = (f" (in float32: {', '.join(self.choice.keep)})"
                 if self.choice.keep else
                 f" (rows whose two likeliest labels are within {self.choice.rescore:.4f} in probability rescored "
                 "in float32)" if self.choice.rescore else "")

@@ -96,7 +96,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
              f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}"
-             f"{' with %d layers in float32' % len(facts['keep_float32'].split(',')) if facts.get('keep_float32') else ''}"
+             f"{' with %s in float32' % _count(len(facts['keep_float32'].split(',')), 'layer') if facts.get('keep_float32') else ''}"
              f"{', rows with a margin under %g rescored in float32' % facts['rescore_margin'] if facts.get('rescore_margin') else ''}"
              f"{', DeepSpeed' if facts['deepspeed'] else ''}"
              f"{', ONNX Runtime (' + facts['onnx_optimizer'] + ')' if facts.get('runtime') == 'onnxruntime' else ''}"
@@ -143,3 +143,7 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
     summary["runtime"] = facts.get("runtime", "eager")
     summary["ranks"] = [f.as_dict() for f in figures]
     return m, "\n".join(lines), summary
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"

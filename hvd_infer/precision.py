@@ -289,8 +289,10 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
             seconds, outputs[name] = _score(task, model, batches, order, window_row, warm_up=first)
             decision.seconds[name] = decision.seconds.get(name, 0.0) + seconds
             decision.scored[name] = decision.scored.get(name, 0) + len(texts[chunk])
-        flipped = _flipped_rows(cfg, outputs, order, window_row) if start == 0 else []
-        if len(flipped):
+        changed = _int8_changed(cfg, outputs) if start == 0 else np.zeros(0, dtype=bool)
+        if changed.any():
+            # outputs are in batch order: the rows (indices into the chunk's texts) are the batches' own
+            flipped = np.flatnonzero(changed) if window_row is not None else np.concatenate(order)[changed]
             # int8 changed labels in the first chunk: int8-selective joins, its float32 layers measured on those rows.
             rows = flipped[:SELECTIVE_ROWS]
             measured = _chunk_batches(cfg, task, models["float32"], device, [texts[chunk][i] for i in rows],
@@ -301,7 +303,7 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
             models[selective.name] = load(selective)
             seconds, outputs[selective.name] = _score(task, models[selective.name], batches, order, window_row, True)
             decision.seconds[selective.name], decision.scored[selective.name] = seconds, len(texts[chunk])
-            margin = _rescore_margin(cfg, outputs)
+            margin = _rescore_margin(cfg, outputs, changed)
             if margin:  # int8-rescore joins: both its models are loaded and warm already
                 rescore = dataclasses.replace(PRECISIONS["int8-rescore"], rescore=margin)
                 precisions[rescore.name] = rescore
@@ -343,25 +345,21 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
     return decision, loads.get(fastest) if decision.choice.runtime == "eager" else None
 
 
-def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]]) -> float:
+def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], changed: np.ndarray) -> float:
     """int8-rescore's margin from the first chunk (text-classification, rows truncated): RESCORE_SAFETY x the widest
-    gap int8 put between the two likeliest labels of a row whose label it changed; 0 where it changed none."""
+    gap int8 put between the two likeliest labels of a row whose label it changed (changed: per output row)."""
     if cfg.model.task != "text-classification" or cfg.model.long_texts != "truncate":
-        return 0.0
-    changed = row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1
-    if not changed.any():
         return 0.0
     probs = np.sort(np.stack(outputs["int8-per-channel"]["probs"].to_numpy(zero_copy_only=False)[changed]), axis=1)
     return float(min(1.0, RESCORE_SAFETY * (probs[:, -1] - probs[:, -2]).max()))
 
 
-def _flipped_rows(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], order, window_row) -> np.ndarray:
-    """The chunk's rows (indices into its texts) whose label per-channel int8 changed, on a labelling task;
-    int8-selective is tried where there are some."""
+def _int8_changed(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]]) -> np.ndarray:
+    """Per output row of the chunk: did per-channel int8 change its label (a labelling task; else none)?
+    int8-selective and int8-rescore are tried where some did."""
     if cfg.model.task not in SELECTIVE_TASKS or "int8-per-channel" not in outputs:
-        return np.array([], dtype=np.int64)
-    flipped = np.flatnonzero(row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1)
-    return flipped if window_row is not None else np.concatenate(order)[flipped]  # outputs are in batch order
+        return np.zeros(0, dtype=bool)
+    return row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1
 
 
 # Tasks whose label margins (top logit minus the runner-up) sensitive_layers can follow.

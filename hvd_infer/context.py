@@ -66,7 +66,7 @@ def cpu_cores() -> int:
 
 
 # The CPU flags that decide which precisions are fast here (bf16 natively, int8 with VNNI).
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_facts() -> dict:

@@ -106,6 +106,33 @@ def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypa
     assert np.abs(probs["onnxruntime"] - probs["eager"]).max() < 0.02
 
 
+def test_onnxruntime_int8_weights_are_7_bit_without_vnni(tiny_classifier, tmp_path, monkeypatch):
+    """Without VNNI, ONNX Runtime's AVX2 int8 kernel adds pairs of products in 16 bits, which full-range weights
+    can saturate: there the graph's weights are 7-bit, and it is cached apart from the 8-bit one."""
+    import tempfile
+
+    import onnx
+    from onnx import numpy_helper
+
+    from hvd_infer.engines import VNNI_ENV
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    cfg = load_config({"model": {"path": tiny_classifier, "runtime": "onnxruntime", "quantize": "int8-per-channel"},
+                       "data": {"path": "/d"}, "output": {"path": "/o"}})
+    widest, graphs = {}, set()
+    for vnni in ("0", "1"):
+        monkeypatch.setenv(VNNI_ENV, vnni)
+        _, _, facts = load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
+        assert ("7-bit weights (no VNNI)" in facts["onnx_optimizer"]) == (vnni == "0"), facts["onnx_optimizer"]
+        weights = [numpy_helper.to_array(t) for t in onnx.load(facts["onnx_graph"]).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8]
+        assert weights
+        widest[vnni] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+        graphs.add(facts["onnx_graph"])
+    assert widest == {"0": 64, "1": 127} and len(graphs) == 2
+
+
 @pytest.mark.parametrize("options, fragment", [
     ({"task": "text-generation"}, "model.runtime=onnxruntime does not run text-generation"),
     ({"dtype": "bfloat16"}, "got model.dtype=bfloat16"),

@@ -237,6 +237,32 @@ def test_agreement_bounds_are_exact_over_the_sample():
     assert agreement_bounds(128, 128, 128, 0.0) == (1.0, 1.0)  # every row scored: the bounds meet
 
 
+def test_the_checks_chunks_are_batched_as_tightly_as_the_job(classifier):
+    """The check's chunks each take whole length-sorted batches of the sample, short and long rows alike, so
+    its batches pad no more than the job's would; chunks of rows in input order padded each to its long row."""
+    from hvd_infer.batcher import length_sorted_batches
+    from hvd_infer.precision import CHUNK_ROWS, _chunk_batches, _dealt_chunks
+
+    cfg = job(classifier, data={"batch_size": 16, "pad_to_multiple_of": 1})
+    task = get_task(cfg.model.task)(cfg)
+    model, _, _ = load_model(cfg, task, torch.device("cpu"))
+    # one long text in every 16: in input order, every 64-row chunk pads a batch of 16 to a long row
+    texts = [("word " * 200 if i % 16 == 0 else "short text " * (1 + i % 5)) for i in range(200)]
+
+    def padded(chunks):
+        batches = [_chunk_batches(cfg, task, model, torch.device("cpu"), [texts[i] for i in c], None)[0]
+                   for c in chunks]
+        return sum(b["input_ids"].numel() for chunk in batches for b in chunk)
+
+    chunks = _dealt_chunks(cfg, task, model, torch.device("cpu"), texts, None)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(200))  # every row once
+    assert len(chunks) == 200 // CHUNK_ROWS + 1 and all(len(c) <= CHUNK_ROWS + 16 for c in chunks)
+    lengths = task.encode(texts, None).lengths
+    whole = sum(len(b) * lengths[b].max() for b in length_sorted_batches(lengths, 16, 0, len(texts)))
+    assert padded(chunks) == whole
+    assert padded([np.arange(s, min(s + CHUNK_ROWS, 200)) for s in range(0, 200, CHUNK_ROWS)]) > 1.5 * whole
+
+
 # Dynamic int8 scales activations per batch, so a row's output depends on its batch: rows one at a time,
 # unpadded, make the job's outputs reproducible here.
 ONE_ROW = {"batch_size": 1, "pad_to_multiple_of": 1}
@@ -262,7 +288,8 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
     choice = params["resolved.precision_choice"]
-    assert choice in ["float32", "int8-selective"] + CANDIDATES  # bfloat16 is no candidate on a CPU without it
+    # bfloat16 is no candidate on a CPU without it
+    assert choice in ["float32", "int8-selective", "int8-rescore"] + CANDIDATES
     for name in ["float32"] + CANDIDATES:
         assert float(params[f"resolved.precision_{name}_seconds"]) > 0
     for name in CANDIDATES:
@@ -277,9 +304,9 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     chosen = parse_precision(job_file_identity(out)["precision"])
     assert chosen.name == choice
     ref = reference_probs(texts, job(classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime,
-                                     keep_float32=list(chosen.keep)))
+                                     keep_float32=list(chosen.keep), rescore_margin=chosen.rescore))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
-    if chosen.quantize != "none":  # int8 is not float32: the check above tells them apart (ONNX Runtime float32 is within 1e-6 of it)
+    if chosen.quantize != "none" and not chosen.rescore:  # int8 is not float32: the check above tells them apart (ONNX Runtime float32 is within 1e-6 of it)
         assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5
 
 

@@ -195,11 +195,16 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
     Rank 0 records the choice in the output's job file before any row is written, so a resume keeps it.
     Every rank runs the same collectives whether rank 0's check succeeds or fails.
     """
-    from hvd_infer.model import load_model
+    from hvd_infer.model import import_model_code, load_model
     from hvd_infer.writer import record_precision
 
     if cfg.model.dtype != "auto-check":
         return load_model(cfg, task, ctx.device)
+    try:  # every rank at once, and all done before the check times anything
+        import_model_code(cfg, task, ctx.device)
+    except Exception:  # only a head start: whatever failed here fails in load_model, with its own message
+        pass
+    ctx.barrier()
     decision, error, loaded = None, None, None
     if ctx.is_main:
         try:

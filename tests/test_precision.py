@@ -189,6 +189,25 @@ def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
         load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
 
 
+def test_every_rank_imports_the_model_code_before_the_check(tiny_classifier):
+    """import_model_code: the task's model class, DeepSpeed and ONNX Runtime imported, no weights loaded, in a fresh
+    process (here they are imported already)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from hvd_infer.config import load_config; from hvd_infer.tasks import get_task; "
+            "from hvd_infer.model import import_model_code; "
+            f"cfg = load_config({{'model': {{'path': {tiny_classifier!r}}}, 'data': {{'path': '/d'}}, "
+            "'output': {'path': '/o'}}); "
+            "import_model_code(cfg, get_task(cfg.model.task)(cfg), torch.device('cpu')); "
+            "print(sorted(m for m in ('transformers.models.bert.modeling_bert', 'deepspeed', 'onnxruntime') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = ["deepspeed", "transformers.models.bert.modeling_bert"] + (["onnxruntime"] if ORT else [])
+    assert r.stdout.split("\n")[-2] == str(sorted(expected))
+
+
 def test_a_smaller_job_checks_fewer_rows_and_the_smallest_skip(monkeypatch):
     from hvd_infer.precision import PAYBACK, candidates, sample_rows, skip_reason
 

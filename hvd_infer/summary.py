@@ -14,6 +14,7 @@ ENVIRONMENT = (
     "CUDA_VISIBLE_DEVICES",  # which GPUs the ranks see, and whether they see one
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",  # set to 1 unless given: nothing is fetched from a hub
     "PYTHONHASHSEED",
+    "HVD_INFER_CPU_BF16", "HVD_INFER_CPU_VNNI",  # override the CPU probe: bf16 candidates, ONNX Runtime's 7-bit int8
 )
 
 

@@ -368,6 +368,45 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
     assert job_file_identity(tmp_path / "out")["precision"] == choice
 
 
+@pytest.mark.skipif(not ORT, reason="needs ONNX Runtime's int8 as the second candidate")
+def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_classifier, tmp_path, monkeypatch):
+    """The fastest candidate agrees on the first chunk, so the slower int8 pauses; it then changes labels on the next
+    chunks and is rejected. The paused one resumes from the rows it missed, scores every row and is chosen, where
+    it used to stay stopped and the job ran float32. (Made so here: both int8s get float32's outputs, ONNX Runtime's
+    with every label changed after the first chunk, and their seconds are scaled.)"""
+    from hvd_infer import precision
+    from hvd_infer.dataset import open_input
+    from hvd_infer.engines import OnnxPredictor
+
+    real_score, calls, reference = precision._score, {}, {}
+
+    def score(task, model, batches, order, window_row, warm_up):
+        seconds, out = real_score(task, model, batches, order, window_row, warm_up)
+        kind = ("onnx" if isinstance(model, OnnxPredictor) else "int8" if "quantized" in type(
+            model.module.bert.encoder.layer[0].output.dense).__module__ else "float32")
+        calls[kind] = calls.get(kind, 0) + 1
+        if kind == "float32":  # scored first on every chunk
+            reference[id(batches)] = out
+        if kind == "onnx":
+            out = reference[id(batches)]
+            if calls[kind] > 1:  # after the first chunk: every label another one
+                labels = out["label"].to_pylist()
+                others = sorted(set(labels) | {"LABEL_0", "LABEL_1"})
+                out = dict(out, label=pa.array([next(o for o in others if o != x) for x in labels]))
+            return seconds * 0.01, out
+        return (seconds * 0.5, reference[id(batches)]) if kind == "int8" else (seconds, out)
+
+    monkeypatch.setattr(precision, "_score", score)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
+    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
+                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
+    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    assert decision.rejected == ["onnxruntime-int8-per-channel"], decision
+    assert decision.choice.name == "int8-per-channel" and decision.scored["int8-per-channel"] == 192, decision
+    assert decision.agreement["int8-per-channel"] == 1.0 and not decision.outrun
+
+
 def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
     from hvd_infer.precision import PAYBACK
 

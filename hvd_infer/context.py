@@ -69,6 +69,15 @@ def cpu_cores() -> int:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
+def cpu_has(override_env: str, *flags: str) -> bool:
+    """Whether this CPU has any of the CPU_FLAGS `flags`, unless the variable override_env says so (1 or 0)."""
+    forced = os.environ.get(override_env)
+    if forced in ("0", "1"):
+        return forced == "1"
+    facts = cpu_facts()
+    return any(facts[flag] for flag in flags)
+
+
 def cpu_facts() -> dict:
     """This CPU's model name, usable cores and the flags of CPU_FLAGS (each True or False), from /proc/cpuinfo."""
     model, flags = "unknown", set()

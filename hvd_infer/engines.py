@@ -258,13 +258,9 @@ VNNI_ENV = "HVD_INFER_CPU_VNNI"
 
 
 def cpu_has_vnni() -> bool:
-    forced = os.environ.get(VNNI_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    from hvd_infer.context import cpu_facts
+    from hvd_infer.context import cpu_has
 
-    facts = cpu_facts()
-    return facts["avx512_vnni"] or facts["avx_vnni"]
+    return cpu_has(VNNI_ENV, "avx512_vnni", "avx_vnni")
 
 
 def quantize_graph(path: str, quantize: str, model, keep: Sequence[str] = (), seven_bit: bool = False) -> str:

@@ -45,13 +45,9 @@ NATIVE_BF16_ENV = "HVD_INFER_CPU_BF16"
 
 
 def cpu_has_native_bf16() -> bool:
-    forced = os.environ.get(NATIVE_BF16_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    from hvd_infer.context import cpu_facts
+    from hvd_infer.context import cpu_has
 
-    facts = cpu_facts()
-    return facts["avx512_bf16"] or facts["amx_bf16"]
+    return cpu_has(NATIVE_BF16_ENV, "avx512_bf16", "amx_bf16")
 
 
 def resolve_model_path(path: str, tracking_uri: Optional[str] = None) -> str:

@@ -89,12 +89,16 @@ def preflight_model(cfg: JobConfig, task) -> None:
     task.check_model_config(hf_config, m.path)
     task.read_model_dir(hf_config, m.path, m.path)
     if m.keep_float32:  # the layers' names, from the model's structure built on the meta device (no weights)
-        import transformers
+        linear_layers(model_skeleton(cfg, task, hf_config), m.keep_float32)
 
-        with torch.device("meta"):
-            skeleton = getattr(transformers, task.auto_model).from_config(hf_config,
-                                                                          trust_remote_code=m.trust_remote_code)
-        linear_layers(skeleton, m.keep_float32)
+
+def model_skeleton(cfg: JobConfig, task, hf_config):
+    """The task's model for this config, built on the meta device: its structure, no weights."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, task.auto_model).from_config(hf_config,
+                                                                  trust_remote_code=cfg.model.trust_remote_code)
 
 
 def import_model_code(cfg: JobConfig, task, device: torch.device) -> None:
@@ -106,14 +110,12 @@ def import_model_code(cfg: JobConfig, task, device: torch.device) -> None:
     job at 2 ranks on 2 cores)."""
     import importlib.util
 
-    import transformers
+    from transformers import AutoConfig
 
     m = cfg.model
     if not is_model_uri(m.path):  # an MLflow model is downloaded by load_model
-        hf_config = transformers.AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code,
-                                                            local_files_only=True)
-        with torch.device("meta"):
-            getattr(transformers, task.auto_model).from_config(hf_config, trust_remote_code=m.trust_remote_code)
+        model_skeleton(cfg, task, AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code,
+                                                             local_files_only=True))
     if m.deepspeed:
         import deepspeed  # noqa: F401
     if device.type == "cpu" and all(importlib.util.find_spec(name) for name in ("onnxruntime", "onnx")):

@@ -469,13 +469,10 @@ def _dealt_chunks(cfg: JobConfig, task, model, device, texts, pairs) -> List[np.
     are dealt round-robin to the chunks, so each chunk holds long and short rows alike and its length-sorted
     batches are those. Chunks of rows in input order each padded a whole batch to their one long row: on the demo
     corpus float32 took 4.6 s on 200 rows in chunks of 64, against 2.4 s batched as the job batches them."""
-    from hvd_infer.batcher import batch_limits
-
     enc = task.encode(texts, pairs)
     lengths = (enc.lengths if enc.window_row is None  # model.long_texts=chunk: a row's length, all its windows
                else np.bincount(enc.window_row, weights=enc.lengths, minlength=len(texts)))
-    rows_per_batch = batch_limits(cfg.data, cfg.model.task, model.config, device, task.max_length,
-                                  next(model.module.parameters()).element_size())[0]
+    rows_per_batch = _batch_limits(cfg, task, model, device)[0]
     order = np.argsort(-lengths, kind="stable")
     batches = [order[i:i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
     chunks = max(1, min(-(-len(texts) // CHUNK_ROWS), len(batches)))
@@ -484,14 +481,20 @@ def _dealt_chunks(cfg: JobConfig, task, model, device, texts, pairs) -> List[np.
 
 def _chunk_batches(cfg: JobConfig, task, model, device, texts, pairs):
     """One chunk of the sample as the job would batch it: length-sorted batches, and how windows map to rows."""
-    from hvd_infer.batcher import batch_limits, length_sorted_batches
+    from hvd_infer.batcher import length_sorted_batches
 
-    d = cfg.data
     enc = task.encode(texts, pairs)
-    rows_per_batch, max_tokens = batch_limits(d, cfg.model.task, model.config, device, task.max_length,
-                                              next(model.module.parameters()).element_size())
-    order = length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, d.sort_window)
+    rows_per_batch, max_tokens = _batch_limits(cfg, task, model, device)
+    order = length_sorted_batches(enc.lengths, rows_per_batch, max_tokens, cfg.data.sort_window)
     return [task.collate(enc.features[rows]) for rows in order], order, enc.window_row
+
+
+def _batch_limits(cfg: JobConfig, task, model, device) -> Tuple[int, int]:
+    """The job's (rows per batch, token budget) for the float32 model (batcher.batch_limits)."""
+    from hvd_infer.batcher import batch_limits
+
+    return batch_limits(cfg.data, cfg.model.task, model.config, device, task.max_length,
+                        next(model.module.parameters()).element_size())
 
 
 def _score(task, model, batches, order, window_row, warm_up: bool) -> Tuple[float, Dict[str, pa.Array]]:

@@ -268,18 +268,35 @@ def test_the_checks_chunks_are_batched_as_tightly_as_the_job(classifier):
     # one long text in every 16: in input order, every 64-row chunk pads a batch of 16 to a long row
     texts = [("word " * 200 if i % 16 == 0 else "short text " * (1 + i % 5)) for i in range(200)]
 
+    chunks, rows_per_batch = _dealt_chunks(cfg, task, model, torch.device("cpu"), texts, None)
+
     def padded(chunks):
-        batches = [_chunk_batches(cfg, task, model, torch.device("cpu"), [texts[i] for i in c], None)[0]
-                   for c in chunks]
+        batches = [_chunk_batches(cfg, task, model, torch.device("cpu"), [texts[i] for i in c], None,
+                                  rows_per_batch)[0] for c in chunks]
         return sum(b["input_ids"].numel() for chunk in batches for b in chunk)
 
-    chunks = _dealt_chunks(cfg, task, model, torch.device("cpu"), texts, None)
+    assert rows_per_batch == 16  # halving would pad no less: each long row pads only itself
     assert sorted(np.concatenate(chunks).tolist()) == list(range(200))  # every row once
     assert len(chunks) == 200 // CHUNK_ROWS + 1 and all(len(c) <= CHUNK_ROWS + 16 for c in chunks)
     lengths = task.encode(texts, None).lengths
     whole = sum(len(b) * lengths[b].max() for b in length_sorted_batches(lengths, 16, 0, len(texts)))
     assert padded(chunks) == whole
     assert padded([np.arange(s, min(s + CHUNK_ROWS, 200)) for s in range(0, 200, CHUNK_ROWS)]) > 1.5 * whole
+
+
+def test_the_checks_sample_is_cut_into_smaller_batches_where_they_pad_less():
+    """A hundred rows of spread lengths cut into the job's batches of 32 pad far more than the job, which sorts
+    thousands of rows first: the sample's batches are halved while that pads at least a tenth less."""
+    from hvd_infer.precision import SAMPLE_BATCH_ROWS, _sample_rows_per_batch
+
+    spread = np.random.default_rng(0).lognormal(3.5, 0.9, 100).clip(8, 256).round()
+    padded = {rows: sum(spread[np.argsort(-spread)][i] * min(rows, 100 - i) for i in range(0, 100, rows))
+              for rows in (32, 16, 8, 4)}
+    chosen = _sample_rows_per_batch(spread, 32)
+    assert chosen < 32 and padded[chosen] <= 0.9 * padded[32]
+    assert chosen == SAMPLE_BATCH_ROWS or padded[chosen // 2] > 0.9 * padded[chosen]  # stopped where it gains little
+    assert _sample_rows_per_batch(np.full(100, 40.0), 32) == 32  # equal lengths pad nothing: the job's batches
+    assert _sample_rows_per_batch(spread, 4) == 4  # never more rows than the job's batches
 
 
 # Dynamic int8 scales activations per batch, so a row's output depends on its batch: rows one at a time,

@@ -470,7 +470,7 @@ def agreement_bounds(agreed: float, scored: int, rows: int, worst_row: float) ->
 
 def _dealt_chunks(cfg: JobConfig, task, model, device, texts, pairs) -> Tuple[List[np.ndarray], int]:
     """The sample's rows (indices) in chunks of about CHUNK_ROWS, each batched as tightly as the job batches;
-    and the rows per batch for the sample (_sample_rows_per_batch).
+    and the rows per batch for the sample (on CPU, _sample_rows_per_batch).
 
     The rows are sorted by length and cut into batches as the job's batcher cuts a sort window, and the batches
     are dealt round-robin to the chunks, so each chunk holds long and short rows alike and its length-sorted
@@ -479,7 +479,9 @@ def _dealt_chunks(cfg: JobConfig, task, model, device, texts, pairs) -> Tuple[Li
     enc = task.encode(texts, pairs)
     lengths = (enc.lengths if enc.window_row is None  # model.long_texts=chunk: a row's length, all its windows
                else np.bincount(enc.window_row, weights=enc.lengths, minlength=len(texts)))
-    rows_per_batch = _sample_rows_per_batch(lengths, _batch_limits(cfg, task, model, device)[0])
+    rows_per_batch = _batch_limits(cfg, task, model, device)[0]
+    if device.type == "cpu":  # measured there; a GPU's batches stay the job's (it has not run: no GPU lent yet)
+        rows_per_batch = _sample_rows_per_batch(lengths, rows_per_batch)
     order = np.argsort(-lengths, kind="stable")
     batches = [order[i:i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]
     chunks = max(1, min(-(-len(texts) // CHUNK_ROWS), len(batches)))

@@ -74,10 +74,12 @@ class OnnxPredictor:
 
     @classmethod
     def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none",
-               keep: Sequence[str] = ()) -> "OnnxPredictor":
+               keep: Sequence[str] = (), trimmed: bool = False) -> "OnnxPredictor":
+        """trimmed: the model's last layer computes the first position only (model.trim_last_layer), and so will
+        the graph exported from it."""
         import onnxruntime as ort
 
-        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, keep)
+        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, keep, trimmed)
         session = inference_session(graph)
         facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
                  "onnx_threads": session.get_session_options().intra_op_num_threads}
@@ -104,13 +106,14 @@ def inference_session(graph: str):
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = ()):
+def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = (),
+                 trimmed: bool = False):
     """(path of the host's ONNX graph for this model, task and quantization (keep: layers left float32), how it
     was optimized); exported if missing."""
     import fcntl
 
     seven_bit = quantize != "none" and not cpu_has_vnni()
-    key = cache_key(model_dir, task_name, quantize, keep, seven_bit)
+    key = cache_key(model_dir, task_name, quantize, keep, seven_bit, trimmed)
     root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
@@ -133,11 +136,12 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
 
 
 def cache_key(model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = (),
-              seven_bit: bool = False) -> str:
+              seven_bit: bool = False, trimmed: bool = False) -> str:
     """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
     h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
                                    "versions": _versions(), **({"keep_float32": sorted(keep)} if keep else {}),
-                                   **({"seven_bit": True} if seven_bit else {})}).encode())
+                                   **({"seven_bit": True} if seven_bit else {}),
+                                   **({"trimmed": True} if trimmed else {})}).encode())
     for folder, _, files in sorted(os.walk(model_dir)):
         for name in sorted(files):
             path = os.path.join(folder, name)

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from types import SimpleNamespace
@@ -143,9 +144,11 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
                                               padding_side=getattr(task, "padding_side", "right"))
     if not getattr(tokenizer, "is_fast", False):
         log.warning("tokenizer in %s is not a fast (Rust) tokenizer: tokenization will be slow", path)
-    model, autocast = _load_weights(path, cfg, task, dtype, device)
     use_ds = m.deepspeed and m.quantize == "none" and m.runtime == "eager"
     kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
+    # DeepSpeed's injected kernels replace whole layers: the last one is trimmed only without them.
+    trim = m.trim_last_layer and task.reads_first_token and not (use_ds and kernel_inject)
+    model, autocast, untrimmed = _load_weights(path, cfg, task, dtype, device, tokenizer if trim else None)
     if use_ds:
         ds_dtype = dtype if not autocast else torch.float32
         try:
@@ -158,19 +161,24 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
             log.warning("DeepSpeed kernel injection does not support %s (%s); running without it "
                         "(set model.kernel_inject=false to silence this)", type(model).__name__, str(e).splitlines()[0])
             kernel_inject = False
-            model = wrap_deepspeed(_load_weights(path, cfg, task, dtype, device)[0], ds_dtype, False)
+            model, _, untrimmed = _load_weights(path, cfg, task, dtype, device,
+                                                tokenizer if m.trim_last_layer and task.reads_first_token else None)
+            model = wrap_deepspeed(model, ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
     facts = {"model_path": path, "runtime": m.runtime, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
              "keep_float32": ",".join(m.keep_float32),
+             "last_layer": ("first position" if not untrimmed else f"whole: {untrimmed}" if task.reads_first_token
+                            else "whole"),
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     if m.runtime == "onnxruntime":
         from hvd_infer.engines import OnnxPredictor
 
         linear_layers(_unwrap(model), m.keep_float32)
-        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, m.keep_float32)
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, m.keep_float32,
+                                         trimmed=not untrimmed)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
 
@@ -213,8 +221,10 @@ class RescoringPredictor:
             return SimpleNamespace(logits=logits)
 
 
-def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device):
-    """The model in eval mode, typed and on its device; returns (model, uses CPU bf16 autocast)."""
+def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device, trim_with=None):
+    """The model in eval mode, typed and on its device, its last layer trimmed to the first position where
+    trim_with (the tokenizer) is given and the probe agrees (trim_to_first_token); returns (model, uses CPU
+    bf16 autocast, why the last layer is whole: "" where it was trimmed)."""
     import transformers
 
     m = cfg.model
@@ -230,6 +240,10 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
                          f"(missing: {', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}); "
                          "is it the right model for this task?")
     model.eval()
+    # Trimmed in float32, before int8 or another dtype changes the outputs the probe compares.
+    untrimmed = trim_to_first_token(model, trim_with) if trim_with is not None else (
+        "model.trim_last_layer=false" if not m.trim_last_layer else "its task reads every position"
+        if not task.reads_first_token else "DeepSpeed kernel injection replaces it")
     autocast = False
     if m.quantize != "none" and m.runtime == "eager":  # onnxruntime exports the float32 model, then quantizes
         model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel", keep=m.keep_float32)
@@ -238,7 +252,86 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
         autocast = True
     else:
         model = model.to(dtype)
-    return model.to(device), autocast
+    return model.to(device), autocast, untrimmed
+
+
+def first_token_layer(model):
+    """The model's last encoder layer where it has BERT's structure (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM, ...:
+    attention.self.query/key/value, attention.output, intermediate, output; absolute positions, no
+    cross-attention), else None."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        return None
+    last = layers[-1]
+    attention = getattr(last, "attention", None)
+    heads = getattr(attention, "self", None)
+    if not (all(hasattr(heads, n) for n in ("query", "key", "value", "num_attention_heads", "attention_head_size"))
+            and hasattr(attention, "output") and hasattr(last, "intermediate") and hasattr(last, "output")):
+        return None
+    if getattr(last, "crossattention", None) is not None or getattr(model.config, "is_decoder", False):
+        return None
+    if getattr(heads, "position_embedding_type", "absolute") != "absolute":  # relative_key scores need positions
+        return None
+    return last
+
+
+def _first_token_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    """A BERT-style layer's forward for its first position only: every position's keys and values, the first
+    position's query, attention output and feed-forward. Its output is [batch, 1, width]."""
+    import torch.nn.functional as F
+
+    heads = self.attention.self
+    b, s, _ = hidden_states.shape
+    h, d = heads.num_attention_heads, heads.attention_head_size
+    first = hidden_states[:, :1]
+    q = heads.query(first).view(b, 1, h, d).transpose(1, 2)
+    k = heads.key(hidden_states).view(b, s, h, d).transpose(1, 2)
+    v = heads.value(hidden_states).view(b, s, h, d).transpose(1, 2)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4 and mask.shape[-2] > 1:  # [batch, 1, query, key]: the first query's row
+        mask = mask[:, :, :1, :]
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=getattr(heads, "scaling", d ** -0.5))
+    attended = self.attention.output(context.transpose(1, 2).reshape(b, 1, h * d), first)
+    out = self.output(self.intermediate(attended), attended)
+    return (out,) if self._first_token_tuple else out
+
+
+def trim_to_first_token(model, tokenizer) -> str:
+    """Where the model's head reads only the first position's output (a [CLS]-pooled classifier), its last layer
+    computes that position alone (_first_token_forward): the other positions' queries, attention outputs and
+    feed-forward are work nobody reads, about 5/6 of the last layer (1/7 of a 6-layer MiniLM's forward).
+    Applied only once a probe batch of two padded rows gives the same logits with it as without it; returns ""
+    when applied, else why not (the job summary's line)."""
+    import types
+
+    layer = first_token_layer(model)
+    if layer is None:
+        return f"{type(model).__name__}'s last layer is not BERT-style"
+    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
+                      padding=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    probe = {k: v for k, v in probe.items() if k in accepted}
+    returned = []
+    hook = layer.register_forward_hook(lambda _module, _args, out: returned.append(isinstance(out, tuple)))
+    with torch.inference_mode():
+        try:
+            expected = model(**probe).logits
+        finally:
+            hook.remove()
+        layer._first_token_tuple = returned[0]
+        layer.forward = types.MethodType(_first_token_forward, layer)
+        try:
+            got = model(**probe).logits
+        except Exception as e:  # a layer that takes other arguments than BERT's: left whole
+            got = e
+    if isinstance(got, Exception) or got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4,
+                                                                                         atol=1e-5):
+        del layer.forward
+        return (f"{type(model).__name__} read more than the first position's output on a probe batch"
+                if not isinstance(got, Exception) else f"{type(model).__name__}'s last layer failed on the first "
+                                                        f"position alone ({str(got).splitlines()[0][:80]})")
+    return ""
 
 
 def _dtype_argument(transformers_version: str) -> str:

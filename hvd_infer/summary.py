@@ -117,6 +117,10 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
                     else "data.workers 0 (reading and tokenizing in a thread of each rank)")
                  + (f", token budget {figures[0].max_tokens_per_batch} per batch" if figures[0].max_tokens_per_batch else ""))
     lines.append(f"reader: {facts['reader']}")
+    if facts.get("last_layer") == "first position":
+        lines.append("last layer: the first position only, all the head reads (model.trim_last_layer)")
+    elif facts.get("last_layer", "").startswith("whole: ") and cfg.model.trim_last_layer:  # and why
+        lines.append(f"last layer: {facts['last_layer']}")
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
     dedup = facts.get("dedup", "off")

@@ -33,6 +33,8 @@ CASES = {
     "bfloat16": (["model.dtype=bfloat16", "model.allow_slow_bf16=true"], "(bfloat16, DeepSpeed)", 0.5, 0.03, 0.95),
     "bfloat16-native": (["model.dtype=bfloat16"], "(bfloat16, DeepSpeed)", 0.5, 0.03, 0.95),
     "int8": (["model.quantize=int8"], "(float32, int8)", 1.0, 0.15, 0.75),
+    # The reference runs its last layer on the first position alone (model.trim_last_layer, the default).
+    "whole-last-layer": (["model.trim_last_layer=false"], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
 }
 
 
@@ -67,6 +69,7 @@ def test_speed_option_agrees_with_float32(name, float32, tiny_classifier, datase
     got = score(tiny_classifier, dataset[0], tmp_path / "out", *overrides)
     printed = capsys.readouterr().out
     assert header in printed, printed  # the option was applied, not ignored
+    assert ("last layer: the first position only" in printed) == (name != "whole-last-layer"), printed
     rank_0 = next(l.split() for l in printed.splitlines() if l.startswith("    0 "))  # rank host device threads ...
     assert rank_0[3] == ("1" if name == "threads-1" else str(cpu_cores()))
     assert got["id"].tolist() == float32["id"].tolist() == sorted(dataset[1].column("id").to_pylist())
@@ -75,3 +78,55 @@ def test_speed_option_agrees_with_float32(name, float32, tiny_classifier, datase
     agreement = np.mean(got["label"].to_numpy() == float32["label"].to_numpy())
     assert agreement >= min_agreement, agreement
     assert len(set(float32["label"])) >= 2  # the reference is not one label for every row
+
+
+def _logits(cfg_model, texts):
+    from hvd_infer.config import load_config
+    from hvd_infer.model import load_model
+    from hvd_infer.tasks import get_task
+
+    cfg = load_config({"model": cfg_model, "data": {"path": "/d"}, "output": {"path": "/o"}})
+    task = get_task(cfg.model.task)(cfg)
+    model, _, facts = load_model(cfg, task, torch.device("cpu"))
+    with torch.inference_mode():
+        return model(**task.collate(task.encode(texts).features)).logits.numpy(), facts, model.module
+
+
+def test_last_layer_is_trimmed_only_where_the_head_reads_the_first_position_alone(tiny_classifier, monkeypatch):
+    """model.trim_last_layer: a [CLS]-pooled classifier's last layer computes the first position alone, with the
+    whole layer's logits on padded rows of many lengths; a head that pools every position (here BERT's pooler
+    made a mean, as some custom heads are) fails the load's probe and keeps its whole layer."""
+    import builders
+
+    texts = builders.texts(24, seed=3, long_every=5)
+    whole, facts, _ = _logits({"path": tiny_classifier, "trim_last_layer": False}, texts)
+    assert facts["last_layer"] == "whole: model.trim_last_layer=false"
+    trimmed, facts, module = _logits({"path": tiny_classifier}, texts)
+    assert facts["last_layer"] == "first position" and "forward" in vars(module.bert.encoder.layer[-1])
+    np.testing.assert_allclose(trimmed, whole, rtol=1e-5, atol=1e-5)  # float32 rounding of logits up to ~6
+    assert len(set(whole.argmax(1))) >= 2  # the rows differ, so equal rows prove something
+    with torch.inference_mode():  # the trimmed layer's output really is one position
+        batch = {"input_ids": torch.tensor([[101, 2023, 2003, 102]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+        assert module.bert(**batch).last_hidden_state.shape[1] == 1
+
+    from transformers.models.bert import modeling_bert
+
+    monkeypatch.setattr(modeling_bert.BertPooler, "forward",
+                        lambda self, hidden: self.activation(self.dense(hidden.mean(dim=1))))
+    mean_whole, _, _ = _logits({"path": tiny_classifier, "trim_last_layer": False}, texts)
+    mean_got, facts, module = _logits({"path": tiny_classifier}, texts)
+    assert facts["last_layer"].startswith("whole: BertForSequenceClassification read more than the first position")
+    assert "forward" not in vars(module.bert.encoder.layer[-1])
+    np.testing.assert_allclose(mean_got, mean_whole, atol=1e-6)
+    assert np.abs(mean_whole - whole).max() > 1e-2  # the mean-pooled head really reads the other positions
+
+
+def test_last_layer_whole_for_tasks_that_read_every_position(tiny_encoder):
+    from hvd_infer.config import load_config
+    from hvd_infer.model import load_model
+    from hvd_infer.tasks import get_task
+
+    cfg = load_config({"model": {"path": tiny_encoder, "task": "embedding"}, "data": {"path": "/d"},
+                       "output": {"path": "/o"}})
+    _, _, facts = load_model(cfg, get_task("embedding")(cfg), torch.device("cpu"))
+    assert facts["last_layer"] == "whole"

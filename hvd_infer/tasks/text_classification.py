@@ -14,6 +14,7 @@ from hvd_infer.tasks.base import Task, float_list_array
 class TextClassification(Task):
     name = "text-classification"
     auto_model = "AutoModelForSequenceClassification"
+    reads_first_token = True
     head = ("ForSequenceClassification", "sequence classification",
             "a model saved from AutoModelForSequenceClassification (use model.task=embedding for a bare encoder)")
 

@@ -35,6 +35,7 @@ def _label_id(id2label, prefix: str):
 class ZeroShotClassification(Task):
     name = "zero-shot-classification"
     auto_model = "AutoModelForSequenceClassification"
+    reads_first_token = True
     head = ("ForSequenceClassification", "sequence classification",
             "an NLI model (e.g. one fine-tuned on MNLI) saved from AutoModelForSequenceClassification")
     single_text = "the text is the NLI premise and each candidate label makes the hypothesis"

@@ -65,8 +65,8 @@ class ModelConfig:
     runtime: Literal["eager", "onnxruntime"] = "eager"
     deepspeed: bool = True  # wrap with deepspeed.init_inference (model.runtime=eager)
     # text-classification and zero-shot with a head that reads only the first position ([CLS]-pooled BERT,
-    # RoBERTa, ...): the last layer computes that position alone (the same outputs, checked on a probe batch at
-    # load; ~1/7 less work on a 6-layer model); false: the whole layer
+    # RoBERTa, ...), and embedding with cls pooling: the last layer computes that position alone (the same
+    # outputs, checked on a probe batch at load; ~1/7 less work on a 6-layer model); false: the whole layer
     trim_last_layer: bool = True
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
     max_length: int = bounded(256, 1)  # tokens per sequence; longer texts are truncated and counted, or chunked

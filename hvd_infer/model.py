@@ -298,10 +298,12 @@ def _first_token_forward(self, hidden_states, attention_mask=None, *args, **kwar
 
 
 def trim_to_first_token(model, tokenizer) -> str:
-    """Where the model's head reads only the first position's output (a [CLS]-pooled classifier), its last layer
+    """Where the model's head reads only the first position's output (a [CLS]-pooled classifier, or an encoder
+    whose embedding is the first position's state, model.task=embedding with cls pooling), its last layer
     computes that position alone (_first_token_forward): the other positions' queries, attention outputs and
     feed-forward are work nobody reads, about 5/6 of the last layer (1/7 of a 6-layer MiniLM's forward).
-    Applied only once a probe batch of two padded rows gives the same logits with it as without it; returns ""
+    Applied only once a probe batch of two padded rows gives the same output (a classifier's logits, an
+    encoder's first position) with it as without it; returns ""
     when applied, else why not (the job summary's line)."""
     import types
 
@@ -316,13 +318,13 @@ def trim_to_first_token(model, tokenizer) -> str:
     hook = layer.register_forward_hook(lambda _module, _args, out: returned.append(isinstance(out, tuple)))
     with torch.inference_mode():
         try:
-            expected = model(**probe).logits
+            expected = _read_first(model(**probe))
         finally:
             hook.remove()
         layer._first_token_tuple = returned[0]
         layer.forward = types.MethodType(_first_token_forward, layer)
         try:
-            got = model(**probe).logits
+            got = _read_first(model(**probe))
         except Exception as e:  # a layer that takes other arguments than BERT's: left whole
             got = e
     if isinstance(got, Exception) or got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4,
@@ -332,6 +334,12 @@ def trim_to_first_token(model, tokenizer) -> str:
                 if not isinstance(got, Exception) else f"{type(model).__name__}'s last layer failed on the first "
                                                         f"position alone ({str(got).splitlines()[0][:80]})")
     return ""
+
+
+def _read_first(outputs) -> torch.Tensor:
+    """What a task reads of the model's first output: a classifier's logits, an encoder's first position."""
+    first = outputs[0]
+    return first[:, 0] if first.dim() == 3 else first
 
 
 def _dtype_argument(transformers_version: str) -> str:

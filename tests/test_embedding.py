@@ -92,6 +92,10 @@ def test_one_batch_equals_sentence_transformers(st_models, name, options):
     np.testing.assert_allclose(np.stack(got.to_numpy(zero_copy_only=False)), ref, atol=1e-5)
     assert facts["embedding_layout"] == "sentence-transformers" and facts["embedding_dimensions"] == width
     assert facts["embedding_normalize"] == (name not in ("mean-raw", "lasttoken-raw-prompts"))
+    # cls pooling reads the first position alone (the prompt included in it): the last layer computes only that
+    # (model.trim_last_layer); a decoder's last layer is not BERT-style.
+    trimmed = name.startswith("cls") and name != "cls-prompt-excluded"
+    assert facts["last_layer"] == ("first position" if trimmed else "whole"), facts["last_layer"]
 
 
 def test_vectors_depend_on_text_and_prompt(st_models):

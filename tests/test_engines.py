@@ -71,6 +71,26 @@ def test_engine_on_one_batch_equals_eager(tiny_classifier, tmp_path, monkeypatch
     assert cached_graphs(tmp_path / "hvd_infer-onnx") == [os.path.basename(os.path.dirname(graph))]
 
 
+def test_engine_runs_a_trimmed_last_layer_for_cls_embeddings(tmp_path, monkeypatch, capfd):
+    """A cls-pooled encoder's graph is exported from its trimmed last layer (one output position): the same
+    vectors as sentence-transformers, and no shape warning from ONNX Runtime."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    model = builders.sentence_model(str(tmp_path / "st-cls"), pooling="cls")
+    texts = builders.texts(20, seed=6, long_every=7)
+    cfg = load_config({"model": {"path": model, "task": "embedding", "runtime": "onnxruntime"},
+                       "data": {"path": "/d"}, "output": {"path": "/o"}})
+    task = get_task("embedding")(cfg)
+    predictor, _, facts = load_model(cfg, task, torch.device("cpu"))
+    got = task.predict(predictor, task.collate(task.encode(texts).features))["embedding"]
+    assert facts["last_layer"] == "first position" and facts["runtime"] == "onnxruntime"
+    np.testing.assert_allclose(np.stack(got.to_numpy(zero_copy_only=False)), embedding_reference(model, texts),
+                               atol=1e-4)
+    assert "shape" not in capfd.readouterr().err.lower()
+
+
 @pytest.fixture(scope="module")
 def minilm(tmp_path_factory):
     """MiniLM's trained encoder (int8 error on a tiny random model's large weights says little) with a new head."""

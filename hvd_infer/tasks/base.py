@@ -87,8 +87,8 @@ class Task:
     head: Optional[Tuple[str, str, str]] = None
     # For tasks that score data.text_column alone: why a second text makes no sense for them.
     single_text: Optional[str] = None
-    # The task reads only the model's logits, which a [CLS]-pooled head computes from the first position
-    # (model.trim_last_layer).
+    # The task reads only what the model computes from the first position: a [CLS]-pooled head's logits, an
+    # encoder's first state (model.trim_last_layer).
     reads_first_token = False
 
     def __init__(self, cfg: JobConfig):

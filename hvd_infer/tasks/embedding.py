@@ -45,6 +45,14 @@ class Embedding(Task):
         self.prompt = e.prompt or ""
         self.width = 0  # vector width once the model directory is read; 0 until then
 
+    @property
+    def reads_first_token(self) -> bool:
+        """cls pooling alone reads the first position's state (model.trim_last_layer), unless a prompt left out
+        of the pooling makes the first token after it the one pooled."""
+        layout = self.layout
+        return tuple(layout.pooling) == ("cls",) and (not self.prompt or layout.include_prompt
+                                                      or layout.cls_at_first_position)
+
     def read_model_dir(self, hf_config, local_dir: str, path: str) -> None:
         layout = read_sentence_layout(local_dir)
         e = self.options

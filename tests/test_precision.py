@@ -424,6 +424,36 @@ def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_class
     assert decision.agreement["int8-per-channel"] == 1.0 and not decision.outrun
 
 
+def test_a_candidate_barely_faster_than_float32_is_not_chosen(tiny_classifier, tmp_path, monkeypatch):
+    """Agreeing on every row but only 5% faster than float32 (under MIN_SPEEDUP): a near tie on a hundred rows is
+    timing noise, so float32 is kept and the summary says why. (Made so here: the candidates get float32's
+    outputs, their seconds scaled by 0.95.)"""
+    from hvd_infer import precision
+    from hvd_infer.dataset import open_input
+
+    real_score, reference = precision._score, {}
+
+    def score(task, model, batches, order, window_row, warm_up):
+        seconds, out = real_score(task, model, batches, order, window_row, warm_up)
+        if id(batches) not in reference:  # float32 scores every chunk first
+            reference[id(batches)] = out
+            return 1.0, out
+        return 0.95, reference[id(batches)]
+
+    monkeypatch.setattr(precision, "_score", score)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
+    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
+                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
+    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    assert decision.choice.name == "float32", decision
+    assert decision.outrun and set(decision.outrun.values()) == {"float32"}, decision
+    assert all(decision.agreement[name] == 1.0 for name in decision.outrun)
+    note = decision.facts(cfg.model.check_agreement)["notes"][0]
+    assert note.startswith("model.dtype=auto-check on 192 rows chose float32"), note
+    assert f"(agreement 1.0000, stopped: not {precision.MIN_SPEEDUP:g}x as fast as float32)" in note, note
+
+
 def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_path):
     from hvd_infer.precision import PAYBACK
 

@@ -7,10 +7,11 @@ scores them in float32 and in each faster precision this device runs natively: o
 bfloat16 where the GPU supports it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many
 times slower than float32), and dynamic int8 with per-channel scales and the task head left in float32,
 in torch and, where ONNX Runtime is installed, in ONNX Runtime (model.runtime=onnxruntime; see
-candidates). Where per-channel int8 changes a label of the first chunk (text- and token-classification), two
-more join: int8-selective, with the layers whose int8 error moves the labels most left in float32
-(sensitive_layers, measured on those rows), and on text-classification int8-rescore, which scores again in
-float32 the rows whose two likeliest labels int8 puts close together (_rescore_margin). It times each (after
+candidates). Where per-channel int8 changes a label of the first chunk (text- and token-classification),
+int8-selective joins, with the layers whose int8 error moves the labels most left in float32
+(sensitive_layers, measured on those rows); on text-classification, where torch's or ONNX Runtime's int8
+changes one, int8-rescore or onnxruntime-int8-rescore joins, which scores again in float32 the rows whose two
+likeliest labels that int8 puts close together (_rescore_margin). It times each (after
 one warm-up batch) and picks the fastest whose agreement with float32 is at least model.check_agreement:
 
     text-classification, zero-shot   share of rows with the same label
@@ -79,6 +80,8 @@ PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Prec
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
                                     Precision("int8-selective", "float32", "int8-per-channel"),  # keep: measured
                                     Precision("int8-rescore", "float32", "int8-per-channel"),  # rescore: measured
+                                    Precision("onnxruntime-int8-rescore", "float32", "int8-per-channel",
+                                              "onnxruntime"),  # rescore: measured
                                     Precision("int8", "float32", "int8"),
                                     Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
                                               "onnxruntime")]}
@@ -96,7 +99,9 @@ SELECTIVE_WEIGHTS = 0.25
 # The rows whose label int8 changed are those it measures on, at most this many (a float32 forward and backward).
 SELECTIVE_ROWS = 16
 # int8-rescore scores again in float32 the rows whose two likeliest labels int8 puts closer than RESCORE_SAFETY x
-# the widest such gap among the first chunk's rows whose label int8 changed.
+# the widest such gap among the first chunk's rows whose label int8 changed; onnxruntime-int8-rescore the same
+# over ONNX Runtime's int8. Each int8 precision (a candidate that changed labels) and its rescoring:
+RESCORED = {"int8-per-channel": "int8-rescore", "onnxruntime-int8-per-channel": "onnxruntime-int8-rescore"}
 RESCORE_SAFETY = 2.0
 # A candidate counts as faster than float32 only where float32 takes at least this many times its seconds on the
 # same rows: a near tie is timing noise on a hundred rows, and not worth a label changed. (On the 12-class bench
@@ -342,11 +347,12 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
             precisions[selective.name] = selective
             models[selective.name] = load(selective)
             outputs[selective.name] = catch_up(selective.name)
-            margin = _rescore_margin(cfg, outputs, changed)
-            if margin:  # int8-rescore joins: both its models are loaded and warm already
-                rescore = dataclasses.replace(PRECISIONS["int8-rescore"], rescore=margin)
+        for base, name in RESCORED.items() if number == 0 else ():
+            margin = _rescore_margin(cfg, outputs, base)
+            if margin:  # it changed labels: its rescoring joins, both its models loaded and warm already
+                rescore = dataclasses.replace(PRECISIONS[name], rescore=margin)
                 precisions[rescore.name] = rescore
-                models[rescore.name] = RescoringPredictor(models["int8-per-channel"], models["float32"], margin)
+                models[rescore.name] = RescoringPredictor(models[base], models["float32"], margin)
                 outputs[rescore.name] = catch_up(rescore.name)
         done = decision.scored["float32"]
         worst_row = -1.0 if "embedding" in outputs["float32"] else 0.0  # cosine can be -1; a label match 0
@@ -391,12 +397,16 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
     return decision, loads.get(fastest) if decision.choice.runtime == "eager" else None
 
 
-def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], changed: np.ndarray) -> float:
-    """int8-rescore's margin from the first chunk (text-classification, rows truncated): RESCORE_SAFETY x the widest
-    gap int8 put between the two likeliest labels of a row whose label it changed (changed: per output row)."""
-    if cfg.model.task != "text-classification" or cfg.model.long_texts != "truncate":
+def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], base: str) -> float:
+    """The margin of `base` (an int8 precision) rescored, from the first chunk (text-classification, rows
+    truncated): RESCORE_SAFETY x the widest gap `base` put between the two likeliest labels of a row whose label
+    it changed; 0 where it changed none (or is not a candidate)."""
+    if cfg.model.task != "text-classification" or cfg.model.long_texts != "truncate" or base not in outputs:
         return 0.0
-    probs = np.sort(np.stack(outputs["int8-per-channel"]["probs"].to_numpy(zero_copy_only=False)[changed]), axis=1)
+    changed = row_agreement(outputs["float32"], outputs[base]) < 1
+    if not changed.any():
+        return 0.0
+    probs = np.sort(np.stack(outputs[base]["probs"].to_numpy(zero_copy_only=False)[changed]), axis=1)
     return float(min(1.0, RESCORE_SAFETY * (probs[:, -1] - probs[:, -2]).max()))
 
 

@@ -127,13 +127,17 @@ def test_keep_float32_leaves_those_layers_float32(classifier):
     assert facts["keep_float32"] == ",".join(kept)
 
 
-def test_rescoring_gives_float32_outputs_to_the_rows_int8_is_unsure_of(outlier_classifier):
-    """model.rescore_margin: a row whose int8 probabilities put its two likeliest labels closer than the margin gets
-    float32's probabilities, every other row int8's; a margin over every gap is float32 throughout. (Batches of 8
-    throughout: int8's activation scale is the batch's, so its probabilities depend on the batch.)"""
+@pytest.mark.parametrize("runtime", ["eager"] + (["onnxruntime"] if ORT else []))
+def test_rescoring_gives_float32_outputs_to_the_rows_int8_is_unsure_of(outlier_classifier, runtime):
+    """model.rescore_margin: a row whose int8 probabilities (torch's, or ONNX Runtime's) put its two likeliest
+    labels closer than the margin gets float32's probabilities, every other row int8's; a margin over every gap is
+    float32 throughout. (Batches of 8 throughout: int8's activation scale is the batch's, so its probabilities
+    depend on the batch.)"""
     texts = builders.texts(40)
 
     def probs(**options):
+        if options.get("quantize"):
+            options["runtime"] = runtime
         cfg = job(outlier_classifier, {"batch_size": 8}, **options)
         task = get_task(cfg.model.task)(cfg)
         model = load_model(cfg, task, torch.device("cpu"))[0]
@@ -147,7 +151,9 @@ def test_rescoring_gives_float32_outputs_to_the_rows_int8_is_unsure_of(outlier_c
     top = np.sort(int8, axis=1)
     gaps = top[:, -1] - top[:, -2]
     margin = float(np.median(gaps))
-    assert (f32.argmax(1) != int8.argmax(1)).any()  # the model's int8 changes labels: the rescoring shows
+    # torch's int8 changes labels of this model, ONNX Runtime's (8-bit activations) only probabilities: either shows
+    assert (f32.argmax(1) != int8.argmax(1)).any() or runtime == "onnxruntime"
+    assert np.abs(f32 - int8).max() > 1e-2
     model, got = probs(quantize="int8-per-channel", rescore_margin=margin)
     unsure = gaps < margin
     assert 0 < unsure.sum() < len(texts) and model.rescored == unsure.sum() and model.rows == len(texts)
@@ -325,7 +331,8 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
     choice = params["resolved.precision_choice"]
     # bfloat16 is no candidate on a CPU without it
-    assert choice in ["float32", "int8-selective", "int8-rescore"] + CANDIDATES
+    assert choice in ["float32", "int8-selective", "int8-rescore"] + CANDIDATES + [
+        "onnxruntime-int8-rescore"] * bool(ORT)
     for name in ["float32"] + CANDIDATES:
         assert float(params[f"resolved.precision_{name}_seconds"]) > 0
     for name in CANDIDATES:
@@ -424,6 +431,37 @@ def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_class
     assert decision.agreement["int8-per-channel"] == 1.0 and not decision.outrun
 
 
+@pytest.mark.skipif(not ORT, reason="needs ONNX Runtime's int8")
+def test_onnxruntime_int8_that_changes_a_label_is_tried_rescored(tiny_classifier, tmp_path, monkeypatch):
+    """ONNX Runtime's int8 changes a label of the first chunk: onnxruntime-int8-rescore joins, its margin from that
+    row, and is measured on the real session and float32 model. (Made so here: ONNX Runtime's label of the first
+    row is changed.)"""
+    from hvd_infer import precision
+    from hvd_infer.dataset import open_input
+    from hvd_infer.engines import OnnxPredictor
+
+    real_score = precision._score
+
+    def score(task, model, batches, order, window_row, warm_up):
+        seconds, out = real_score(task, model, batches, order, window_row, warm_up)
+        if isinstance(model, OnnxPredictor):
+            labels = out["label"].to_pylist()
+            labels[0] = "LABEL_X"
+            out = dict(out, label=pa.array(labels))
+        return seconds, out
+
+    monkeypatch.setattr(precision, "_score", score)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
+    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
+                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
+    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    assert decision.scored.get("onnxruntime-int8-rescore", 0) >= 64, decision
+    assert decision.agreement["onnxruntime-int8-rescore"] == 1.0  # the changed row is rescored in float32
+    if decision.choice.name == "onnxruntime-int8-rescore":
+        assert 0 < decision.choice.rescore <= 1 and decision.choice.runtime == "onnxruntime"
+
+
 def test_a_candidate_barely_faster_than_float32_is_not_chosen(tiny_classifier, tmp_path, monkeypatch):
     """Agreeing on every row but only 5% faster than float32 (under MIN_SPEEDUP): a near tie on a hundred rows is
     timing noise, so float32 is kept and the summary says why. (Made so here: the candidates get float32's
@@ -495,11 +533,15 @@ def test_auto_check_tries_selective_and_rescoring_where_int8_changes_labels(outl
     assert "int8-selective " in r.stdout
     # int8-rescore joins too, its margin twice the widest gap of a changed row: it agrees on those rows
     assert params["resolved.precision_int8-rescore_rows"] == "64" and "int8-rescore " in r.stdout
+    # and ONNX Runtime's int8 rescored, where ONNX Runtime's int8 changed labels of the first chunk too
+    if ORT and float(params["resolved.precision_onnxruntime-int8-per-channel_agreement"]) < 1:
+        assert "resolved.precision_onnxruntime-int8-rescore_rows" in params
+        assert "onnxruntime-int8-rescore " in r.stdout
     chosen = parse_precision(job_file_identity(out)["precision"])
     assert chosen.name == params["resolved.precision_choice"]
     if chosen.name == "int8-selective":
         assert BAD_LAYER in chosen.keep and "(in float32: " in r.stdout
-    if chosen.name == "int8-rescore":
+    if chosen.name.endswith("int8-rescore"):
         assert 0 < chosen.rescore <= 1 and "rescored in float32" in r.stdout
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     ref = reference_probs(table.column("text").to_pylist(), job(

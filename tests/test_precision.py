@@ -462,6 +462,50 @@ def test_onnxruntime_int8_that_changes_a_label_is_tried_rescored(tiny_classifier
         assert 0 < decision.choice.rescore <= 1 and decision.choice.runtime == "onnxruntime"
 
 
+@pytest.mark.skipif(not ORT, reason="needs ONNX Runtime's int8")
+def test_a_rescoring_that_leaves_a_changed_label_widens_its_margin(tiny_classifier, tmp_path, monkeypatch):
+    """onnxruntime-int8-rescore leaves a changed label to int8 on the second chunk (its first chunk's margin was
+    too narrow): its margin widens to twice that row's gap and it scores every chunk again. (Made so here: ONNX
+    Runtime's outputs are float32's but for its first row, whose label changes on every chunk, its two likeliest
+    0.4 / 0.35 (margin 0.1); its rescoring's are float32's but for the first row of the second chunk while its
+    margin is under 0.5, with 0.65 / 0.25 there: the margin widens to 0.8; the rescoring's seconds are scaled
+    down.)"""
+    from hvd_infer import precision
+    from hvd_infer.dataset import open_input
+    from hvd_infer.engines import OnnxPredictor
+    from hvd_infer.model import RescoringPredictor
+
+    real_score, chunk_of, reference = precision._score, {}, {}
+
+    def score(task, model, batches, order, window_row, warm_up):
+        seconds, out = real_score(task, model, batches, order, window_row, warm_up)
+        chunk = chunk_of.setdefault(id(batches), len(chunk_of))  # float32 scores each chunk first
+        reference.setdefault(id(batches), out)
+        ort_rescoring = isinstance(model, RescoringPredictor) and isinstance(model.fast, OnnxPredictor)
+        if ort_rescoring:
+            out = reference[id(batches)]
+        if isinstance(model, OnnxPredictor) or (ort_rescoring and chunk == 1 and model.margin < 0.5):
+            out = reference[id(batches)]
+            labels, probs = out["label"].to_pylist(), out["probs"].to_pylist()
+            labels[0], probs[0] = "LABEL_X", [0.1, 0.65, 0.25] if ort_rescoring else [0.4, 0.35, 0.25]
+            out = dict(out, label=pa.array(labels), probs=pa.array(probs, type=out["probs"].type))
+        # the rescoring the fastest, so that nothing outruns it
+        return seconds * (0.01 if ort_rescoring else 1), out
+
+    monkeypatch.setattr(precision, "_score", score)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
+    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check", "check_agreement": 0.9},
+                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
+    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    name = "onnxruntime-int8-rescore"
+    assert decision.widened == {name: 1}, decision
+    assert decision.agreement[name] == 1.0  # scored again from the first chunk, with the wider margin
+    assert f"(agreement 1.0000, its margin widened 1x" in decision.facts(0.9)["notes"][0]
+    if decision.choice.name == name:
+        assert decision.choice.rescore == pytest.approx(0.8)
+
+
 def test_a_candidate_barely_faster_than_float32_is_not_chosen(tiny_classifier, tmp_path, monkeypatch):
     """Agreeing on every row but only 5% faster than float32 (under MIN_SPEEDUP): a near tie on a hundred rows is
     timing noise, so float32 is kept and the summary says why. (Made so here: the candidates get float32's

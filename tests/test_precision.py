@@ -392,6 +392,20 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
     assert job_file_identity(tmp_path / "out")["precision"] == choice
 
 
+def measure_with(score, model, tmp_path, monkeypatch, **model_options):
+    """precision.measure on 192 rows of a 200-row input, with precision._score replaced by `score` (which calls the
+    real one and changes what a test needs), on a CPU taken to lack native bf16."""
+    from hvd_infer import precision
+    from hvd_infer.dataset import open_input
+
+    monkeypatch.setattr(precision, "_score", score)
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
+    cfg = load_config({"model": {"path": model, "dtype": "auto-check", **model_options},
+                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
+    return precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)[0]
+
+
 @pytest.mark.skipif(not ORT, reason="needs ONNX Runtime's int8 as the second candidate")
 def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_classifier, tmp_path, monkeypatch):
     """The fastest candidate agrees on the first chunk, so the slower int8 pauses; it then changes labels on the next
@@ -399,7 +413,6 @@ def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_class
     it used to stay stopped and the job ran float32. (Made so here: both int8s get float32's outputs, ONNX Runtime's
     with every label changed after the first chunk, and their seconds are scaled.)"""
     from hvd_infer import precision
-    from hvd_infer.dataset import open_input
     from hvd_infer.engines import OnnxPredictor
 
     real_score, calls, reference = precision._score, {}, {}
@@ -420,12 +433,7 @@ def test_a_candidate_outrun_by_one_rejected_later_resumes_and_can_win(tiny_class
             return seconds * 0.01, out
         return (seconds * 0.5, reference[id(batches)]) if kind == "int8" else (seconds, out)
 
-    monkeypatch.setattr(precision, "_score", score)
-    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
-    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
-    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
-                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
-    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    decision = measure_with(score, tiny_classifier, tmp_path, monkeypatch)
     assert decision.rejected == ["onnxruntime-int8-per-channel"], decision
     assert decision.choice.name == "int8-per-channel" and decision.scored["int8-per-channel"] == 192, decision
     assert decision.agreement["int8-per-channel"] == 1.0 and not decision.outrun
@@ -437,7 +445,6 @@ def test_onnxruntime_int8_that_changes_a_label_is_tried_rescored(tiny_classifier
     row, and is measured on the real session and float32 model. (Made so here: ONNX Runtime's label of the first
     row is changed.)"""
     from hvd_infer import precision
-    from hvd_infer.dataset import open_input
     from hvd_infer.engines import OnnxPredictor
 
     real_score = precision._score
@@ -450,12 +457,7 @@ def test_onnxruntime_int8_that_changes_a_label_is_tried_rescored(tiny_classifier
             out = dict(out, label=pa.array(labels))
         return seconds, out
 
-    monkeypatch.setattr(precision, "_score", score)
-    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
-    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
-    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
-                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
-    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    decision = measure_with(score, tiny_classifier, tmp_path, monkeypatch)
     assert decision.scored.get("onnxruntime-int8-rescore", 0) >= 64, decision
     assert decision.agreement["onnxruntime-int8-rescore"] == 1.0  # the changed row is rescored in float32
     if decision.choice.name == "onnxruntime-int8-rescore":
@@ -471,7 +473,6 @@ def test_a_rescoring_that_leaves_a_changed_label_widens_its_margin(tiny_classifi
     margin is under 0.5, with 0.65 / 0.25 there: the margin widens to 0.8; the rescoring's seconds are scaled
     down.)"""
     from hvd_infer import precision
-    from hvd_infer.dataset import open_input
     from hvd_infer.engines import OnnxPredictor
     from hvd_infer.model import RescoringPredictor
 
@@ -492,12 +493,7 @@ def test_a_rescoring_that_leaves_a_changed_label_widens_its_margin(tiny_classifi
         # the rescoring the fastest, so that nothing outruns it
         return seconds * (0.01 if ort_rescoring else 1), out
 
-    monkeypatch.setattr(precision, "_score", score)
-    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
-    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
-    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check", "check_agreement": 0.9},
-                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
-    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    decision = measure_with(score, tiny_classifier, tmp_path, monkeypatch, check_agreement=0.9)
     name = "onnxruntime-int8-rescore"
     assert decision.widened == {name: 1}, decision
     assert decision.agreement[name] == 1.0  # scored again from the first chunk, with the wider margin
@@ -511,7 +507,6 @@ def test_a_candidate_barely_faster_than_float32_is_not_chosen(tiny_classifier, t
     timing noise, so float32 is kept and the summary says why. (Made so here: the candidates get float32's
     outputs, their seconds scaled by 0.95.)"""
     from hvd_infer import precision
-    from hvd_infer.dataset import open_input
 
     real_score, reference = precision._score, {}
 
@@ -522,16 +517,11 @@ def test_a_candidate_barely_faster_than_float32_is_not_chosen(tiny_classifier, t
             return 1.0, out
         return 0.95, reference[id(batches)]
 
-    monkeypatch.setattr(precision, "_score", score)
-    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
-    builders.write_dataset(str(tmp_path / "data"), 200, row_group_size=50)
-    cfg = load_config({"model": {"path": tiny_classifier, "dtype": "auto-check"},
-                       "data": {"path": str(tmp_path / "data")}, "output": {"path": "/o"}})
-    decision, _ = precision.measure(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"), open_input(cfg.data), 192)
+    decision = measure_with(score, tiny_classifier, tmp_path, monkeypatch)
     assert decision.choice.name == "float32", decision
     assert decision.outrun and set(decision.outrun.values()) == {"float32"}, decision
     assert all(decision.agreement[name] == 1.0 for name in decision.outrun)
-    note = decision.facts(cfg.model.check_agreement)["notes"][0]
+    note = decision.facts(0.995)["notes"][0]
     assert note.startswith("model.dtype=auto-check on 192 rows chose float32"), note
     assert f"(agreement 1.0000, stopped: not {precision.MIN_SPEEDUP:g}x as fast as float32)" in note, note
 

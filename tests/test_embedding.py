@@ -92,9 +92,13 @@ def test_one_batch_equals_sentence_transformers(st_models, name, options):
     np.testing.assert_allclose(np.stack(got.to_numpy(zero_copy_only=False)), ref, atol=1e-5)
     assert facts["embedding_layout"] == "sentence-transformers" and facts["embedding_dimensions"] == width
     assert facts["embedding_normalize"] == (name not in ("mean-raw", "lasttoken-raw-prompts"))
-    # cls pooling reads the first position alone (the prompt included in it): the last layer computes only that
-    # (model.trim_last_layer); a decoder's last layer is not BERT-style.
-    trimmed = name.startswith("cls") and name != "cls-prompt-excluded"
+    # cls pooling reads the first position alone (the prompt included in it, or a model saved by
+    # sentence-transformers < 5.5, which pools the first position all the same): the last layer computes only that
+    # (model.trim_last_layer); the other poolings read every position.
+    from hvd_infer.tasks.sentence_layout import read_sentence_layout
+
+    trimmed = name.startswith("cls") and (name != "cls-prompt-excluded"
+                                          or read_sentence_layout(st_models[name]).cls_at_first_position)
     assert facts["last_layer"] == ("first position" if trimmed else "whole"), facts["last_layer"]
 
 

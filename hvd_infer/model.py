@@ -303,8 +303,8 @@ def trim_to_first_token(model, tokenizer) -> str:
     computes that position alone (_first_token_forward): the other positions' queries, attention outputs and
     feed-forward are work nobody reads, about 5/6 of the last layer (1/7 of a 6-layer MiniLM's forward).
     Applied only once a probe batch of two padded rows gives the same output (a classifier's logits, an
-    encoder's first position) with it as without it; returns ""
-    when applied, else why not (the job summary's line)."""
+    encoder's first position) with it as without it; returns "" when applied, else why not (the job summary's
+    line)."""
     import types
 
     layer = first_token_layer(model)

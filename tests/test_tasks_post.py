@@ -32,7 +32,9 @@ def test_classification_matches_plain_forward(tiny_classifier):
         probs = torch.softmax(ref(**tok(TEXTS, padding=True, return_tensors="pt")).logits, -1).numpy()
     np.testing.assert_allclose(np.array(out["probs"].to_pylist()), probs, atol=1e-5)
     assert out["label"].to_pylist() == [ref.config.id2label[i] for i in probs.argmax(1)]
-    np.testing.assert_allclose(out["score"].to_numpy(), probs.max(1), atol=1e-6)
+    # float32 within its rounding (1e-5, as the probabilities): the job's last layer computes the first position
+    # alone (model.trim_last_layer), in other matrix shapes than the whole layer's (1.1e-6 seen)
+    np.testing.assert_allclose(out["score"].to_numpy(), probs.max(1), atol=1e-5)
 
 
 def test_embedding_matches_sentence_transformers_math():

@@ -176,12 +176,11 @@ def export(model, tokenizer, folder: str) -> str:
     """Write folder/model.onnx, fused where that keeps torch's outputs; returns how it was optimized."""
     path = os.path.join(folder, "model.onnx")
     plain = os.path.join(folder, "plain.onnx")
+    from hvd_infer.model import probe_batch
+
     # Rows of different lengths, so the graph is traced with padding and a real attention mask.
-    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
-                      padding=True, return_tensors="pt")
-    accepted = inspect.signature(model.forward).parameters
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted]
-    args = tuple(probe[n] for n in names)
+    probe = probe_batch(model, tokenizer)
+    names, args = list(probe), tuple(probe.values())
     with torch.inference_mode():
         reference = model(**dict(zip(names, args)))
     output = next(iter(reference.keys()))

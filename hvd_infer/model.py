@@ -147,8 +147,9 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     use_ds = m.deepspeed and m.quantize == "none" and m.runtime == "eager"
     kernel_inject = (device.type == "cuda") if m.kernel_inject is None else m.kernel_inject
     # DeepSpeed's injected kernels replace whole layers: the last one is trimmed only without them.
-    trim = m.trim_last_layer and task.reads_first_token and not (use_ds and kernel_inject)
-    model, autocast, untrimmed = _load_weights(path, cfg, task, dtype, device, tokenizer if trim else None)
+    trim = m.trim_last_layer and task.reads_first_token
+    model, autocast, untrimmed = _load_weights(path, cfg, task, dtype, device,
+                                               tokenizer if trim and not (use_ds and kernel_inject) else None)
     if use_ds:
         ds_dtype = dtype if not autocast else torch.float32
         try:
@@ -161,8 +162,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
             log.warning("DeepSpeed kernel injection does not support %s (%s); running without it "
                         "(set model.kernel_inject=false to silence this)", type(model).__name__, str(e).splitlines()[0])
             kernel_inject = False
-            model, _, untrimmed = _load_weights(path, cfg, task, dtype, device,
-                                                tokenizer if m.trim_last_layer and task.reads_first_token else None)
+            model, _, untrimmed = _load_weights(path, cfg, task, dtype, device, tokenizer if trim else None)
             model = wrap_deepspeed(model, ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
@@ -310,10 +310,7 @@ def trim_to_first_token(model, tokenizer) -> str:
     layer = first_token_layer(model)
     if layer is None:
         return f"{type(model).__name__}'s last layer is not BERT-style"
-    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
-                      padding=True, return_tensors="pt")
-    accepted = inspect.signature(model.forward).parameters
-    probe = {k: v for k, v in probe.items() if k in accepted}
+    probe = probe_batch(model, tokenizer)
     returned = []
     hook = layer.register_forward_hook(lambda _module, _args, out: returned.append(isinstance(out, tuple)))
     with torch.inference_mode():
@@ -334,6 +331,16 @@ def trim_to_first_token(model, tokenizer) -> str:
                 if not isinstance(got, Exception) else f"{type(model).__name__}'s last layer failed on the first "
                                                         f"position alone ({str(got).splitlines()[0][:80]})")
     return ""
+
+
+def probe_batch(model, tokenizer) -> Dict[str, torch.Tensor]:
+    """Two rows of different lengths, so padded with a real attention mask: the model's inputs (input_ids,
+    attention_mask, token_type_ids where its forward takes them, in that order) for checking a changed model
+    (trim_to_first_token) or an exported graph (engines.export) against the model as loaded."""
+    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
+                      padding=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    return {n: probe[n] for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted}
 
 
 def _read_first(outputs) -> torch.Tensor:

@@ -68,6 +68,10 @@ class ModelConfig:
     # RoBERTa, ...), and embedding with cls pooling: the last layer computes that position alone (the same
     # outputs, checked on a probe batch at load; ~1/7 less work on a 6-layer model); false: the whole layer
     trim_last_layer: bool = True
+    # CPU float32 (model.runtime=eager, no model.quantize): Linear layers on oneDNN's kernels, GELU and residual
+    # adds fused into them, as torch.compile's inductor does, without compiling (the same outputs, checked on a
+    # probe batch at load; ~1.2x a MiniLM's forward); false: torch's own Linear
+    onednn: bool = True
     kernel_inject: Optional[bool] = None  # DeepSpeed kernel injection; None = on for CUDA, off for CPU
     max_length: int = bounded(256, 1)  # tokens per sequence; longer texts are truncated and counted, or chunked
     # Texts longer than max_length: truncate (cut, counted) or chunk (scored whole: windows of max_length tokens

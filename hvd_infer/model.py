@@ -150,6 +150,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     trim = m.trim_last_layer and task.reads_first_token
     model, autocast, untrimmed = _load_weights(path, cfg, task, dtype, device,
                                                tokenizer if trim and not (use_ds and kernel_inject) else None)
+    linear_kernels = _use_onednn(model, tokenizer, cfg, task, dtype, device, autocast)
     if use_ds:
         ds_dtype = dtype if not autocast else torch.float32
         try:
@@ -163,6 +164,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
                         "(set model.kernel_inject=false to silence this)", type(model).__name__, str(e).splitlines()[0])
             kernel_inject = False
             model, _, untrimmed = _load_weights(path, cfg, task, dtype, device, tokenizer if trim else None)
+            linear_kernels = _use_onednn(model, tokenizer, cfg, task, dtype, device, autocast)
             model = wrap_deepspeed(model, ds_dtype, False)
     task.setup(_unwrap(model), tokenizer)
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
@@ -171,6 +173,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
              "keep_float32": ",".join(m.keep_float32),
              "last_layer": ("first position" if not untrimmed else f"whole: {untrimmed}" if task.reads_first_token
                             else "whole"),
+             "linear_kernels": linear_kernels,
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     if m.runtime == "onnxruntime":
@@ -181,6 +184,25 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
                                          trimmed=not untrimmed)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
+
+
+def _use_onednn(model, tokenizer, cfg: JobConfig, task, dtype: torch.dtype, device: torch.device,
+                autocast: bool) -> str:
+    """model.onednn: a CPU float32 eager model's Linear layers on oneDNN (hvd_infer.onednn); returns the facts'
+    linear_kernels: what runs them, and why torch's own where model.onednn asked for oneDNN."""
+    from hvd_infer import onednn
+
+    m = cfg.model
+    if not m.onednn:
+        return "torch: model.onednn=false"
+    off = ("not on CPU" if device.type != "cpu" else "model.runtime=onnxruntime" if m.runtime != "eager"
+           else f"model.quantize={m.quantize}" if m.quantize != "none"
+           else "not float32" if dtype != torch.float32 or autocast
+           else "text-generation" if m.task == "text-generation" else "")
+    if off:
+        return f"torch: {off}"
+    why_not = onednn.use_onednn(model, probe_batch(model, tokenizer))
+    return f"torch: {why_not}" if why_not else onednn.summary(model)
 
 
 def _load_rescoring(cfg: JobConfig, task, device: torch.device):

@@ -121,6 +121,11 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         lines.append("last layer: the first position only, all the head reads (model.trim_last_layer)")
     elif facts.get("last_layer", "").startswith("whole: ") and cfg.model.trim_last_layer:  # and why
         lines.append(f"last layer: {facts['last_layer']}")
+    kernels = facts.get("linear_kernels", "")
+    if kernels.startswith("oneDNN"):
+        lines.append(f"linear layers: {kernels} (model.onednn)")
+    elif kernels.startswith("torch: ") and cfg.model.onednn and "oneDNN" in kernels:  # it was tried: say why not
+        lines.append(f"linear layers: {kernels}")
     if m["truncated_texts"]:
         lines.append(f"truncated {int(m['truncated_texts'])} texts longer than model.max_length={cfg.model.max_length} tokens")
     dedup = facts.get("dedup", "off")

@@ -30,8 +30,9 @@ contender:
            (exported once, ONNX Runtime's BERT fusions), that graph with ONNX Runtime's own dynamic int8
            (model.quantize=int8-per-channel's), and torch.compile (inductor, dynamic shapes). Their
            setup (export, quantization, compilation on the warm-up batches) is recorded apart from the loop.
-  hvd-whole hvd_infer with model.trim_last_layer=false: float32 as it ran before the last layer was trimmed
-           to the first position (the float32 the ONNX Runtime target is measured against).
+  hvd-whole hvd_infer with model.trim_last_layer=false model.onednn=false: float32 as it ran when issue 20 was
+           filed, the whole last layer on torch's own Linear (the float32 the faster engines' target is
+           measured against); hvd-aten the last layer trimmed, on torch's own Linear (model.onednn=false).
   hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
            hvd-ort-int8 the same with model.quantize=int8-per-channel.
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
@@ -79,7 +80,7 @@ from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
-          "hvd-np1", "hvd", "hvd-whole", "hvd-ort", "hvd-ort-int8", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
+          "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-ort", "hvd-ort-int8", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -305,8 +306,9 @@ def main(argv=None) -> int:
         report["mlflow"] = tracking_uri or "disabled"
     hvd_runs = [("hvd-np1", 1, [], "hvd_infer np=1", n)] if np_full != 1 else []
     hvd_runs += [("hvd", np_full, [], f"hvd_infer np={np_full}", n),
-                 ("hvd-whole", np_full, ["model.trim_last_layer=false"],
-                  f"hvd_infer np={np_full} model.trim_last_layer=false", n),
+                 ("hvd-whole", np_full, ["model.trim_last_layer=false", "model.onednn=false"],
+                  f"hvd_infer np={np_full} model.trim_last_layer=false model.onednn=false", n),
+                 ("hvd-aten", np_full, ["model.onednn=false"], f"hvd_infer np={np_full} model.onednn=false", n),
                  ("hvd-ort", np_full, ["model.runtime=onnxruntime"], f"hvd_infer np={np_full} model.runtime=onnxruntime", n),
                  ("hvd-ort-int8", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel"],
                   f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel", n),

@@ -35,7 +35,11 @@ CASES = {
     "int8": (["model.quantize=int8"], "(float32, int8)", 1.0, 0.15, 0.75),
     # The reference runs its last layer on the first position alone (model.trim_last_layer, the default).
     "whole-last-layer": (["model.trim_last_layer=false"], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
+    # The reference runs its float32 Linear layers on oneDNN (model.onednn, the default); this is torch's own.
+    "torch-linear": (["model.onednn=false"], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
 }
+# The cases whose Linear layers run on oneDNN (float32, eager, not quantized).
+ONEDNN = {"deepspeed-off", "threads-1", "token-budget", "whole-last-layer"}
 
 
 def score(model, data, out, *extra):
@@ -70,6 +74,7 @@ def test_speed_option_agrees_with_float32(name, float32, tiny_classifier, datase
     printed = capsys.readouterr().out
     assert header in printed, printed  # the option was applied, not ignored
     assert ("last layer: the first position only" in printed) == (name != "whole-last-layer"), printed
+    assert ("linear layers: oneDNN: " in printed) == (name in ONEDNN), printed
     rank_0 = next(l.split() for l in printed.splitlines() if l.startswith("    0 "))  # rank host device threads ...
     assert rank_0[3] == ("1" if name == "threads-1" else str(cpu_cores()))
     assert got["id"].tolist() == float32["id"].tolist() == sorted(dataset[1].column("id").to_pylist())
@@ -119,6 +124,47 @@ def test_last_layer_is_trimmed_only_where_the_head_reads_the_first_position_alon
     assert "forward" not in vars(module.bert.encoder.layer[-1])
     np.testing.assert_allclose(mean_got, mean_whole, atol=1e-6)
     assert np.abs(mean_whole - whole).max() > 1e-2  # the mean-pooled head really reads the other positions
+
+
+def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier):
+    """model.onednn: every float32 Linear runs oneDNN's kernel, with GELU and the residual add fused where the
+    module is BERT's; the logits are torch's own Linear's within float32 rounding. A module whose forward is
+    not what its shape suggests (here an output that subtracts its residual) fails the load's probe, and the
+    model is left exactly as it was."""
+    import builders
+    from hvd_infer import onednn
+    from hvd_infer.model import probe_batch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = builders.texts(24, seed=5, long_every=4)
+    plain, facts, module = _logits({"path": tiny_classifier, "onednn": False}, texts)
+    assert facts["linear_kernels"] == "torch: model.onednn=false"
+    assert not any(hasattr(m, "_onednn_weight") for m in module.modules())
+    fused, facts, module = _logits({"path": tiny_classifier}, texts)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+    layers = module.config.num_hidden_layers
+    assert facts["linear_kernels"] == (f"oneDNN: {linears} Linear layers, GELU or the residual add fused into "
+                                       f"{3 * layers}")
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+    assert len(set(plain.argmax(1))) >= 2
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)
+    output = model.bert.encoder.layer[0].output
+
+    def forward(hidden_states, input_tensor):  # BERT's shape and names, another computation
+        return output.LayerNorm(output.dense(hidden_states) - input_tensor)
+
+    output.forward = forward
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        before = model(**batch).logits
+    why_not = onednn.use_onednn(model, probe_batch(model, tokenizer))
+    assert why_not.startswith("oneDNN's outputs differed from torch's by "), why_not
+    assert output.forward is forward and not any(hasattr(m, "_onednn_weight") for m in model.modules())
+    assert not any("forward" in vars(m) for m in model.modules() if m is not output)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
 
 
 def test_last_layer_whole_for_tasks_that_read_every_position(tiny_encoder):

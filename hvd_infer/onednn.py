@@ -8,12 +8,14 @@ blocked layout (a second copy of the Linear weights in memory). Where a module a
 (BERT's intermediate) or a Linear then adds the residual before its LayerNorm (BERT's attention and layer
 outputs), the GELU or the add runs inside the matrix product's kernel: one pass over the output instead of two
 or three, and no copy of the bias into the output first (aten's addmm). On the demo MiniLM at one thread this
-is ~1.2x the float32 forward (scripts/bench.py's hvd-aten against hvd). The outputs are float32's within
+is ~1.2x the float32 forward (scripts/bench.py's hvd against hvd-aten), on a CPU with AVX512; without it,
+oneDNN's AVX2 kernels were slower than torch's and are not used (available()). The outputs are float32's within
 rounding: the change is kept only where a probe batch gives the model's outputs within 1e-4 of torch's own.
 """
 from __future__ import annotations
 
 import inspect
+import os
 import types
 from typing import Dict, List
 
@@ -21,10 +23,22 @@ import torch
 
 # The batch rows (tokens) oneDNN's weight layout is chosen for: a hint, any batch runs.
 ROWS_HINT = 2048
+# Set to 1 or 0 to say whether this CPU has AVX512, instead of reading /proc/cpuinfo. oneDNN's AVX512 kernels
+# beat torch's Linear (MKL) by 1.14x on the demo model; its AVX2 ones, with ONEDNN_MAX_CPU_ISA=AVX2 and
+# MKL_ENABLE_INSTRUCTIONS=AVX2, ran 0.91x on the 12-class model (README): there torch's own Linear stays.
+AVX512_ENV = "HVD_INFER_CPU_AVX512"
 
 
 def available() -> str:
-    """"" where this torch runs oneDNN's fused linear kernels, else why not."""
+    """"" where this torch runs oneDNN's fused linear kernels and they are the faster here, else why not."""
+    from hvd_infer.context import cpu_has
+
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if isa and not (isa.startswith(("AVX512", "AVX10")) or "AMX" in isa or isa in ("ALL", "DEFAULT")):
+        return f"oneDNN is limited to {isa} (ONEDNN_MAX_CPU_ISA), where its kernels ran slower than torch's Linear"
+    if not cpu_has(AVX512_ENV, "avx512f"):
+        return (f"oneDNN's kernels run slower than torch's Linear on a CPU without AVX512, as this one "
+                f"({AVX512_ENV}=1 uses them anyway)")
     if not torch.backends.mkldnn.is_available():
         return "this torch is built without oneDNN (mkldnn)"
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):

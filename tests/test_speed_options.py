@@ -126,9 +126,9 @@ def test_last_layer_is_trimmed_only_where_the_head_reads_the_first_position_alon
     assert np.abs(mean_whole - whole).max() > 1e-2  # the mean-pooled head really reads the other positions
 
 
-def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier):
+def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier, monkeypatch):
     """model.onednn: every float32 Linear runs oneDNN's kernel, with GELU and the residual add fused where the
-    module is BERT's; the logits are torch's own Linear's within float32 rounding. A module whose forward is
+    module is BERT's; the logits are torch's own Linear's within float32 rounding. Not on a CPU without AVX512. A module whose forward is
     not what its shape suggests (here an output that subtracts its residual) fails the load's probe, and the
     model is left exactly as it was."""
     import builders
@@ -147,6 +147,17 @@ def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier):
                                        f"{3 * layers}")
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
     assert len(set(plain.argmax(1))) >= 2
+
+    # Where oneDNN's kernels are the slower (AVX2: no AVX512, or oneDNN limited to AVX2), torch's Linear stays.
+    monkeypatch.setenv("HVD_INFER_CPU_AVX512", "0")
+    assert _logits({"path": tiny_classifier}, texts[:2])[1]["linear_kernels"] == (
+        "torch: oneDNN's kernels run slower than torch's Linear on a CPU without AVX512, as this one "
+        "(HVD_INFER_CPU_AVX512=1 uses them anyway)")
+    monkeypatch.setenv("HVD_INFER_CPU_AVX512", "1")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert _logits({"path": tiny_classifier}, texts[:2])[1]["linear_kernels"].startswith(
+        "torch: oneDNN is limited to AVX2 (ONEDNN_MAX_CPU_ISA)")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_classifier)

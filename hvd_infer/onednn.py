@@ -41,7 +41,7 @@ def available() -> str:
                 f"({AVX512_ENV}=1 uses them anyway)")
     if not torch.backends.mkldnn.is_available():
         return "this torch is built without oneDNN (mkldnn)"
-    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    if not all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight")):
         return f"torch {torch.__version__} has no oneDNN linear kernel (torch.ops.mkldnn._linear_pointwise)"
     return ""
 
@@ -55,12 +55,13 @@ def use_onednn(model, probe: Dict[str, torch.Tensor]) -> str:
         return missing
     with torch.inference_mode():
         expected = model(**probe)[0]
-        patched = _patch(model)
-        if not patched:
-            return f"oneDNN found no float32 Linear layer in {type(model).__name__}"
+        patched: List[torch.nn.Module] = []
         try:
+            _patch(model, patched)
+            if not patched:
+                return f"oneDNN found no float32 Linear layer in {type(model).__name__}"
             got = model(**probe)[0]
-        except Exception as e:  # an input oneDNN refuses: torch's own Linear stays
+        except Exception as e:  # a weight or an input oneDNN refuses: torch's own Linear stays
             _unpatch(patched)
             return f"oneDNN failed on a probe batch ({str(e).splitlines()[0][:80]})"
     scale = float(expected.abs().max()) or 1.0
@@ -77,8 +78,8 @@ def summary(model) -> str:
     return f"oneDNN: {linears} Linear layers, GELU or the residual add fused into {fused}"
 
 
-def _patch(model) -> List[torch.nn.Module]:
-    patched = []
+def _patch(model, patched: List[torch.nn.Module]) -> None:
+    """Patches the model's modules, each appended to `patched` as soon as it is (for _unpatch, even midway)."""
     for module in model.modules():
         if (isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32
                 and module.weight.device.type == "cpu"):
@@ -99,7 +100,6 @@ def _patch(model) -> List[torch.nn.Module]:
             continue
         module._onednn_fused = True
         patched.append(module)
-    return patched
 
 
 def _replace_forward(module: torch.nn.Module, forward) -> None:

@@ -34,7 +34,8 @@ contender:
            filed, the whole last layer on torch's own Linear (the float32 the faster engines' target is
            measured against); hvd-aten the last layer trimmed, on torch's own Linear (model.onednn=false).
   hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
-           hvd-ort-int8 the same with model.quantize=int8-per-channel.
+           hvd-ort-int8 the same with model.quantize=int8-per-channel, hvd-ort-blockwise with
+           model.quantize=int8-blockwise (ONNX Runtime's MatMulNBits, activations quantized per row and block).
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
            the check's seconds (inside end to end) and each candidate's timing and agreement (or the
            line saying the check was skipped: an input too small for it to pay, see the README).
@@ -80,7 +81,8 @@ from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
 from hvd_infer.context import cpu_cores  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
-          "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-ort", "hvd-ort-int8", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
+          "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-ort", "hvd-ort-int8",
+          "hvd-ort-blockwise", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -312,6 +314,8 @@ def main(argv=None) -> int:
                  ("hvd-ort", np_full, ["model.runtime=onnxruntime"], f"hvd_infer np={np_full} model.runtime=onnxruntime", n),
                  ("hvd-ort-int8", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel"],
                   f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel", n),
+                 ("hvd-ort-blockwise", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-blockwise"],
+                  f"hvd_infer np={np_full} model.runtime=onnxruntime int8-blockwise", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
                  ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n),
                  ("hvd-auto", np_full, ["model.dtype=auto-check", f"model.check_rows={args.check_rows}"],

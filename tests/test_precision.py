@@ -28,6 +28,9 @@ NO_BF16 = {NATIVE_BF16_ENV: "0"}
 ORT = ["onnxruntime-int8-per-channel"] if all(
     importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else []
 CANDIDATES = ["int8-per-channel"] + ORT
+# For embedding, token-classification and zero-shot, ONNX Runtime's int8-blockwise too (onnxruntime >= 1.22).
+BLOCKWISE = ["onnxruntime-int8-blockwise"] if ORT and tuple(
+    int(x) for x in importlib.import_module("onnxruntime").__version__.split(".")[:2]) >= (1, 22) else []
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +231,8 @@ def test_a_smaller_job_checks_fewer_rows_and_the_smallest_skip(monkeypatch):
     assert "rows x" in skip_reason(cfg, cpu, per_row * 64 - 1, 2)  # under one chunk in each precision
     generation = job("/m", dtype="auto-check", task="text-generation")
     assert [c.name for c in candidates(generation, cpu)] == ["int8-per-channel"]  # no ONNX Runtime
+    for task in ("embedding", "token-classification"):  # no rescoring there: int8-blockwise is tried
+        assert [c.name for c in candidates(job("/m", dtype="auto-check", task=task), cpu)] == CANDIDATES + BLOCKWISE
 
 
 def test_sample_is_the_inputs_first_rows(dataset):
@@ -370,7 +375,7 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
     reach it whatever the other rows do; the check stops there, 64 of its 128 rows scored, and runs float32."""
     from hvd_infer.precision import CHUNK_ROWS, PAYBACK
 
-    rows = PAYBACK * 128 * (1 + len(CANDIDATES))  # just enough for the check to be worth running: no skip
+    rows = PAYBACK * 128 * (1 + len(CANDIDATES + BLOCKWISE))  # just enough for the check to be worth running
     data = tmp_path / "data"
     builders.write_dataset(str(data), rows, row_group_size=100)
     r = python_m(base(tiny_encoder, data, tmp_path / "out", tmp_path, "model.task=embedding", "model.dtype=auto-check",
@@ -381,7 +386,7 @@ def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder,
     choice = params["resolved.precision_choice"]
     assert choice in ("float32", "onnxruntime") and params["resolved.precision_check"] == "measured"
     assert params["resolved.precision_check_rows"] == "128"
-    int8s = [name for name in CANDIDATES if "int8" in name]
+    int8s = [name for name in CANDIDATES + BLOCKWISE if "int8" in name]
     for name in ["float32"] + int8s:
         assert params[f"resolved.precision_{name}_rows"] == str(CHUNK_ROWS) or choice != "float32"
     for name in int8s:

@@ -121,7 +121,8 @@ def targets(results: List[Dict[str, Any]], np_full: int) -> List[Dict[str, Any]]
 
 
 # The bench stage that runs straight in each precision auto-check may choose.
-CHOICE_STAGES = {"float32": "hvd", "bfloat16": "hvd-bf16", "onnxruntime-int8-per-channel": "hvd-ort-int8"}
+CHOICE_STAGES = {"float32": "hvd", "bfloat16": "hvd-bf16", "onnxruntime-int8-per-channel": "hvd-ort-int8",
+                 "onnxruntime-int8-blockwise": "hvd-ort-blockwise"}
 
 
 def print_report(report: Dict[str, Any]) -> None:

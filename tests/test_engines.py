@@ -172,6 +172,41 @@ def test_onnxruntime_int8_blockwise_keeps_a_trained_encoders_vectors(tmp_path, m
     assert blockwise.max() < 2e-3 and blockwise.mean() * 4 < per_channel.mean(), (blockwise.mean(), per_channel.mean())
 
 
+@pytest.mark.parametrize("name, task", [("ner", "token-classification"), ("nli", "zero-shot-classification")])
+def test_onnxruntime_int8_blockwise_runs_ner_and_zero_shot(models, tmp_path, monkeypatch, name, task):
+    """int8-blockwise (auto-check's candidate for these tasks) on their models: the encoder's MatMuls blockwise,
+    the head in float32, logits near eager's."""
+    import tempfile
+
+    import onnx
+    import onnxruntime
+
+    from hvd_infer.engines import BLOCKWISE_SINCE, _release
+
+    if _release(onnxruntime.__version__) < BLOCKWISE_SINCE:
+        pytest.skip(f"int8-blockwise needs onnxruntime >= {BLOCKWISE_SINCE}, this is {onnxruntime.__version__}")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    texts = ner_texts(12, seed=2) if name == "ner" else builders.texts(12, seed=2)
+    logits = {}
+    for runtime, q in (("eager", "none"), ("onnxruntime", "int8-blockwise")):
+        cfg = load_config({"model": {"path": models[name], "task": task, "runtime": runtime, "quantize": q},
+                           "zero_shot": {"candidate_labels": LABELS}, "data": {"path": "/d"}, "output": {"path": "/o"}})
+        t = get_task(cfg.model.task)(cfg)
+        model, _, facts = load_model(cfg, t, torch.device("cpu"))
+        batch = t.collate(t.encode(texts).features)
+        with torch.inference_mode():
+            logits[q] = model(**{k: v for k, v in batch.items() if torch.is_tensor(v)}).logits.float().numpy()
+        if name == "ner":  # the real tokens' logits (padding's are nobody's)
+            logits[q] = logits[q][batch["attention_mask"].bool().numpy()]
+    nodes = onnx.load(facts["onnx_graph"]).graph.node
+    assert [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert not [n for n in nodes if n.name.startswith("/model/classifier/") and n.op_type == "MatMulNBits"]
+    assert "nodes in float32)" in facts["onnx_optimizer"]
+    error, scale = np.abs(logits["int8-blockwise"] - logits["none"]), np.abs(logits["none"]).max()
+    assert error.mean() < 0.02 * scale and error.max() < 0.15 * scale, (error.mean(), error.max(), scale)
+
+
 def test_int8_blockwise_is_onnx_runtimes_and_new_enough(monkeypatch):
     """int8-blockwise in torch is refused at the config; with an ONNX Runtime older than 1.22 at check_runtime."""
     import onnxruntime

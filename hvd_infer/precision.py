@@ -123,8 +123,8 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
     """The precisions that can beat float32 on this device; those it would emulate slowly are left out. On a
     CPU: per-channel int8 in torch, and in ONNX Runtime where it is installed (not for text-generation).
 
-    Beside them, for the tasks no rescoring serves (BLOCKWISE_TASKS), ONNX Runtime's int8-blockwise: slower than
-    per-channel int8, with about a tenth of its error.
+    Beside them, for the tasks no rescoring serves, where float32 runs on torch's Linear (blockwise_pays), ONNX
+    Runtime's int8-blockwise: slower than per-channel int8, with about a tenth of its error.
 
     Each candidate costs the check a model load and its rows, so those that seldom win are not tried: per-tensor
     int8 was slower than per-channel and changed more labels (issue 11; the bench, 2026-12-06), and ONNX
@@ -138,7 +138,7 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
 
     found = ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"]]
     onnx = [PRECISIONS["onnxruntime-int8-per-channel"]] + (
-        [PRECISIONS["onnxruntime-int8-blockwise"]] if cfg.model.task in BLOCKWISE_TASKS else [])
+        [PRECISIONS["onnxruntime-int8-blockwise"]] if blockwise_pays(cfg) else [])
     for precision in onnx if cfg.model.task != "text-generation" else ():
         try:
             check_runtime(precision.config(cfg), device)  # ONNX Runtime installed and importable (and new enough)
@@ -149,12 +149,19 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
 
 
 # The tasks auto-check tries int8-blockwise for: those int8-rescore cannot serve (it rescores a classifier's
-# unsure rows). On 512 rows of the all-MiniLM-L6-v2 embedding (AVX512 VNNI, 2 threads) ONNX Runtime's
-# per-channel int8 took 7.4 s against float32's 13.3 s with a mean cosine of 0.9929, under
-# model.check_agreement; int8-blockwise 10.3 s (1.29x) with 0.99965. A classifier's rescoring was the faster:
-# on the 12-class bench model int8-blockwise kept 99.3-99.7% of the labels at 1.15-1.21x float32, and
-# onnxruntime-int8-rescore ran 1.4x and more.
+# unsure rows; on the 12-class bench model int8-blockwise kept 99.41% of the labels, and the rescoring ran as fast
+# with 99.90%). On the all-MiniLM-L6-v2 embedding, 8,000 rows at -np 2, ONNX Runtime's per-channel int8 kept a
+# mean cosine of 0.9916-0.9929 (under model.check_agreement), int8-blockwise 0.9996.
 BLOCKWISE_TASKS = ("embedding", "token-classification", "zero-shot-classification")
+
+
+def blockwise_pays(cfg: JobConfig) -> bool:
+    """Is int8-blockwise worth a place in the check? For BLOCKWISE_TASKS, where float32 runs on torch's Linear:
+    there (emulated AVX2) it ran the embedding 1.42x float32 steady; against oneDNN's float32 (model.onednn, on
+    AVX512) 1.07-1.14x in process and 1.09x in the job, less than the check spends on it."""
+    from hvd_infer import onednn
+
+    return cfg.model.task in BLOCKWISE_TASKS and not (cfg.model.onednn and not onednn.available())
 
 
 def sample_rows(cfg: JobConfig, device: torch.device, total_rows: int, world_size: int) -> int:

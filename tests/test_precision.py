@@ -231,8 +231,15 @@ def test_a_smaller_job_checks_fewer_rows_and_the_smallest_skip(monkeypatch):
     assert "rows x" in skip_reason(cfg, cpu, per_row * 64 - 1, 2)  # under one chunk in each precision
     generation = job("/m", dtype="auto-check", task="text-generation")
     assert [c.name for c in candidates(generation, cpu)] == ["int8-per-channel"]  # no ONNX Runtime
-    for task in ("embedding", "token-classification"):  # no rescoring there: int8-blockwise is tried
-        assert [c.name for c in candidates(job("/m", dtype="auto-check", task=task), cpu)] == CANDIDATES + BLOCKWISE
+    # No rescoring for these tasks: int8-blockwise is tried where float32 runs on torch's Linear (no AVX512, or
+    # model.onednn=false), not against oneDNN's float32 (conftest's HVD_INFER_CPU_AVX512=1).
+    for task in ("embedding", "token-classification"):
+        assert [c.name for c in candidates(job("/m", dtype="auto-check", task=task), cpu)] == CANDIDATES
+        assert [c.name for c in candidates(job("/m", dtype="auto-check", task=task, onednn=False), cpu)] == (
+            CANDIDATES + BLOCKWISE)
+    monkeypatch.setenv("HVD_INFER_CPU_AVX512", "0")
+    assert [c.name for c in candidates(job("/m", dtype="auto-check", task="embedding"), cpu)] == CANDIDATES + BLOCKWISE
+    assert [c.name for c in candidates(cfg, cpu)] == CANDIDATES  # text-classification: its rescoring instead
 
 
 def test_sample_is_the_inputs_first_rows(dataset):
@@ -371,15 +378,16 @@ def job_file_identity(out):
 
 
 def test_a_candidate_that_cannot_agree_is_rejected_after_one_chunk(tiny_encoder, tmp_path):
-    """check_agreement=1 on embeddings: int8's cosines fall short of 1 on the first chunk, so neither int8 can
-    reach it whatever the other rows do; the check stops there, 64 of its 128 rows scored, and runs float32."""
+    """check_agreement=1 on embeddings: int8's cosines fall short of 1 on the first chunk, so no int8 (ONNX
+    Runtime's int8-blockwise included: float32 on torch's Linear here) can reach it whatever the other rows do; the
+    check stops there, 64 of its 128 rows scored, and runs float32."""
     from hvd_infer.precision import CHUNK_ROWS, PAYBACK
 
     rows = PAYBACK * 128 * (1 + len(CANDIDATES + BLOCKWISE))  # just enough for the check to be worth running
     data = tmp_path / "data"
     builders.write_dataset(str(data), rows, row_group_size=100)
     r = python_m(base(tiny_encoder, data, tmp_path / "out", tmp_path, "model.task=embedding", "model.dtype=auto-check",
-                      "model.check_rows=128", "model.check_agreement=1"), env=NO_BF16)
+                      "model.check_rows=128", "model.check_agreement=1", "model.onednn=false"), env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
     params = params_of(tmp_path)
     # ONNX Runtime's float32 may reproduce torch's vectors to the last bit (cosine 1), so it may be chosen.

@@ -7,9 +7,9 @@ scores them in float32 and in each faster precision this device runs natively: o
 bfloat16 where the GPU supports it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many
 times slower than float32), and dynamic int8 with per-channel scales and the task head left in float32,
 in torch and, where ONNX Runtime is installed, in ONNX Runtime (model.runtime=onnxruntime), and for the tasks
-no rescoring serves ONNX Runtime's int8-blockwise (see candidates). Where per-channel int8 changes a label of the first chunk (text- and token-classification),
-int8-selective joins, with the layers whose int8 error moves the labels most left in float32
-(sensitive_layers, measured on those rows); on text-classification, where torch's or ONNX Runtime's int8
+no rescoring serves ONNX Runtime's int8-blockwise (see candidates). Where per-channel int8 changes a label of
+the first chunk (text- and token-classification), int8-selective joins, with the layers whose int8 error moves
+the labels most left in float32 (sensitive_layers, measured on those rows); on text-classification, where torch's or ONNX Runtime's int8
 changes one, int8-rescore or onnxruntime-int8-rescore joins, which scores again in float32 the rows whose two
 likeliest labels that int8 puts close together (_rescore_margin). It times each (after
 one warm-up batch) and picks the fastest whose agreement with float32 is at least model.check_agreement:

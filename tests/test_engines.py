@@ -19,6 +19,7 @@ import torch
 import builders
 from conftest import hvd_infer_np, job_args, minilm_classifier, python_m, read_output
 from hvd_infer.config import load_config
+from hvd_infer.engines import BLOCKWISE_SINCE, _release
 from hvd_infer.errors import ConfigError
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
@@ -30,7 +31,10 @@ from test_tasks import (LABELS, assert_entities_equal, assert_zero_shot_equal, c
 
 ORT = "model.runtime=onnxruntime"
 # The Databricks stacks install no ONNX Runtime (scripts/install.sh): there model.runtime=onnxruntime is refused.
-pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install hvd_infer[onnx])")
+onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install hvd_infer[onnx])")
+# int8-blockwise's 8-bit MatMulNBits (onnxruntime >= 1.22).
+needs_blockwise = pytest.mark.skipif(_release(onnxruntime.__version__) < BLOCKWISE_SINCE,
+                                     reason=f"int8-blockwise needs onnxruntime >= {BLOCKWISE_SINCE}")
 
 
 def own_cache(tmp_path):
@@ -126,6 +130,7 @@ def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypa
     assert np.abs(probs["onnxruntime"] - probs["eager"]).max() < 0.02
 
 
+@needs_blockwise
 @pytest.mark.slow
 def test_onnxruntime_int8_blockwise_keeps_a_trained_encoders_vectors(tmp_path, monkeypatch):
     """model.quantize=int8-blockwise: ONNX Runtime's MatMulNBits (8-bit weights in blocks of 128, activations
@@ -135,11 +140,6 @@ def test_onnxruntime_int8_blockwise_keeps_a_trained_encoders_vectors(tmp_path, m
 
     import onnx
 
-    from hvd_infer.engines import BLOCKWISE_SINCE, _release
-
-    import onnxruntime
-    if _release(onnxruntime.__version__) < BLOCKWISE_SINCE:
-        pytest.skip(f"int8-blockwise needs onnxruntime >= {BLOCKWISE_SINCE}, this is {onnxruntime.__version__}")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     texts = builders.texts(48, seed=6, long_every=9)
@@ -172,6 +172,7 @@ def test_onnxruntime_int8_blockwise_keeps_a_trained_encoders_vectors(tmp_path, m
     assert blockwise.max() < 2e-3 and blockwise.mean() * 4 < per_channel.mean(), (blockwise.mean(), per_channel.mean())
 
 
+@needs_blockwise
 @pytest.mark.parametrize("name, task", [("ner", "token-classification"), ("nli", "zero-shot-classification")])
 def test_onnxruntime_int8_blockwise_runs_ner_and_zero_shot(models, tmp_path, monkeypatch, name, task):
     """int8-blockwise (auto-check's candidate for these tasks) on their models: the encoder's MatMuls blockwise,
@@ -179,12 +180,6 @@ def test_onnxruntime_int8_blockwise_runs_ner_and_zero_shot(models, tmp_path, mon
     import tempfile
 
     import onnx
-    import onnxruntime
-
-    from hvd_infer.engines import BLOCKWISE_SINCE, _release
-
-    if _release(onnxruntime.__version__) < BLOCKWISE_SINCE:
-        pytest.skip(f"int8-blockwise needs onnxruntime >= {BLOCKWISE_SINCE}, this is {onnxruntime.__version__}")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     texts = ner_texts(12, seed=2) if name == "ner" else builders.texts(12, seed=2)
@@ -209,8 +204,6 @@ def test_onnxruntime_int8_blockwise_runs_ner_and_zero_shot(models, tmp_path, mon
 
 def test_int8_blockwise_is_onnx_runtimes_and_new_enough(monkeypatch):
     """int8-blockwise in torch is refused at the config; with an ONNX Runtime older than 1.22 at check_runtime."""
-    import onnxruntime
-
     from hvd_infer.engines import check_runtime
 
     with pytest.raises(ConfigError, match="int8-blockwise is ONNX Runtime's int8 .*set model.runtime=onnxruntime"):

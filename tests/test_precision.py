@@ -16,6 +16,7 @@ import torch
 import builders
 from conftest import horovodrun, python_m
 from hvd_infer.config import load_config
+from hvd_infer.engines import BLOCKWISE_SINCE, _release
 from hvd_infer.errors import ConfigError
 from hvd_infer.model import NATIVE_BF16_ENV, load_model
 from hvd_infer.precision import agreement
@@ -29,8 +30,8 @@ ORT = ["onnxruntime-int8-per-channel"] if all(
     importlib.util.find_spec(m) for m in ("onnxruntime", "onnx")) else []
 CANDIDATES = ["int8-per-channel"] + ORT
 # For embedding, token-classification and zero-shot, ONNX Runtime's int8-blockwise too (onnxruntime >= 1.22).
-BLOCKWISE = ["onnxruntime-int8-blockwise"] if ORT and tuple(
-    int(x) for x in importlib.import_module("onnxruntime").__version__.split(".")[:2]) >= (1, 22) else []
+BLOCKWISE = ["onnxruntime-int8-blockwise"] if ORT and _release(
+    importlib.import_module("onnxruntime").__version__) >= BLOCKWISE_SINCE else []
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-# Everything installs itself (scripts/install.sh, idempotent): the default stack into .venv, a named
-# stack (scripts/stacks/NAME.txt, a Databricks ML runtime's versions) into .venv-NAME with STACK=NAME.
+# Everything installs itself (scripts/install.sh, idempotent): the default stack as .venv, a named stack
+# (scripts/stacks/NAME.txt, a Databricks ML runtime's versions) as .venv-NAME with STACK=NAME; each links to
+# a venv kept outside the checkout per stack and pin set (~/.cache/hvd_infer/venvs), reused by other clones.
 STACK ?= default
 VENV ?= $(if $(filter default,$(STACK)),.venv,.venv-$(STACK))
 PY := $(VENV)/bin/python
@@ -16,10 +17,10 @@ demo: install  ## fine-tune the demo model (once), then score the test split on 
 	else set -x; $(VENV)/bin/torchrun --nproc-per-node $(NP) -m hvd_infer; fi
 
 test: install  ## the whole suite on the default stack, then the end-to-end core on each named stack
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=15
 	@$(MAKE) --no-print-directory test-stacks
 
-test-fast: install
+test-fast: install  ## the tests that start no process (no ranks, servers, Spark): under 3 minutes
 	$(PY) -m pytest tests -q -m "not slow"
 
 # The named stacks: each installed into .venv-NAME, then the end-to-end core (tests/stacks: 2 ranks equal to a
@@ -28,10 +29,10 @@ test-fast: install
 # sentence-transformers (the non-slow tests of test_tasks.py and test_embedding.py).
 STACKS ?= dbr-15.4-ml dbr-17.3-ml
 test-stacks:
-	@$(MAKE) --no-print-directory demo STACK=default VENV=.venv
+	@$(MAKE) --no-print-directory demo STACK=default
 	@for s in $(STACKS); do \
 	  bash scripts/install.sh --stack $$s && \
-	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "not slow" \
+	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "stack or not slow" \
 	    -W ignore::DeprecationWarning || exit 1; \
 	done
 

@@ -3,7 +3,7 @@
 #
 #   bash scripts/install.sh            # .venv in the repo (what make demo/test use)
 #   bash scripts/install.sh --stack dbr-15.4-ml   # .venv-dbr-15.4-ml: a Databricks runtime's versions
-#   VENV=/opt/venv bash scripts/install.sh
+#   VENV=/opt/venv bash scripts/install.sh          # exactly there (a Docker image, an existing runtime)
 #   TORCH_SPEC="torch==2.13.0+cu126" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 \
 #     HOROVOD_GPU_OPERATIONS=NCCL bash scripts/install.sh     (what docker/Dockerfile runs)
 #   PYTHON=python3.11 picks the interpreter the venv is made from.
@@ -23,6 +23,12 @@ while [ $# -gt 0 ]; do
     *) echo "install.sh: unknown argument $1; use --stack NAME (default, $(cd "$here/scripts/stacks" && ls *.txt | sed 's/.txt$//' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2 ;;
   esac
 done
+
+# Unless VENV names one, a stack's venv lives outside the checkout, one per stack and pin set
+# ($HVD_VENV_CACHE, default ~/.cache/hvd_infer/venvs), and the checkout's .venv / .venv-NAME links to it: a
+# second clone on this host (a CI checkout) reuses the installed stack instead of installing it again, and a
+# changed pin set (this script, the stack's constraints, setup.cfg) installs a new venv beside it.
+VENV_ASKED=${VENV:-}
 
 # A venv's interpreter of Python X.Y: pythonX.Y on PATH if it runs (a pyenv shim may refuse), else pyenv's.
 python_of() {
@@ -53,9 +59,37 @@ HVD_WHEEL_CACHE=${HVD_WHEEL_CACHE:-$HOME/.cache/hvd_infer/wheels}
 HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-}
 
 stamp_src=$(cat "$here/scripts/install.sh" "$CONSTRAINTS" "$here/setup.cfg" | sha256sum | cut -c1-16)
-stamp="$VENV/.hvd_infer-installed-$stamp_src-$(echo "$TORCH_SPEC$TORCH_INDEX_URL" | tr -c 'a-zA-Z0-9.' _)"
+torch_key=$(echo "$TORCH_SPEC$TORCH_INDEX_URL$HOROVOD_GPU_OPERATIONS" | tr -c 'a-zA-Z0-9.' _)
+link=""
+if [ -z "$VENV_ASKED" ] && ! { [ -d "$VENV" ] && [ ! -L "$VENV" ]; }; then  # (a venv made in the checkout stays)
+  link=$VENV
+  cache=${HVD_VENV_CACHE:-$HOME/.cache/hvd_infer/venvs}
+  key=$(echo "$stamp_src$torch_key" | sha256sum | cut -c1-12)
+  VENV=$cache/$STACK-$key/$(basename "$link")
+fi
+stamp="$VENV/.hvd_infer-installed-$stamp_src-$torch_key"
+
+# This checkout's hvd_infer, editable, in the venv (which may have served another checkout before).
+own_checkout() {
+  local at
+  at=$(cd / && "$VENV/bin/python" -c "import hvd_infer, os; print(os.path.dirname(os.path.dirname(hvd_infer.__file__)))" \
+       2>/dev/null || true)
+  [ "$at" = "$here" ] || "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e "$here"
+  if [ -n "$link" ]; then
+    ln -sfn "$VENV" "$link"
+  fi
+}
+
 if [ -f "$stamp" ]; then
+  own_checkout
   exit 0
+fi
+if [ -n "$link" ]; then
+  # Venvs of this stack's other pin sets are out of date (each is GBs): a new one replaces them.
+  for old in "$cache/$STACK"-*; do
+    [ "$old" = "$cache/$STACK-$key" ] || rm -rf "$old"
+  done
+  mkdir -p "$(dirname "$VENV")"
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -149,7 +183,7 @@ if [ "$WITH_HOROVOD" = 1 ]; then
   [ -n "$hvd_whl" ] && "${pip[@]}" "${C[@]}" "$hvd_whl"
 fi
 
-"${pip[@]}" --no-deps -e "$here"
+own_checkout
 "$VENV/bin/python" -c "import $imports" >/dev/null 2>&1 || {
   echo "[install] import check failed:"; "$VENV/bin/python" -c "import $imports"; exit 1; }
 rm -f "$VENV"/.hvd_infer-installed-*

@@ -15,9 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# model.onednn runs only where the CPU has AVX512 (its AVX2 kernels are slower, not wrong): the suite takes that
-# path on every CPU, so a machine without AVX512 tests it too (test_speed_options tests the refusal).
-os.environ.setdefault("HVD_INFER_CPU_AVX512", "1")
+# The jobs take the CPU path the product picks on this machine (oneDNN's Linear only with AVX512): the other
+# path has its own tests, which set HVD_INFER_CPU_AVX512 themselves (test_speed_options).
 
 import builders  # noqa: E402
 from hosts import cluster  # noqa: E402,F401  (the test hosts, shared by every test across hosts)
@@ -34,6 +33,28 @@ def pytest_sessionstart(session):
     bf16 = "yes" if cpu_has_native_bf16() else "no, tests marked native_bf16 are skipped"
     session.config.pluginmanager.get_plugin("terminalreporter").write_line(
         f"cpu: {facts['cpu']}, {facts['cores']} usable cores; flags: {flags}; native bf16: {bf16}{forced}")
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_slow_tests(request, monkeypatch):
+    """A test that starts a process (ranks, a server, Spark, a job through the command line) is marked slow, so
+    that `make test-fast` (-m "not slow") starts none: here any other test that tries fails, naming the fix."""
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("stack"):
+        return
+    start = subprocess.Popen._execute_child
+
+    def refuse(self, args, *rest, **kwargs):
+        if os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0]) in CHEAP_PROBES:
+            return start(self, args, *rest, **kwargs)
+        raise AssertionError(f"{request.node.nodeid} starts a process ({args!r:.120}): mark it @pytest.mark.slow, "
+                             "or run it in process (conftest.cli)")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+
+
+# What libraries ask the system in process (platform.processor(), ctypes.util.find_library, numpy.testing's
+# lscpu, MLflow's git tags): milliseconds each.
+CHEAP_PROBES = {"uname", "ldconfig", "gcc", "cc", "ld", "objdump", "lscpu", "git"}
 
 
 def pytest_runtest_setup(item):
@@ -55,10 +76,59 @@ def tiny_encoder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def minilm_job(tmp_path_factory):
+    """(model, data, table): real MiniLM weights with a fitted 3-label head (builders.minilm_classifier) and 480
+    rows in row groups of 16: a job long enough to be killed midway, shared by every kill-and-resume test."""
+    tmp = tmp_path_factory.mktemp("minilm_job")
+    model = builders.minilm_classifier(str(tmp / "model"))
+    table = builders.write_dataset(str(tmp / "data"), 480, files=3, row_group_size=16)
+    return model, tmp / "data", table
+
+
+@pytest.fixture(scope="session")
+def minilm_reference(minilm_job, tmp_path_factory):
+    """minilm_job scored uninterrupted (a world of one, in process), itself checked row by row against a plain
+    transformers forward: what a killed-then-resumed job must equal, every column."""
+    import hvd_infer
+
+    model, data, table = minilm_job
+    out = tmp_path_factory.mktemp("minilm_reference") / "out"
+    hvd_infer.run({"model": {"path": model}, "data": {"path": str(data), "id_columns": ["id", "doc"]},
+                   "output": {"path": str(out)}, "mlflow": {"enabled": False}, "runtime": {"progress": False}})
+    got = read_output(out)
+    assert_plain_forward(got, model, table)
+    return got
+
+
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """(path, table): 157 rows, 3 files, row groups of 7 rows, int and string ids."""
     path = str(tmp_path_factory.mktemp("data") / "ds")
     return path, builders.write_dataset(path, 157)
+
+
+def cli(args, env=None):
+    """`python -m hvd_infer ARGS` in this process, for what fails before any rank would start (config, input,
+    model and output checks): a CompletedProcess with the exit code and what was printed. A subprocess costs
+    seconds of imports; the launcher itself is tested through real processes (test_launcher)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import torch
+
+    from hvd_infer.__main__ import main
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    os.environ.update(env or {})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def horovodrun(np_, args, env=None, timeout=600, cwd=REPO):
@@ -96,42 +166,63 @@ def read_output(out):
     return pads.dataset(str(out)).to_table().to_pandas().sort_values("id").reset_index(drop=True)
 
 
+def assert_plain_forward(got, model, table, atol=1e-5):
+    """A classification output (read_output) row by row against a plain transformers forward of `model` over
+    `table` (builders.write_dataset): every id once, its doc, its label and probabilities."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    ids = table.column("id").to_pylist()
+    assert sorted(got["id"]) == sorted(ids)
+    rows = [ids.index(i) for i in got["id"]]
+    probs = builders.plain_probs(str(model), table.column("text").to_pylist())[rows]
+    labels = AutoConfig.from_pretrained(str(model)).id2label
+    assert got["doc"].tolist() == [table.column("doc")[k].as_py() for k in rows]
+    assert got["label"].tolist() == [labels[int(k)] for k in probs.argmax(1)]
+    np.testing.assert_allclose(np.stack(got["probs"]), probs, atol=atol)
+    np.testing.assert_allclose(got["score"].to_numpy(), probs.max(1), atol=atol)
+
+
 def assert_same_predictions(got, ref, atol=1e-5):
-    """Row by row: every id exactly once, the same ids, labels and probabilities."""
+    """Row by row, every column: the same columns, every id exactly once, equal values (floats within atol)."""
     import numpy as np
 
+    assert list(got.columns) == list(ref.columns)
     assert got["id"].tolist() == ref["id"].tolist()
-    assert got["doc"].tolist() == ref["doc"].tolist()
-    assert got["label"].tolist() == ref["label"].tolist()
-    np.testing.assert_allclose(got["score"].to_numpy(), ref["score"].to_numpy(), atol=atol)
-    np.testing.assert_allclose(np.stack(got["probs"]), np.stack(ref["probs"]), atol=atol)
+    for name in got.columns:
+        a, b = got[name], ref[name]
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=atol, err_msg=name)
+        elif len(a) and isinstance(a.iloc[0], np.ndarray) and a.iloc[0].dtype.kind == "f":
+            np.testing.assert_allclose(np.stack(a), np.stack(b), atol=atol, err_msg=name)
+        else:
+            assert [v.tolist() if isinstance(v, np.ndarray) else v for v in a] == \
+                [v.tolist() if isinstance(v, np.ndarray) else v for v in b], name
 
 
 @pytest.fixture(scope="session")
-def horovodrun_reference(tmp_path_factory, tiny_classifier, dataset):
-    """horovodrun -np 2 on the tiny classifier and the 157-row dataset: what other launchers must equal."""
-    tmp = tmp_path_factory.mktemp("horovodrun_reference")
-    r = horovodrun(2, job_args(tiny_classifier, dataset[0], tmp / "out", tmp))
+def horovodrun_job(tmp_path_factory, tiny_classifier, dataset):
+    """(tmp, out, completed process): horovodrun -np 2 on the tiny classifier and the 157-row dataset, its gold
+    labels evaluated, MLflow in tmp."""
+    tmp = tmp_path_factory.mktemp("horovodrun_job")
+    r = horovodrun(2, job_args(tiny_classifier, dataset[0], tmp / "out", tmp, "data.label_column=label"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return read_output(tmp / "out")
+    return tmp, tmp / "out", r
+
+
+@pytest.fixture(scope="session")
+def horovodrun_reference(horovodrun_job, tiny_classifier, dataset):
+    """horovodrun_job's output: what other launchers must equal, itself checked row by row against a plain
+    transformers forward."""
+    got = read_output(horovodrun_job[1])
+    assert_plain_forward(got, tiny_classifier, dataset[1])
+    return got
 
 
 def python_m(args, env=None, timeout=600, cwd=REPO):
     e = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "hvd_infer"] + list(args), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=e)
-
-
-def minilm_classifier(path):
-    """A real-sized model, so that a job runs long enough to be killed midway."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    m = AutoModelForSequenceClassification.from_pretrained(builders.minilm_dir(), num_labels=3)
-    m.save_pretrained(path)
-    AutoTokenizer.from_pretrained(builders.minilm_dir()).save_pretrained(path)
-    return path
 
 
 def rank_pid(rank, marker, rank_var):

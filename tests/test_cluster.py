@@ -8,25 +8,33 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
-import builders
-from conftest import (REPO, _master_state, assert_same_predictions, free_port, job, job_args, minilm_classifier,
-                      mlflow_server, python_m, read_output, spark_session, start_then_fault, stop_spark_cluster,
-                      wait_for)
+from conftest import (REPO, _master_state, assert_same_predictions, cli, free_port, job, job_args, mlflow_server,
+                      python_m, read_output, spark_session, start_then_fault, stop_spark_cluster, wait_for)
 from hosts import DRIVER_ADDRESS, NIC
 
 pytestmark = pytest.mark.slow
 
 
-def across(cluster, hosts, args, mlflow=False):
-    """hvd-infer -np N -H hosts ... with the test hosts' ssh key; MLflow off unless asked for."""
+def across_args(cluster, hosts, args, mlflow=False):
+    """hvd-infer's arguments for -np N -H hosts ... with the test hosts' ssh key; MLflow off unless asked for."""
     np_ = sum(int(h.split(":")[1]) for h in hosts.split(","))
-    return python_m(["-np", str(np_), "-H", hosts, "-i", cluster.identity] + list(args)
-                    + ([] if mlflow else ["mlflow.enabled=false"]))
+    return (["-np", str(np_), "-H", hosts, "-i", cluster.identity] + list(args)
+            + ([] if mlflow else ["mlflow.enabled=false"]))
+
+
+def across(cluster, hosts, args, mlflow=False):
+    """hvd-infer -np N -H hosts ...: its ranks on the test hosts."""
+    return python_m(across_args(cluster, hosts, args, mlflow))
+
+
+def refused(cluster, hosts, args, mlflow=False):
+    """hvd-infer -np N -H hosts ... for a job its checks refuse: in this process (cli), as no rank starts; the
+    checks of the hosts still run over ssh."""
+    return cli(across_args(cluster, hosts, args, mlflow))
 
 
 def the_line(r):
@@ -109,14 +117,14 @@ def test_cluster_checked_before_any_rank_starts(cluster, tiny_classifier, datase
         ("hvdh1:1,hvdh2:1", ["--network-interface=eth9"], ["host hvdh1 has no network interface eth9"]),
     ]
     for hosts, extra, fragments in cases:
-        r = across(cluster, hosts, extra + job)
+        r = refused(cluster, hosts, extra + job)
         line = the_line(r)
         assert r.returncode == 2 and line.startswith("hvd_infer: error: "), (r.returncode, line)
         for f in fragments:
             assert f in line, line
         assert not out.exists()  # no rank started
     # A tracking store on this host's disk, which the other hosts' ranks would log to: refused, naming the fix.
-    r = python_m(["-np", "2", "-H", "hvdh1:1,hvdh2:1", "-i", cluster.identity] + job)
+    r = refused(cluster, "hvdh1:1,hvdh2:1", job, mlflow=True)
     assert r.returncode == 2 and "is a store on this host's disk" in the_line(r) and "mlflow server" in the_line(r)
     assert not out.exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -139,15 +147,6 @@ def test_tracking_server_on_the_driver_used_by_ranks_on_two_hosts(cluster, tiny_
             assert f"system/rank_{rank}/cpu_utilization_percentage" in metrics
 
 
-@pytest.fixture(scope="module")
-def long_job(tmp_path_factory):
-    """A real-sized model over 480 rows in parts of 8: long enough to lose a host midway."""
-    tmp = tmp_path_factory.mktemp("long_job")
-    model = minilm_classifier(str(tmp / "model"))
-    table = builders.write_dataset(str(tmp / "data"), 480, files=3, row_group_size=16)
-    return model, tmp / "data", table
-
-
 def start_then(cluster, hosts, args, out, fault):
     """Start hvd-infer across hosts; once rank 1 wrote 3 parts, call fault(); returns (exit code, seconds from the
     fault to the exit, output)."""
@@ -160,13 +159,15 @@ def parts(out):
     return {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if n.startswith("part-")}
 
 
-def assert_every_row_once(out, table):
+def assert_resumed(out, table, reference):
+    """Every row exactly once, and the whole output what the job gives uninterrupted (minilm_reference)."""
     got = pq.read_table(str(out), columns=["id"]).column("id").to_pylist()
     assert sorted(got) == sorted(table.column("id").to_pylist())
+    assert_same_predictions(read_output(out), reference, atol=1e-5)
 
 
-def test_lost_host_is_named_then_resumed_on_the_host_that_remains(cluster, long_job, tmp_path):
-    model, data, table = long_job
+def test_lost_host_is_named_then_resumed_on_the_host_that_remains(cluster, minilm_job, minilm_reference, tmp_path):
+    model, data, table = minilm_job
     out = tmp_path / "out"
     args = job_args(model, data, out, tmp_path, "output.rows_per_part=8")
     code, seconds, output = start_then(cluster, "hvdh1:1,hvdh2:1", args, out, lambda: cluster.kill_all("hvdh2"))
@@ -180,7 +181,7 @@ def test_lost_host_is_named_then_resumed_on_the_host_that_remains(cluster, long_
 
     r = across(cluster, "hvdh1:1", args + ["output.mode=resume"])  # a world of one, on the host that remains
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert_every_row_once(out, table)
+    assert_resumed(out, table, minilm_reference)
     assert all(parts(out)[n] == t for n, t in before.items())  # the finished parts were kept, not redone
 
 
@@ -193,8 +194,9 @@ def reboot_after_cut(cluster, out):
     cluster.link("hvdh2", True)
 
 
-def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_back(cluster, long_job, tmp_path):
-    model, data, table = long_job
+def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_back(cluster, minilm_job,
+                                                                                   minilm_reference, tmp_path):
+    model, data, table = minilm_job
     out = tmp_path / "out"
     timeout_s = 10
     args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", f"runtime.collective_timeout_s={timeout_s}")
@@ -212,14 +214,15 @@ def test_cut_network_ends_the_job_within_the_timeout_then_resumed_with_the_host_
     before = parts(out)
     r = across(cluster, "hvdh1:1,hvdh2:1", args + ["output.mode=resume"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert_every_row_once(out, table)
+    assert_resumed(out, table, minilm_reference)
     assert all(parts(out)[n] == t for n, t in before.items())
 
 
-def test_cut_network_under_torchrun_ends_the_job_within_the_timeout(cluster, long_job, tmp_path):
+def test_cut_network_under_torchrun_ends_the_job_within_the_timeout(cluster, minilm_job, minilm_reference,
+                                                                    tmp_path):
     """torch.distributed's collectives wait a day (the last gather outlasts the slowest share): the
     ranks' heartbeat, bounded by runtime.collective_timeout_s, ends a job whose host was cut off."""
-    model, data, table = long_job
+    model, data, table = minilm_job
     out = tmp_path / "out"
     timeout_s = 10
     args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", f"runtime.collective_timeout_s={timeout_s}",
@@ -240,7 +243,7 @@ def test_cut_network_under_torchrun_ends_the_job_within_the_timeout(cluster, lon
     before = parts(out)
     nodes = torchrun_across(cluster, args + ["output.mode=resume"])
     assert [code for code, _ in nodes] == [0, 0], nodes[0][1][-3000:] + nodes[1][1][-3000:]
-    assert_every_row_once(out, table)
+    assert_resumed(out, table, minilm_reference)
     assert all(parts(out)[n] == t for n, t in before.items())
 
 

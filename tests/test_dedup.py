@@ -20,13 +20,13 @@ import pytest
 import torch
 
 import builders
-from conftest import horovodrun, python_m
+from builders import plain_probs as reference_probs
+from conftest import cli, horovodrun, job_args as multirank_args
 from hvd_infer.batcher import in_input_order, part_batches
 from hvd_infer.config import load_config
 from hvd_infer.model import load_model
 from hvd_infer.shard_plan import Part
 from hvd_infer.tasks import get_task
-from test_multirank import args as multirank_args, reference_probs
 from test_tasks import LABELS, PROMPTS, models, ner_texts  # noqa: F401 (models: the tiny task models fixture)
 
 ATOL = 1e-5
@@ -164,13 +164,13 @@ def test_sampled_generation_scores_every_row(models, tmp_path):
     _, batches = score_part(cfg, task, model, texts)
     assert sum(len(b.rows) for b in batches) == len(texts) and not any(b.repeats for b in batches)
 
-    # The job says so, and its figure is 0.
+    # The job (the command line, in process) says so, and its figure is 0.
     data = tmp_path / "data"
     builders.write_dataset(str(data), len(texts), files=1, row_group_size=5, text=texts)
     out = tmp_path / "out"
-    r = python_m(["--config", "/dev/null", f"model.path={models['lm']}", "model.task=text-generation",
-                  f"data.path={data}", f"output.path={out}", "runtime.progress=false", "mlflow.enabled=false",
-                  "generation.do_sample=true", "generation.max_new_tokens=4"])
+    r = cli(["--config", "/dev/null", f"model.path={models['lm']}", "model.task=text-generation",
+             f"data.path={data}", f"output.path={out}", "runtime.progress=false", "mlflow.enabled=false",
+             "generation.do_sample=true", "generation.max_new_tokens=4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert ("data.dedup off: generation.do_sample=true draws a sample for every row, repeated prompts included; "
             "0 forward rows saved") in r.stdout

@@ -1,5 +1,5 @@
-"""The Dockerfiles read as text: no Docker engine here, so nothing is built or run. hadolint lints them;
-the other tests check strings in their instructions and say so in their names."""
+"""The Dockerfiles read as text: no Docker engine here, so nothing is built or run. hadolint lints them
+(slow: a process); the other tests check strings in their instructions and say so in their names."""
 import ast
 import json
 import os
@@ -31,6 +31,7 @@ def hadolint():
     return here if os.path.exists(here) else shutil.which("hadolint")
 
 
+@pytest.mark.slow  # hadolint is a process
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint(dockerfile):
     exe = hadolint()
@@ -90,6 +91,7 @@ def test_dockerignore_lists_local_state():
     assert {".git", ".venv", "demo/", "mlflow.db"} <= set(ignored)
 
 
+@pytest.mark.slow  # bash -n is a process
 def test_install_sh_parses_as_bash():
     assert subprocess.run(["bash", "-n", os.path.join(REPO, "scripts", "install.sh")]).returncode == 0
 

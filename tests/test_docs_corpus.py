@@ -3,6 +3,8 @@ import importlib.util
 import os
 import re
 
+import pytest
+
 from conftest import REPO
 
 
@@ -27,6 +29,7 @@ def test_description_keeps_the_opening_paragraphs_without_the_package_name():
     assert mod.description(signature, ["numpy"], 1500) == "f(opts: Options = <Options object>) -> Work"
 
 
+@pytest.mark.slow
 def test_corpus_is_labelled_and_deterministic(tmp_path):
     mod = _make_docs_model()
     packages = ["networkx", "numpy"]

@@ -2,7 +2,8 @@
 
 Tiny random BERTs saved by sentence-transformers itself (builders.sentence_model), one per pooling
 mode, with and without Normalize, with named, default and literal prompts: the task on one batch in
-process, then whole jobs on 2 real ranks (horovodrun). Bad options fail in one line before scoring.
+process, then whole jobs on 2 real ranks (horovodrun, slow). A world of one through the CLI and bad
+options failing in one line before scoring run in process (conftest.cli).
 """
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 import builders
-from conftest import horovodrun, python_m
+from conftest import cli, horovodrun
 from hvd_infer.config import load_config
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
@@ -152,8 +153,8 @@ def test_no_layout_is_mean_normalised_and_said(tiny_encoder, data, tmp_path):
     """A bare encoder directory: mean pooling + L2 normalisation, and the summary and MLflow say it was assumed."""
     path, texts = data
     out = tmp_path / "out"
-    r = python_m(cli_args(tiny_encoder, path, out, "mlflow.enabled=true",
-                          f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"))
+    r = cli(cli_args(tiny_encoder, path, out, "mlflow.enabled=true",
+                     f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "embedding: mean pooling, L2-normalised, 32 dims (assumed: no sentence-transformers layout" in r.stdout
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
@@ -177,7 +178,7 @@ def test_bad_embedding_options_fail_in_one_line_before_scoring(st_models, tiny_c
     ]
     for model, extra, fragments in cases:
         out = tmp_path / "out"
-        assert_user_error(python_m(cli_args(model, path, out, *extra)), *fragments)
+        assert_user_error(cli(cli_args(model, path, out, *extra)), *fragments)
         assert not out.exists()
 
 
@@ -192,7 +193,7 @@ def test_unsupported_module_chain_is_refused(st_models, data, tmp_path):
     modules = json.loads((model / "modules.json").read_text())
     modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (model / "modules.json").write_text(json.dumps(modules))
-    r = python_m(cli_args(model, data[0], tmp_path / "out"))
+    r = cli(cli_args(model, data[0], tmp_path / "out"))
     assert_user_error(r, "Transformer -> Pooling -> Dense -> Normalize", "Dense")
 
 

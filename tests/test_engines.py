@@ -1,7 +1,8 @@
 """model.runtime=onnxruntime against the plain torch forward, row by row, for every task it runs.
 
-Tiny random models built offline (tests/builders.py, test_tasks' task models); the jobs run on 2 real
-ranks through the launcher (slow), the engine on one batch in process (fast). Labels must be equal,
+Tiny random models built offline (tests/builders.py, test_tasks' task models; for int8, MiniLM's trained
+encoder with a fitted head, builders.minilm_classifier); the jobs run on 2 real ranks through the launcher
+(slow), the engine on one batch in process (fast). Labels must be equal,
 probabilities and embeddings within float32's tolerance (1e-4). Each test gets its own $TMPDIR, so
 its ranks export the graph into an empty cache and share it.
 """
@@ -17,7 +18,9 @@ import pytest
 import torch
 
 import builders
-from conftest import hvd_infer_np, job_args, minilm_classifier, python_m, read_output
+from builders import plain_probs as reference_probs
+from conftest import cli as in_process
+from conftest import hvd_infer_np, job_args, read_output
 from hvd_infer.config import load_config
 from hvd_infer.engines import BLOCKWISE_SINCE, _release
 from hvd_infer.errors import ConfigError
@@ -25,7 +28,6 @@ from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
 from test_embedding import reference as embedding_reference
 from test_failures import assert_user_error, base
-from test_multirank import reference_probs
 from test_tasks import (LABELS, assert_entities_equal, assert_zero_shot_equal, cli, models,  # noqa: F401 (fixture)
                         ner_reference, ner_texts, zero_shot_reference)
 
@@ -95,13 +97,13 @@ def test_engine_runs_a_trimmed_last_layer_for_cls_embeddings(tmp_path, monkeypat
     assert "shape" not in capfd.readouterr().err.lower()
 
 
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    """MiniLM's trained encoder (int8 error on a tiny random model's large weights says little) with a new head."""
-    return minilm_classifier(str(tmp_path_factory.mktemp("minilm") / "cls"))
+@pytest.fixture
+def minilm(minilm_job):
+    """MiniLM's trained encoder (int8 error on a tiny random model's large weights says little) with a fitted
+    3-label head: the kill-and-resume tests' model (conftest.minilm_job), built once per session."""
+    return minilm_job[0]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "int8-per-channel"])
 def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypatch, quantize):
     """model.quantize with onnxruntime: ONNX Runtime's int8 of the float32 graph; per-channel keeps the head float32."""
@@ -125,13 +127,16 @@ def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypa
     assert quantized and facts["quantize"] == quantize and quantize in facts["onnx_optimizer"]
     head = {n.op_type for n in nodes if n.name.startswith("/model/classifier/")}
     assert head and ("MatMulInteger" in head) == (quantize == "int8"), head
-    # int8 moves a trained encoder's probabilities by hundredths; float32 is what the other tests hold to 1e-4.
-    # (0.004 and 0.002 measured; a new head's near-even probabilities make label agreement no measure here.)
-    assert np.abs(probs["onnxruntime"] - probs["eager"]).max() < 0.02
+    # int8's error on the logits (log-probabilities centered per row), against their spread over the texts. The
+    # head reads MiniLM's pooled [CLS] output, which differs little from text to text (its sentence-transformers
+    # training pooled by mean), so int8's noise there is large: 0.42 (int8) and 0.18 (per-channel) measured with
+    # VNNI, 0.57 and 0.22 with the 7-bit weights of a CPU without; rows shifted by one give 1.22.
+    logits = {k: np.log(v) - np.log(v).mean(1, keepdims=True) for k, v in probs.items()}
+    error = (logits["onnxruntime"] - logits["eager"]).std() / logits["eager"].std()
+    assert error < {"int8": 0.8, "int8-per-channel": 0.4}[quantize], error
 
 
 @needs_blockwise
-@pytest.mark.slow
 def test_onnxruntime_int8_blockwise_keeps_a_trained_encoders_vectors(tmp_path, monkeypatch):
     """model.quantize=int8-blockwise: ONNX Runtime's MatMulNBits (8-bit weights in blocks of 128, activations
     quantized per row and block) on MiniLM's trained encoder: its vectors stay many times closer to float32's
@@ -317,12 +322,17 @@ def test_ner_two_ranks_equals_pipeline(models, tmp_path, monkeypatch):
     assert_entities_equal(got["entities"].tolist(), ner_reference(models["ner"], texts, "first"))
 
 
-@pytest.mark.slow
-def test_errors_through_the_launcher(models, tiny_classifier, dataset, tmp_path):
-    path, _ = dataset
-    r = hvd_infer_np(2, base(models["lm"], path, tmp_path / "gen", tmp_path, "model.task=text-generation", ORT))
+def test_launcher_refuses_what_onnxruntime_does_not_run(models, dataset, tmp_path):
+    """hvd-infer -np 2 checks the job before any rank starts (in process: nothing is started)."""
+    r = in_process(["-np", "2"] + base(models["lm"], dataset[0], tmp_path / "gen", tmp_path,
+                                       "model.task=text-generation", ORT))
     assert_user_error(r, "model.runtime=onnxruntime does not run text-generation", "model.runtime=eager")
     assert not (tmp_path / "gen").exists()
+
+
+@pytest.mark.slow
+def test_errors_through_the_launcher(tiny_classifier, dataset, tmp_path):
+    path, _ = dataset
     # An environment without ONNX Runtime: a package of that name whose import fails as a missing one does.
     hidden = tmp_path / "no-onnxruntime" / "onnxruntime"
     hidden.mkdir(parents=True)
@@ -347,19 +357,22 @@ def test_errors_through_the_launcher(models, tiny_classifier, dataset, tmp_path)
     assert r.returncode == 0 and "onnxruntime" not in r.stdout, r.stdout + r.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_resume_with_another_runtime_refused(tiny_classifier, dataset, tmp_path):
+def test_resume_with_another_runtime_refused(tiny_classifier, dataset, tmp_path, monkeypatch):
+    """A world of one, in process (cli): the job, its resume with another runtime refused, then with its own."""
+    import tempfile
+
     path, _ = dataset
-    env, _ = own_cache(tmp_path)
+    monkeypatch.setenv("TMPDIR", own_cache(tmp_path)[0]["TMPDIR"])
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
     out = tmp_path / "out"
     first = base(tiny_classifier, path, out, tmp_path, "mlflow.enabled=false", "output.rows_per_part=40", ORT)
-    r = python_m(first, env=env)
+    r = in_process(first)
     assert r.returncode == 0, r.stderr[-3000:]
     parts = sorted(p for p in out.glob("part-*.parquet"))
     for p in parts[1:]:  # as if the run had stopped after its first part
         p.unlink()
     eager = [a for a in first if a != ORT] + ["output.mode=resume"]
-    assert_user_error(python_m(eager, env=env), "output.mode=resume but runtime changed")
-    r = python_m(first + ["output.mode=resume"], env=env)
+    assert_user_error(in_process(eager), "output.mode=resume but runtime changed")
+    r = in_process(first + ["output.mode=resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert pads.dataset(str(out)).count_rows() == dataset[1].num_rows

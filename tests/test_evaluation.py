@@ -9,8 +9,8 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoConfig
 
 import builders
-from conftest import python_m
-from test_multirank import reference_probs
+from builders import plain_probs as reference_probs
+from conftest import cli
 
 
 def printed_evaluation(stdout):
@@ -36,10 +36,10 @@ def test_job_evaluation_equals_sklearn(tiny_classifier, tmp_path):
     data.mkdir()
     pq.write_table(pa.table({"id": pa.array(range(48), pa.int64()), "text": texts, "label": gold}),
                    data / "labelled.parquet", row_group_size=10)
-    r = python_m(["--config", "/dev/null", f"model.path={tiny_classifier}", f"data.path={data}",
-                  "data.id_columns=[id]", "data.label_column=label", f"output.path={tmp_path / 'out'}",
-                  f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "runtime.progress=false",
-                  "data.batch_size=8"])
+    r = cli(["--config", "/dev/null", f"model.path={tiny_classifier}", f"data.path={data}",
+             "data.id_columns=[id]", "data.label_column=label", f"output.path={tmp_path / 'out'}",
+             f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "runtime.progress=false",
+             "data.batch_size=8"])
     assert r.returncode == 0, r.stderr[-3000:]
 
     labels = sorted(set(gold) | set(pred))

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import builders
-from conftest import horovodrun
+from builders import plain_probs as reference_probs
+from conftest import cli, horovodrun, job_args as multirank_args
 from hvd_infer.config import load_config
 from hvd_infer.dataset import open_input
 from hvd_infer.errors import DataError
@@ -19,7 +20,6 @@ from hvd_infer.loader import BatchLoader
 from hvd_infer.shard_plan import plan_parts
 from hvd_infer.tasks import get_task
 from hvd_infer.tasks.base import Task
-from test_multirank import args as multirank_args, reference_probs
 
 
 def classification_task(model, **data):
@@ -116,6 +116,7 @@ def _loader_workers(parent_pid):
     return [c.pid for c in psutil.Process(parent_pid).children()]  # the DataLoader workers, nothing else
 
 
+@pytest.mark.slow  # the job is a process of its own, whose loader worker is killed
 def test_killed_worker_fails_the_job_naming_the_part_then_resume_completes(tiny_classifier, tmp_path):
     data = tmp_path / "data"
     table = builders.write_dataset(str(data), 3000, files=3, row_group_size=50)
@@ -156,8 +157,7 @@ def test_killed_worker_fails_the_job_naming_the_part_then_resume_completes(tiny_
     written = [n for n in os.listdir(out) if n.startswith("part-")]
     assert all(pq.ParquetFile(out / n).metadata.num_rows == 100 for n in written)  # whole parts only
 
-    r = subprocess.run([sys.executable, "-m", "hvd_infer"] + args + ["output.mode=resume"], capture_output=True,
-                       text=True, timeout=600)
+    r = cli(args + ["output.mode=resume"])  # a world of one, in process, finishes it
     assert r.returncode == 0, r.stderr[-3000:]
     got = pads.dataset(str(out)).to_table(columns=["id"]).column("id").to_pylist()
     assert sorted(got) == table.column("id").to_pylist()  # every id exactly once

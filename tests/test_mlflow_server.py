@@ -1,7 +1,8 @@
 """A real `mlflow server` on loopback: a 2-rank job logs to it, the run reads back over REST.
 
 What a user sees while the job runs: live step metrics per rank, system metrics per
-rank, the input as a dataset, the Source; and a run that dies is marked FAILED.
+rank, the input as a dataset, the Source; and a run that dies is marked FAILED (a world of one, in
+process: conftest.cli). Slow: the server is a process.
 """
 import json
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 import builders
 import conftest
-from conftest import REPO, horovodrun, python_m
+from conftest import REPO, cli, horovodrun
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +23,10 @@ def get(url):
         return json.loads(r.read())
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with conftest.mlflow_server(tmp_path) as url:
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """One server for the module (~30 s to start on 2 busy cores): each test logs to its own experiment."""
+    with conftest.mlflow_server(tmp_path_factory.mktemp("mlflow_server")) as url:
         yield url
 
 
@@ -101,9 +103,9 @@ def test_run_that_dies_is_failed_with_the_error(mlflow_server, tiny_classifier, 
     texts[25] = None  # data.on_null=error: the job stops at this row, after the run started
     data = tmp_path / "data"
     builders.write_dataset(str(data), 40, files=1, text=texts)
-    r = python_m(["--config", "/dev/null", f"model.path={tiny_classifier}", f"data.path={data}",
-                  f"output.path={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=dies",
-                  "runtime.progress=false"])
+    r = cli(["--config", "/dev/null", f"model.path={tiny_classifier}", f"data.path={data}",
+             f"output.path={tmp_path / 'out'}", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=dies",
+             "runtime.progress=false"])
     assert r.returncode == 2 and "is null or empty" in r.stderr, r.stderr[-3000:]
     run = only_run(mlflow_server + "/api/2.0/mlflow", "dies")
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}

@@ -16,10 +16,8 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 
-import builders
-from conftest import free_port, horovodrun, http_ready, python_m, wait_for
-from test_failures import _classifier_from_minilm
-from test_multirank import reference_probs
+from builders import plain_probs as reference_probs
+from conftest import assert_same_predictions, cli, free_port, horovodrun, http_ready, python_m, wait_for
 from hvd_infer.config import DataConfig
 from hvd_infer.dataset import open_input
 from hvd_infer.reader import read_parts
@@ -80,6 +78,19 @@ def read_s3(fs, prefix):
     return pads.dataset(prefix, filesystem=fs, format="parquet").to_table().to_pandas()
 
 
+def cli_fresh(args, env):
+    """cli (a job refused before any rank starts, in this process) as a fresh process would meet the store:
+    fsspec caches an S3 filesystem (its client, credentials and listings) per set of options, not per
+    environment, so none is left from an earlier call or for a later one."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        return cli(args, env=env)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 def parts_in(fs, prefix):
     return [p for p in (fs.find(prefix) if fs.exists(prefix) else []) if p.startswith(prefix + "/part-")]
 
@@ -125,11 +136,11 @@ def test_overwrite_and_foreign_objects_with_storage_options(s3, tiny_classifier,
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
     out = "s3://preds/ow"
     fs.pipe("preds/ow/_parts/part-r00000-000000000000-000000000040.parquet.json", b"{}")  # looks like ours, no job file
-    assert_user_error(python_m(args(tiny_classifier, data, out, tmp_path, "output.mode=overwrite", *opts), env=no_aws),
+    assert_user_error(cli_fresh(args(tiny_classifier, data, out, tmp_path, "output.mode=overwrite", *opts), no_aws),
                       "was not written by hvd_infer")
     fs.rm("preds/ow", recursive=True)
     assert python_m(args(tiny_classifier, data, out, tmp_path, *opts), env=no_aws).returncode == 0
-    assert_user_error(python_m(args(tiny_classifier, data, out, tmp_path, *opts), env=no_aws), "is not empty",
+    assert_user_error(cli_fresh(args(tiny_classifier, data, out, tmp_path, *opts), no_aws), "is not empty",
                       "output.mode=overwrite")
     r = python_m(args(tiny_classifier, data, out, tmp_path, "output.mode=overwrite", "output.rows_per_part=60", *opts),
                  env=no_aws)
@@ -143,7 +154,7 @@ def test_overwrite_and_foreign_objects_with_storage_options(s3, tiny_classifier,
     assert sorted(read_s3(fs, "preds/ow")["id"]) == sorted(table.column("id").to_pylist())
     # An object hvd_infer did not write: never deleted, never mixed with.
     fs.pipe("preds/ow/notes/readme.txt", b"keep me")
-    assert_user_error(python_m(args(tiny_classifier, data, out, tmp_path, "output.mode=overwrite", *opts), env=no_aws),
+    assert_user_error(cli_fresh(args(tiny_classifier, data, out, tmp_path, "output.mode=overwrite", *opts), no_aws),
                       "was not written by hvd_infer", "notes/readme.txt")
     assert fs.cat("preds/ow/notes/readme.txt") == b"keep me" and fs.exists("preds/ow/_SUCCESS")
     db = sqlite3.connect(tmp_path / "mlflow.db")
@@ -172,21 +183,18 @@ def test_bad_store_one_line_exit_2_before_scoring(case, s3, s3_dataset, tiny_cla
     else:
         data = "s3://no-such-bucket/ds"
         expect = ["data.path s3://no-such-bucket/ds", "does not exist"]
-    r = python_m(args(tiny_classifier, data, out, tmp_path), env=env)
+    r = cli_fresh(args(tiny_classifier, data, out, tmp_path), env)
     assert_user_error(r, *expect)
     assert not fs.exists(out.replace("s3://", ""))  # nothing written, nothing scored
     assert "Traceback" not in r.stderr
 
 
-def test_killed_launcher_then_resume_on_s3(s3, tmp_path):
+def test_killed_launcher_then_resume_on_s3(s3, minilm_job, minilm_reference, tmp_path):
     """The whole launcher is killed mid-job; a resume scores only the rest and closes the dead run."""
     env, fs = s3
-    model = _classifier_from_minilm(str(tmp_path / "model"))
-    local = tmp_path / "data"
-    table = builders.write_dataset(str(local), 480, files=3, row_group_size=16)
-    fs.put(str(local) + "/", "inputs/kill/", recursive=True)
-    job = args(model, "s3://inputs/kill", "s3://preds/kill", tmp_path, "output.rows_per_part=8", "data.batch_size=8",
-               "data.id_columns=[id]")
+    model, data, table = minilm_job
+    fs.put(str(data) + "/", "inputs/kill/", recursive=True)
+    job = args(model, "s3://inputs/kill", "s3://preds/kill", tmp_path, "output.rows_per_part=8")
     exe = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     proc = subprocess.Popen([exe, "-np", "2", "-H", "localhost:2", sys.executable, "-m", "hvd_infer"] + job,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -219,7 +227,9 @@ def test_killed_launcher_then_resume_on_s3(s3, tmp_path):
     r = horovodrun(2, job + ["output.mode=resume"], env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     fs.invalidate_cache()
-    assert sorted(read_s3(fs, "preds/kill")["id"]) == sorted(table.column("id").to_pylist())  # exactly once
+    got = read_s3(fs, "preds/kill").sort_values("id").reset_index(drop=True)
+    assert sorted(got["id"]) == sorted(table.column("id").to_pylist())  # exactly once
+    assert_same_predictions(got, minilm_reference, atol=1e-5)  # what the job gives uninterrupted, every column
     for p, modified in before.items():  # no finished part was rewritten
         assert fs.info(p)["LastModified"] == modified, p
     summary = json.loads(fs.cat("preds/kill/_manifest.json"))["summary"]

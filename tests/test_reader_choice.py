@@ -3,17 +3,17 @@ import sqlite3
 
 import pytest
 
-from conftest import assert_same_predictions, horovodrun, job_args, python_m, read_output
+from conftest import assert_same_predictions, cli, horovodrun, job_args, read_output
 from hvd_infer.reader import choose_reader
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(choose_reader("auto").name != "petastorm", reason=choose_reader("auto").why)]
+pytestmark = pytest.mark.skipif(choose_reader("auto").name != "petastorm", reason=choose_reader("auto").why)
 
 
 def run_job(np_, reader, model, data, tmp):
+    """The job on np_ ranks: a world of one through the command line in process (cli), more through horovodrun."""
     out = tmp / f"out-{reader}-{np_}"
     args = job_args(model, data, out, tmp, f"data.reader={reader}")
-    r = python_m(args) if np_ == 1 else horovodrun(np_, args)
+    r = cli(args) if np_ == 1 else horovodrun(np_, args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return read_output(out), r.stdout
 
@@ -33,6 +33,7 @@ def test_one_rank_pyarrow_reader_equals_petastorm(tmp_path, tiny_classifier, dat
     assert resolved_readers(tmp_path) == ["petastorm (data.reader=petastorm)", "pyarrow (data.reader=pyarrow)"]
 
 
+@pytest.mark.slow
 def test_two_ranks_pyarrow_reader_equals_petastorm(tmp_path, tiny_classifier, dataset, horovodrun_reference):
     """horovodrun_reference is the same job with data.reader=auto, which is petastorm here."""
     got, text = run_job(2, "pyarrow", tiny_classifier, dataset[0], tmp_path)

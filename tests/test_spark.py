@@ -9,6 +9,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -17,8 +18,8 @@ import pytest
 
 import builders
 import hvd_infer
-from conftest import assert_same_predictions, executors_of_last_stage, horovodrun, job, python_m, read_output
-from test_multirank import reference_probs
+from conftest import assert_same_predictions, cli, executors_of_last_stage, horovodrun, job, python_m, read_output
+from builders import plain_probs as reference_probs
 from hvd_infer.errors import ConfigError
 
 slow = pytest.mark.slow
@@ -137,7 +138,7 @@ def test_predict_udf_puts_length_sorted_rows_back(local_spark, tiny_classifier, 
 
 
 @slow
-def test_mlflow_model_uris(reference, tiny_classifier, dataset, tmp_path):
+def test_mlflow_model_uris(reference, tiny_classifier, dataset, tmp_path, monkeypatch):
     """A model logged with mlflow.transformers.log_model, scored by version (2 ranks) and by alias."""
     db = f"sqlite:///{tmp_path}/mlflow.db"
     log = subprocess.run([sys.executable, "-c", f"""
@@ -160,8 +161,12 @@ print(run.info.run_id)
     env = {"TMPDIR": str(tmp_path)}
     r = horovodrun(2, ["--config", job("models:/tiny-cls/1", dataset[0], tmp_path / "by_version", tmp_path)], env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    r = python_m(["--config", job("models:/tiny-cls@champion", dataset[0], tmp_path / "by_alias", tmp_path)], env=env)
+    # A world of one in process: tempfile reads TMPDIR once per process, so it is made to read it again (and the
+    # value it had comes back after the test).
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    r = cli(["--config", job("models:/tiny-cls@champion", dataset[0], tmp_path / "by_alias", tmp_path)], env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert tempfile.gettempdir() == str(tmp_path)
     assert_same_predictions(read_output(tmp_path / "by_version"), reference)
     assert_same_predictions(read_output(tmp_path / "by_alias"), reference)
     cached = os.listdir(tmp_path / "hvd_infer-models")
@@ -180,7 +185,8 @@ print(run.info.run_id)
         assert tags["hvd_infer.model"] == "models:/tiny-cls/1"
 
     # With tracking off the URI is still resolved in the job's store (MLflow's download would look in its
-    # default registry): a fresh cache, so this job downloads.
+    # default registry): a fresh cache, so this job downloads. A fresh process: in this one, MLflow's global
+    # tracking URI is already this store (the job above set it), which would hide a job that forgot to.
     fresh = tmp_path / "fresh-tmp"
     fresh.mkdir()
     r = python_m(["--config", job("models:/tiny-cls/1", dataset[0], tmp_path / "no_tracking", tmp_path),
@@ -190,13 +196,23 @@ print(run.info.run_id)
 
 
 @slow
-def test_standalone_cluster_one_rank_per_executor(standalone_spark, reference, tiny_classifier, dataset, tmp_path):
-    """A real Spark master and two 1-core workers on 127.0.0.1; runs last (one SparkContext per process)."""
+def test_standalone_cluster_one_rank_per_executor(standalone_spark, reference, horovodrun_reference, tiny_classifier,
+                                                  dataset, tmp_path):
+    """A real Spark master and two 1-core workers on 127.0.0.1, the job through Horovod, then through
+    TorchDistributor on the same cluster (test_torch_distributor's, one cluster started for both); runs last
+    (one SparkContext per process)."""
     from hvd_infer.spark import run_on_spark
+    from test_torch_distributor import run_torch
 
     spark, ui = standalone_spark
     out = tmp_path / "out"
     summaries = run_on_spark(job(tiny_classifier, dataset[0], out, tmp_path), num_proc=2, spark=spark, nics=["lo"])
     assert [s["rank"] for s in summaries] == [0, 1] and all(s["rows"] > 0 for s in summaries)
     assert_same_predictions(read_output(out), reference)
+    assert sorted(executors_of_last_stage(spark, ui)) == ["0", "1"]  # one rank on each executor
+
+    torch_tmp = tmp_path / "torch"
+    torch_tmp.mkdir()
+    got = run_torch(spark, tiny_classifier, dataset, torch_tmp)
+    assert_same_predictions(got, horovodrun_reference, atol=1e-6)
     assert sorted(executors_of_last_stage(spark, ui)) == ["0", "1"]  # one rank on each executor

@@ -1,4 +1,8 @@
-"""No deadlock, no silent stall, no orphan: TOKENIZERS_PARALLELISM=true with workers, the watchdog, a killed launcher."""
+"""No deadlock, no silent stall, no orphan: TOKENIZERS_PARALLELISM=true with workers, the watchdog, a killed launcher.
+
+The jobs are real processes (slow): the tokenizers' pool reads its environment once per process, and the
+watchdog ends a stalled rank with os._exit. The watchdog's arithmetic and the environment summary run here.
+"""
 import os
 import signal
 import sqlite3
@@ -10,12 +14,10 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
-from conftest import REPO, horovodrun, hvd_infer_np, python_m
+from builders import plain_probs as reference_probs
+from conftest import REPO, horovodrun, hvd_infer_np, job_args as multirank_args, python_m
 from hvd_infer.loader import TEST_STALL_ENV
 from hvd_infer.summary import user_environment
-from test_multirank import args as multirank_args, reference_probs
-
-pytestmark = pytest.mark.slow
 
 
 def assert_equals_plain_forward(out, model, table):
@@ -28,6 +30,7 @@ def assert_equals_plain_forward(out, model, table):
     assert got["doc"].tolist() == [table.column("doc")[k].as_py() for k in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_tokenizers_parallelism_true_finishes_equal_to_plain_forward(workers, tiny_classifier, dataset, tmp_path):
     # With the tokenizer's Rust pool used in the rank (its set-up check) and then forked into the workers, this
@@ -78,6 +81,7 @@ def _part_names(out, rank):
     return {n for n in os.listdir(out) if n.startswith(f"part-r{rank:05d}")} if out.exists() else set()
 
 
+@pytest.mark.slow
 def test_stalled_worker_ends_the_job_in_one_line_within_the_timeout_then_resume_completes(tiny_classifier, dataset,
                                                                                            tmp_path):
     path, table = dataset
@@ -127,6 +131,7 @@ def test_stalled_worker_ends_the_job_in_one_line_within_the_timeout_then_resume_
     assert_equals_plain_forward(out, tiny_classifier, table)
 
 
+@pytest.mark.slow  # a process of its own: the watchdog ends a stalled rank with os._exit
 def test_stall_in_the_loader_thread_of_a_world_of_one(tiny_classifier, dataset, tmp_path):
     out = tmp_path / "out"
     r = python_m(multirank_args(tiny_classifier, dataset[0], out, tmp_path, "data.workers=0", "mlflow.enabled=false",
@@ -163,6 +168,7 @@ def _alive(p):
         return False
 
 
+@pytest.mark.slow
 def test_sigkill_of_horovodruns_process_group_leaves_no_loader_worker(tiny_classifier, dataset, tmp_path):
     out = tmp_path / "out"
     exe = os.path.join(os.path.dirname(sys.executable), "horovodrun")

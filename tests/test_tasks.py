@@ -1,8 +1,8 @@
 """Zero-shot, generation, NER and text pairs, each against its plain transformers reference.
 
 In process (a task's encode -> collate -> predict on one batch) for the semantics, then the whole job
-through the CLI in a world of one, and across 2 real ranks (slow). Models are tiny and random, built
-offline with MiniLM's real WordPiece tokenizer.
+through the CLI in a world of one (in process: conftest.cli), and across 2 real ranks (slow). Models are
+tiny and random, built offline with MiniLM's real WordPiece tokenizer.
 """
 import os
 import random
@@ -18,7 +18,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPT2Config, GPT2LMHeadModel, pipeline)
 
 import builders
-from conftest import horovodrun, python_m
+import conftest
+from conftest import horovodrun
 from hvd_infer.config import load_config
 from hvd_infer.errors import ConfigError
 from hvd_infer.evaluation import Evaluation
@@ -98,7 +99,7 @@ def predict_one_batch(cfg, texts):
 
 
 def cli(tmp, model, task, data, *extra, ranks=1):
-    """The job through `python -m hvd_infer` (or horovodrun); its output rows sorted by id.
+    """The job through `python -m hvd_infer` in this process (or horovodrun); its output rows sorted by id.
 
     MLflow is off: it doubles a tiny job's time, and test_multirank covers it.
     """
@@ -106,7 +107,7 @@ def cli(tmp, model, task, data, *extra, ranks=1):
     args = ["--config", "/dev/null", f"model.path={model}", f"model.task={task}", f"data.path={data}",
             "data.id_columns=[id]", f"output.path={out}", "runtime.progress=false", "data.batch_size=4",
             "output.rows_per_part=6", "mlflow.enabled=false", *extra]
-    r = horovodrun(ranks, args) if ranks > 1 else python_m(args)
+    r = horovodrun(ranks, args) if ranks > 1 else conftest.cli(args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     if ranks > 1:
         assert {n[:12] for n in os.listdir(out) if n.startswith("part-")} == {"part-r00000-", "part-r00001-"}

@@ -24,10 +24,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import builders
-
-from conftest import REPO, free_port, job, job_args, minilm_classifier, python_m, read_output, start_and_kill_rank_1
-from test_multirank import reference_probs
+from builders import plain_probs as reference_probs
+from conftest import (REPO, assert_same_predictions, cli, free_port, job, job_args, python_m, read_output,
+                      start_and_kill_rank_1)
 from hvd_infer.reader import choose_reader
 
 STACK = os.path.basename(sys.prefix)[len(".venv-"):] if os.path.basename(sys.prefix).startswith(".venv-") else ""
@@ -80,6 +79,7 @@ def reference(tiny_classifier, dataset):
     return dict(zip(table.column("id").to_pylist(), probs))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_plain_forward_with_mlflow(tiny_classifier, dataset, reference, tmp_path):
     from transformers import AutoConfig
 
@@ -108,6 +108,7 @@ def test_two_ranks_equal_plain_forward_with_mlflow(tiny_classifier, dataset, ref
     assert any(k.startswith("system/") for k in metrics)  # MLflow's system metrics, whatever its version
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HOROVOD, reason="no horovod: torchrun is this stack's launcher (the tests above)")
 def test_torchrun_on_a_horovod_stack_equals_plain_forward(tiny_classifier, dataset, reference, tmp_path):
     out = tmp_path / "out"
@@ -118,6 +119,7 @@ def test_torchrun_on_a_horovod_stack_equals_plain_forward(tiny_classifier, datas
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), np.stack([reference[i] for i in got["id"]]), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pyarrow_reader_equals_the_stacks_reader(tiny_classifier, dataset, reference, tmp_path):
     """data.reader=pyarrow on one rank gives the plain forward's rows too (on 15.4 auto is petastorm)."""
     out = tmp_path / "out"
@@ -128,12 +130,11 @@ def test_pyarrow_reader_equals_the_stacks_reader(tiny_classifier, dataset, refer
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
 
 
-def test_killed_rank_ends_the_job_then_resume_scores_only_the_rest(tmp_path):
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_then_resume_scores_only_the_rest(minilm_job, minilm_reference, tmp_path):
     """A rank SIGKILLed midway (the stack's launcher), then output.mode=resume the same way: every row once,
-    no finished part rewritten."""
-    model = minilm_classifier(str(tmp_path / "model"))  # real-sized, so that the job runs long enough to kill
-    data = tmp_path / "data"
-    table = builders.write_dataset(str(data), 480, files=3, row_group_size=16)
+    no finished part rewritten, the output what the job gives uninterrupted (minilm_reference, this stack's)."""
+    model, data, table = minilm_job  # a real-sized model, so that the job runs long enough to kill
     out = tmp_path / "out"
     args = job_args(model, data, out, tmp_path, "output.rows_per_part=8", "data.batch_size=8", "mlflow.enabled=false")
     cmd, rank_var = two_ranks_cmd(args)
@@ -153,11 +154,12 @@ def test_killed_rank_ends_the_job_then_resume_scores_only_the_rest(tmp_path):
         now = os.stat(out / n)
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
     assert (out / "_SUCCESS").exists()
+    assert_same_predictions(read_output(out), minilm_reference, atol=1e-5)
 
 
 @pytest.mark.skipif(choose_reader("auto").name == "petastorm", reason="petastorm runs on this stack")
 def test_petastorm_refused_in_one_line_where_it_cannot_run(tiny_classifier, dataset, tmp_path):
-    r = python_m(job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path, "data.reader=petastorm"))
+    r = cli(job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path, "data.reader=petastorm"))
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
@@ -165,6 +167,7 @@ def test_petastorm_refused_in_one_line_where_it_cannot_run(tiny_classifier, data
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_spark_paths_of_the_runtime_equal_plain_forward(tiny_classifier, dataset, reference, tmp_path, loopback_env):
     """horovod.spark.run where horovod is installed (HorovodRunner's runtimes), else TorchDistributor; and
     predict_udf (the runtime's pyspark and pyarrow under predict_batch_udf)."""
@@ -192,7 +195,7 @@ def test_spark_paths_of_the_runtime_equal_plain_forward(tiny_classifier, dataset
 
 @pytest.mark.skipif(HOROVOD, reason="horovod is installed: hvd-infer -np N runs (test_launcher.py)")
 def test_hvd_infer_np_without_horovod_says_how_to_launch(tiny_classifier, dataset, tmp_path):
-    r = python_m(["-np", "2", *job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path)])
+    r = cli(["-np", "2", *job_args(tiny_classifier, dataset[0], tmp_path / "out", tmp_path)])
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     lines = [l for l in (r.stdout + r.stderr).splitlines() if l.strip()]
     assert len(lines) == 1 and "horovod is not installed here" in lines[0], lines
@@ -203,6 +206,7 @@ def test_hvd_infer_np_without_horovod_says_how_to_launch(tiny_classifier, datase
 DEMO = os.path.join(REPO, "demo")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(os.path.join(DEMO, "predictions", "_SUCCESS")),
                     reason="no demo output of the default stack: make demo first (make test-stacks does)")
 def test_demo_job_gives_the_default_stacks_labels(tmp_path):
@@ -226,6 +230,7 @@ def test_demo_job_gives_the_default_stacks_labels(tmp_path):
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_pip_install_into_the_runtime_changes_nothing_it_ships(tmp_path):
     """`pip install .` into this stack (the runtime's packages already there) would install hvd_infer alone:
     no other version of torch, horovod, pyspark or anything else, and build nothing but hvd_infer itself."""

@@ -190,14 +190,15 @@ def assert_same_predictions(got, ref, atol=1e-5):
     assert list(got.columns) == list(ref.columns)
     assert got["id"].tolist() == ref["id"].tolist()
     for name in got.columns:
-        a, b = got[name], ref[name]
-        if a.dtype.kind == "f":
-            np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=atol, err_msg=name)
-        elif len(a) and isinstance(a.iloc[0], np.ndarray) and a.iloc[0].dtype.kind == "f":
-            np.testing.assert_allclose(np.stack(a), np.stack(b), atol=atol, err_msg=name)
+        a, b = [_plain(v) for v in got[name]], [_plain(v) for v in ref[name]]
+        if a and np.asarray(a[0]).dtype.kind == "f":  # floats, or arrays/lists of them (Spark gives lists)
+            np.testing.assert_allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), atol=atol, err_msg=name)
         else:
-            assert [v.tolist() if isinstance(v, np.ndarray) else v for v in a] == \
-                [v.tolist() if isinstance(v, np.ndarray) else v for v in b], name
+            assert a == b, name
+
+
+def _plain(value):
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ CASES = {
     # The reference runs the Linear layers the product picks on this CPU (oneDNN's with AVX512, else torch's);
     # these two take each path whatever the CPU.
     "torch-linear": (["model.onednn=false"], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
-    "onednn-linear": ([f"{onednn.AVX512_ENV}=1"], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
+    "onednn-linear": ([f"{onednn.AVX512_ENV}=1", "ONEDNN_MAX_CPU_ISA="], "(float32, DeepSpeed)", 1e-5, 1e-6, 1.0),
 }
 # The cases whose Linear layers run on oneDNN (float32, eager, not quantized) where this CPU picks it.
 ONEDNN = {"deepspeed-off", "threads-1", "token-budget", "whole-last-layer"} if not onednn.available() else set()
@@ -147,6 +147,7 @@ def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier, monkeyp
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     monkeypatch.setenv(onednn.AVX512_ENV, "1")  # this path on every CPU (the job's choice: CASES)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     texts = builders.texts(24, seed=5, long_every=4)
     plain, facts, module = _logits({"path": tiny_classifier, "onednn": False}, texts)
     assert facts["linear_kernels"] == "torch: model.onednn=false"

@@ -16,4 +16,4 @@ def run(config=None, **overrides):
 
 
 __all__ = ["run", "load_config", "JobConfig", "ConfigError", "UserError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

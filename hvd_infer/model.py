@@ -384,7 +384,7 @@ def quantize_int8(model, per_channel: bool, keep=()):
     keep: other Linear layers left in float32, by module name (model.keep_float32).
 
     Per-tensor scales and a quantized head changed 7% of a fine-tuned MiniLM classifier's labels
-    (issue 11); the head is a few thousand weights that decide the label, so keeping it costs nothing.
+    on the project's bench; the head is a few thousand weights that decide the label, so keeping it costs nothing.
     """
     import warnings
 

@@ -127,7 +127,7 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
     Runtime's int8-blockwise: slower than per-channel int8, with about a tenth of its error.
 
     Each candidate costs the check a model load and its rows, so those that seldom win are not tried: per-tensor
-    int8 was slower than per-channel and changed more labels (issue 11; the bench, 2026-12-06), and ONNX
+    int8 was slower than per-channel and changed more labels (scripts/bench.py, 2026-12-06), and ONNX
     Runtime's float32 gained 0-14% over torch's, less than the check spends on it in a job of 10,000 rows.
     Both stay explicit choices (model.quantize=int8, model.runtime=onnxruntime)."""
     if device.type == "cuda":
@@ -552,7 +552,7 @@ def _dealt_chunks(cfg: JobConfig, task, model, device, texts, pairs) -> Tuple[Li
     lengths = (enc.lengths if enc.window_row is None  # model.long_texts=chunk: a row's length, all its windows
                else np.bincount(enc.window_row, weights=enc.lengths, minlength=len(texts)))
     rows_per_batch = _batch_limits(cfg, task, model, device)[0]
-    if device.type == "cpu":  # measured there; a GPU's batches stay the job's (it has not run: no GPU lent yet)
+    if device.type == "cpu":  # measured there; a GPU's batches stay the job's (sampling is unmeasured on a GPU)
         rows_per_batch = _sample_rows_per_batch(lengths, rows_per_batch)
     order = np.argsort(-lengths, kind="stable")
     batches = [order[i:i + rows_per_batch] for i in range(0, len(order), rows_per_batch)]

@@ -30,8 +30,8 @@ contender:
            (exported once, ONNX Runtime's BERT fusions), that graph with ONNX Runtime's own dynamic int8
            (model.quantize=int8-per-channel's), and torch.compile (inductor, dynamic shapes). Their
            setup (export, quantization, compilation on the warm-up batches) is recorded apart from the loop.
-  hvd-whole hvd_infer with model.trim_last_layer=false model.onednn=false: float32 as it ran when issue 20 was
-           filed, the whole last layer on torch's own Linear (the float32 the faster engines' target is
+  hvd-whole hvd_infer with model.trim_last_layer=false model.onednn=false: float32 without the rewrites: the
+           whole last layer on torch's own Linear (the float32 the faster engines' target is
            measured against); hvd-aten the last layer trimmed, on torch's own Linear (model.onednn=false).
   hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
            hvd-ort-int8 the same with model.quantize=int8-per-channel, hvd-ort-blockwise with

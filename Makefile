@@ -6,7 +6,7 @@ VENV ?= $(if $(filter default,$(STACK)),.venv,.venv-$(STACK))
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install demo test test-fast test-stacks bench mlflow-ui
+.PHONY: install demo test test-fast test-stacks docs bench mlflow-ui
 install:
 	@bash scripts/install.sh --stack $(STACK)
 
@@ -16,8 +16,9 @@ demo: install  ## fine-tune the demo model (once), then score the test split on 
 	@if $(PY) -c "import horovod" 2>/dev/null; then set -x; $(VENV)/bin/hvd-infer -np $(NP); \
 	else set -x; $(VENV)/bin/torchrun --nproc-per-node $(NP) -m hvd_infer; fi
 
-test: install  ## the whole suite on the default stack, then the end-to-end core on each named stack
+test: install  ## the whole suite on the default stack, the docs site, then the end-to-end core on each named stack
 	$(PY) -m pytest tests -q --durations=15
+	@$(MAKE) --no-print-directory docs
 	@$(MAKE) --no-print-directory test-stacks
 
 test-fast: install  ## the tests that start no process (no ranks, servers, Spark): under 3 minutes
@@ -35,6 +36,12 @@ test-stacks:
 	  .venv-$$s/bin/python -m pytest tests/stacks tests/test_tasks.py tests/test_embedding.py -q -m "stack or not slow" \
 	    -W ignore::DeprecationWarning || exit 1; \
 	done
+
+# The docs site (mkdocs.yml, docs/) into site/: the configuration reference and conf/example.yaml are written
+# from hvd_infer/config.py first; --strict fails on a broken link or a page missing from the nav.
+docs: install
+	$(PY) scripts/config_reference.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 bench: install
 	$(PY) scripts/bench.py

@@ -6,6 +6,9 @@
     torchrun --nproc-per-node 4 -m hvd_infer --config job.yaml
     python -m hvd_infer                                       # a world of one: the embedded demo (conf/default.yaml)
     python -m hvd_infer --config job.yaml --print-config      # the resolved config, then exit
+    hvd-infer --config-keys                                   # every config key: type, default, what it does
+
+Every config key is listed in docs/configuration.md and conf/example.yaml, as `hvd-infer --config-keys` prints it.
 """
 from __future__ import annotations
 
@@ -23,9 +26,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", "-c", default=None, help="job YAML (default: conf/default.yaml, the demo)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--config-keys", action="store_true",
+                        help="print every config key with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override any config key")
     launcher.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.config_keys:
+        from hvd_infer.config_reference import text
+
+        print(text(), end="")
+        return 0
     from hvd_infer.context import launcher_rank, started_as_rank
 
     try:

@@ -43,19 +43,16 @@ def _check_range(key: str, value: Any, spec) -> None:
 @dataclass
 class ModelConfig:
     path: str = ""  # a model directory (save_pretrained), or an MLflow URI: models:/name/1, runs:/id/model
-    task: str = "text-classification"  # see hvd_infer.tasks.TASKS
+    # text-classification, embedding, zero-shot-classification, token-classification or text-generation
+    task: str = "text-classification"
     # auto: float16 on CUDA, float32 on CPU; auto-check: rank 0 times float32 and each faster precision the
     # device runs natively on model.check_rows of the job's rows and every rank uses the fastest that agrees
     dtype: Literal["auto", "auto-check", "float32", "float16", "bfloat16"] = "auto"
-    # int8: dynamic int8 Linear layers, per-tensor weight scales; int8-per-channel: per-channel weight
-    # scales, the task head left in float32 (keeps more of a classifier's labels). CPU only.
-    # int8-blockwise (model.runtime=onnxruntime): int8 weights in blocks of 128 inputs, and activations
-    # quantized per row and block as they come (ONNX Runtime's MatMulNBits), the head in float32: slower than
-    # int8-per-channel, with a tenth of its error (embeddings, entities, many-class labels)
-    quantize: Literal["none", "int8", "int8-per-channel", "int8-blockwise"] = "none"
-    # Linear layers (module names, e.g. bert.encoder.layer.5.output.dense) model.quantize leaves in float32:
-    # those whose int8 error moves the labels most; model.dtype=auto-check finds them on the job's rows
-    keep_float32: List[str] = field(default_factory=list)
+    # int8-per-channel: dynamic int8 Linear layers with per-channel weight scales, the task head left in
+    # float32. CPU only. int8-blockwise (model.runtime=onnxruntime): int8 weights in blocks of 128 inputs, and
+    # activations quantized per row and block as they come (ONNX Runtime's MatMulNBits), the head in float32:
+    # slower than int8-per-channel, with a tenth of its error (embeddings, entities, many-class labels)
+    quantize: Literal["none", "int8-per-channel", "int8-blockwise"] = "none"
     # text-classification with model.quantize: rows whose two likeliest labels are closer in probability than this
     # are scored again in float32 and take float32's outputs (int8 speed where the model is sure); 0: off
     rescore_margin: float = bounded(0.0, 0, 1)
@@ -90,7 +87,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # a Parquet file, directory or glob; local or any fsspec URL
-    text_column: str = "text"
+    text_column: str = "text"  # the column holding the text each row is scored on
     text_pair_column: Optional[str] = None  # second text, for models trained on pairs
     id_columns: List[str] = field(default_factory=list)  # copied through to the output, first
     label_column: Optional[str] = None  # gold labels: accuracy, macro-F1, confusion matrix
@@ -120,21 +117,30 @@ class DataConfig:
 @dataclass
 class OutputConfig:
     path: str = ""  # directory or object-store prefix (s3://, gs://, abfss://) of Parquet parts (+ _manifest.json, _SUCCESS)
-    mode: Literal["error", "overwrite", "resume"] = "error"  # error: refuse a non-empty dir
+    # parquet: the parts are the output; delta: the same parts, which rank 0 commits at the end to a Delta table at
+    # output.path in one transaction, so readers see the whole job or none of it (needs pip install deltalake)
+    format: Literal["parquet", "delta"] = "parquet"
+    # error: refuse a non-empty dir; overwrite: replace what is there (delta: a new table version of only this job's
+    # rows); resume: finish an interrupted run, keeping its finished parts; append (delta only): add this job's rows
+    mode: Literal["error", "overwrite", "resume", "append"] = "error"
     rows_per_part: int = bounded(50000, 1)  # each part is written whole or not at all and is the unit of resume
-    compression: Literal["snappy", "zstd", "gzip", "lz4", "none"] = "snappy"
-    storage_options: Dict[str, Any] = field(default_factory=dict)  # passed to fsspec for output.path; {} = the store's defaults
+    compression: Literal["snappy", "zstd", "gzip", "lz4", "none"] = "snappy"  # the Parquet parts' codec
+    # passed to fsspec for output.path, and with output.format=delta to deltalake too (on s3:// key, secret,
+    # endpoint_url and client_kwargs become its AWS_* names); {} = the store's defaults
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class MlflowConfig:
-    enabled: bool = True
+    enabled: bool = True  # track the job as an MLflow run (params, live metrics, summary, manifest)
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
-    experiment: str = "hvd_infer"
-    run_name: Optional[str] = None
+    experiment: str = "hvd_infer"  # the experiment the run is logged to (created if missing)
+    run_name: Optional[str] = None  # None: MLflow picks a name
     artifact_location: Optional[str] = None  # for a new experiment; None = mlartifacts/ beside a sqlite store
-    log_predictions: bool = True  # log each rank's part files as artifacts (false: manifest only)
-    tags: Dict[str, str] = field(default_factory=dict)
+    # What of the predictions the run holds besides the manifest: sample (the first 1,000 rows in input order, as
+    # one Parquet file), all (every part of a local output: a second copy) or none; true/false are refused: they meant all/none
+    log_predictions: Literal["sample", "all", "none"] = "sample"
+    tags: Dict[str, str] = field(default_factory=dict)  # set on the run, e.g. {team: search}
     log_every_s: float = bounded(30.0, 0, lo_open=True)  # live step metrics from every rank this often (seconds; slows down past a few hundred points)
     system_metrics: bool = True  # CPU, memory, disk, network (and GPU with nvidia-ml-py) from every rank, as MLflow system metrics
 
@@ -146,7 +152,6 @@ class RuntimeConfig:
     # A collective that hears nothing from another rank this long fails (Horovod's Gloo, torch.distributed's
     # rendezvous), and `hvd-infer -H` ends a job whose host has not answered this long (down, or cut off)
     collective_timeout_s: int = bounded(300, 10)
-    seed: int = 0
     # A rank with no batch scored and no part written for this long fails the job in one line naming the stuck
     # stage, with its threads' stacks in a file beside the output. auto (default): 600 s, or 10x the longest wait
     # between two batches so far when that is longer. A rank waiting for the others at the end allows twice that
@@ -156,22 +161,28 @@ class RuntimeConfig:
 
 @dataclass
 class ZeroShotConfig:
-    candidate_labels: List[str] = field(default_factory=list)
-    hypothesis_template: str = "This example is {}."
+    candidate_labels: List[str] = field(default_factory=list)  # model.task=zero-shot-classification: the labels to choose from
+    hypothesis_template: str = "This example is {}."  # the NLI hypothesis for each label ({} is replaced by the label)
+    # false: the labels compete (one softmax over them, the scores sum to 1); true: each label is judged on its own
+    # (entailment against contradiction), as with a single candidate label
     multi_label: bool = False
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = bounded(32, 1)
-    do_sample: bool = False
-    temperature: float = bounded(1.0, 0, lo_open=True)
-    top_p: float = bounded(1.0, 0, 1, lo_open=True)
+    max_new_tokens: int = bounded(32, 1)  # model.task=text-generation: tokens generated per row, at most
+    do_sample: bool = False  # false: greedy decoding (equal to model.generate on each prompt alone); true: sampling
+    temperature: float = bounded(1.0, 0, lo_open=True)  # do_sample: the logits are divided by this before sampling
+    top_p: float = bounded(1.0, 0, 1, lo_open=True)  # do_sample: sample from the likeliest tokens that make up this probability
+    # do_sample: each batch draws from a stream seeded by this and the batch's tokens (the same config and batches
+    # give the same texts on every rerun)
     seed: int = 0
 
 
 @dataclass
 class TokenClassificationConfig:
+    # model.task=token-classification: how tokens are grouped into entities, as transformers' pipeline
+    # aggregation_strategy (none: one entry per token)
     aggregation: Literal["none", "simple", "first", "average", "max"] = "simple"
 
 
@@ -245,7 +256,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise ConfigError(REMOVED_VALUES.get(f"{key}={value}")
+                              or f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -295,6 +307,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+# Keys a job may still name that no longer exist: what to do instead.
+REMOVED = {"runtime.seed": "inference draws no random numbers; remove it (generation.seed seeds sampled text-generation)",
+           "model.keep_float32": "int8 with Linear layers left in float32 kept fewer labels than rescoring in every "
+                                 "check measured; use model.rescore_margin (text-classification) or "
+                                 "model.dtype=auto-check"}
+# Values of a key that no longer exist, as key=value: the line that refuses them.
+REMOVED_VALUES = {"model.quantize=int8": "model.quantize=int8 (per-tensor scales) was removed: use "
+                                         "model.quantize=int8-per-channel, faster and closer to float32 on every "
+                                         "CPU measured"}
+
+
 def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -304,6 +327,8 @@ def _build(cls: type, values: Dict[str, Any], prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in REMOVED:
+            raise ConfigError(f"config key '{full}' was removed: {REMOVED[full]}")
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'; valid keys{' in ' + prefix if prefix else ''} are: {', '.join(names)}")
         tp = hints[key]
@@ -357,9 +382,6 @@ def validate(cfg: JobConfig) -> JobConfig:
                           f"(got {m.quantize}) or pick model.dtype=float32 with model.quantize={m.quantize}")
     if m.quantize != "none" and m.dtype not in ("auto", "float32"):
         raise ConfigError(f"model.quantize={m.quantize} runs float32 activations; set model.dtype=float32 (got {m.dtype})")
-    if m.keep_float32 and m.quantize == "none":
-        raise ConfigError(f"model.keep_float32 names layers that model.quantize leaves in float32, but nothing is "
-                          f"quantized; set model.quantize=int8-per-channel (or int8), or remove model.keep_float32")
     if m.rescore_margin and (m.quantize == "none" or m.task != "text-classification"):
         raise ConfigError(f"model.rescore_margin rescores in float32 the rows int8 is unsure of, for "
                           f"text-classification with model.quantize; got model.task={m.task}, model.quantize="
@@ -373,6 +395,9 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"data.id_columns has duplicates: {d.id_columns}")
     if not o.path:
         raise ConfigError("output.path is required: the directory the predictions are written to")
+    if o.mode == "append" and o.format != "delta":
+        raise ConfigError(f"output.mode must be one of error, overwrite, resume for output.format={o.format} (got "
+                          "append, which adds rows to a Delta table): set output.format=delta to append")
     _check_long_texts(cfg)
     if m.task == "zero-shot-classification" and not cfg.zero_shot.candidate_labels:
         raise ConfigError("zero_shot.candidate_labels is required for model.task=zero-shot-classification, e.g. [sports, politics]")

@@ -101,7 +101,7 @@ def idle_threads_sleep() -> None:
     data loader workers (and any other process) need, and a spinning thread that loses its core
     stalls the next operator for a time slice. Measured on 2 busy cores, null model of
     scripts/bench_feed.py, -np 1, 2 torch threads, 1 worker: 47 s of forward time spinning,
-    5 s passive (feed 0.11x of the pooled tokenizer before, 0.53-0.72x after; README).
+    5 s passive (feed 0.11x of the pooled tokenizer before, 0.53-0.72x after; docs/speed.md).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -13,11 +13,10 @@ directory's content, the task, model.quantize and the versions of torch, transfo
 lets the first rank export while the others wait and then load its file. Before a graph is cached its
 outputs are compared with torch's on a probe batch: the fused graph is kept if it agrees, else the plain
 export, else the job stops (model.runtime=eager runs it); with model.quantize the checked graph is then
-quantized (int8: every MatMul, per-tensor weight scales; int8-per-channel: per-channel scales, the task
-head and pooler left in float32, as model.quantize does in torch; int8-blockwise: MatMulNBits, weights in
-blocks of 128 inputs and activations quantized per row and block at run time, the head and pooler in float32,
-ONNX Runtime only). The predictor returns what the torch model
-returns to the tasks (logits, last_hidden_state), as torch tensors.
+quantized (int8-per-channel: per-channel weight scales, the task head and pooler left in float32, as
+model.quantize does in torch; int8-blockwise: MatMulNBits, weights in blocks of 128 inputs and activations
+quantized per row and block at run time, the head and pooler in float32, ONNX Runtime only). The predictor
+returns what the torch model returns to the tasks (logits, last_hidden_state), as torch tensors.
 """
 from __future__ import annotations
 
@@ -95,12 +94,12 @@ class OnnxPredictor:
 
     @classmethod
     def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none",
-               keep: Sequence[str] = (), trimmed: bool = False) -> "OnnxPredictor":
+               trimmed: bool = False) -> "OnnxPredictor":
         """trimmed: the model's last layer computes the first position only (model.trim_last_layer), and so will
         the graph exported from it."""
         import onnxruntime as ort
 
-        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, keep, trimmed)
+        graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, trimmed)
         session = inference_session(graph)
         facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
                  "onnx_threads": session.get_session_options().intra_op_num_threads}
@@ -127,15 +126,14 @@ def inference_session(graph: str):
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
 
-def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = (),
-                 trimmed: bool = False):
-    """(path of the host's ONNX graph for this model, task and quantization (keep: layers left float32), how it
-    was optimized); exported if missing. A quantized graph is made from the cached float32 one, so auto-check's
-    int8 candidates share one export."""
+def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str = "none", trimmed: bool = False):
+    """(path of the host's ONNX graph for this model, task and quantization, how it was optimized); exported if
+    missing. A quantized graph is made from the cached float32 one, so auto-check's int8 candidates share one
+    export."""
     import fcntl
 
-    seven_bit = quantize in ("int8", "int8-per-channel") and not cpu_has_vnni()
-    key = cache_key(model_dir, task_name, quantize, keep, seven_bit, trimmed)
+    seven_bit = quantize == "int8-per-channel" and not cpu_has_vnni()
+    key = cache_key(model_dir, task_name, quantize, seven_bit, trimmed)
     root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
@@ -147,11 +145,11 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
                 if quantize == "none":
                     how = export(model, tokenizer, tmp)
                 else:  # its own lock, taken inside this one (never the other way round)
-                    source, how = cached_graph(model, tokenizer, model_dir, task_name, "none", (), trimmed)
+                    source, how = cached_graph(model, tokenizer, model_dir, task_name, "none", trimmed)
                     for name in os.listdir(os.path.dirname(source)):  # the graph and any external data beside it
                         if name != "recipe.json":
                             shutil.copy(os.path.join(os.path.dirname(source), name), tmp)
-                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model, keep, seven_bit)
+                    how += "; " + quantize_graph(os.path.join(tmp, "model.onnx"), quantize, model, seven_bit)
                 with open(os.path.join(tmp, "recipe.json"), "w") as f:
                     json.dump({"model_dir": os.path.abspath(model_dir), "task": task_name, "quantize": quantize,
                                "optimizer": how, "versions": _versions()}, f)
@@ -162,11 +160,11 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
         return os.path.join(final, "model.onnx"), json.load(f)["optimizer"]
 
 
-def cache_key(model_dir: str, task_name: str, quantize: str = "none", keep: Sequence[str] = (),
-              seven_bit: bool = False, trimmed: bool = False) -> str:
+def cache_key(model_dir: str, task_name: str, quantize: str = "none", seven_bit: bool = False,
+              trimmed: bool = False) -> str:
     """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
     h = hashlib.sha256(json.dumps({"task": task_name, "quantize": quantize, "recipe": RECIPE,
-                                   "versions": _versions(), **({"keep_float32": sorted(keep)} if keep else {}),
+                                   "versions": _versions(),
                                    **({"seven_bit": True} if seven_bit else {}),
                                    **({"trimmed": True} if trimmed else {})}).encode())
     for folder, _, files in sorted(os.walk(model_dir)):
@@ -293,8 +291,9 @@ def cpu_has_vnni() -> bool:
     return cpu_has(VNNI_ENV, "avx512_vnni", "avx_vnni")
 
 
-def quantize_graph(path: str, quantize: str, model, keep: Sequence[str] = (), seven_bit: bool = False) -> str:
-    """ONNX Runtime's dynamic int8 of the graph at path, in place, keep's layers left float32; what it did.
+def quantize_graph(path: str, quantize: str, model, seven_bit: bool = False) -> str:
+    """ONNX Runtime's int8 of the graph at path (quantize: int8-per-channel or int8-blockwise), in place, the task
+    head and pooler left float32; what it did.
 
     seven_bit: weights in [-64, 63] (the quantizer's reduce_range), for a CPU without VNNI. There ONNX Runtime
     multiplies its uint8 activations by int8 weights with AVX2's VPMADDUBSW, which adds pairs of products in 16
@@ -305,9 +304,8 @@ def quantize_graph(path: str, quantize: str, model, keep: Sequence[str] = (), se
 
     from hvd_infer.model import head_modules
 
-    per_channel = quantize == "int8-per-channel"
     kept, head = [], []
-    modules = (head_modules(model) if quantize != "int8" else []) + list(keep)
+    modules = head_modules(model)
     if modules:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
         import onnx
 
@@ -325,7 +323,7 @@ def quantize_graph(path: str, quantize: str, model, keep: Sequence[str] = (), se
     try:
         # The fused operators (Attention, SkipLayerNormalization) are outside shape inference's domain: their
         # outputs are float32, which the quantizer is told.
-        quantize_dynamic(path, target, weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=kept,
+        quantize_dynamic(path, target, weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=kept,
                          reduce_range=seven_bit, extra_options={"DefaultTensorType": TensorProto.FLOAT})
     finally:
         root.setLevel(level)

@@ -4,7 +4,7 @@
     hvd-infer -np 8 -H host1:4,host2:4 --network-interface eth0 --config job.yaml
 
 Every cheap check a rank would run (config, input footers and columns, model
-directory against the task, output mode) runs first in this process, read-only:
+directory against the task, output mode and format) runs first in this process, read-only:
 a bad job fails in one line with exit code 2 before any rank starts; so does a
 host of -H that cannot run its ranks (hvd_infer.cluster checks each over ssh).
 The ranks are then started by horovodrun (Horovod's own launcher, as a child
@@ -85,7 +85,7 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
     from hvd_infer.model import preflight_model
     from hvd_infer.reader import choose_reader
     from hvd_infer.tasks import get_task
-    from hvd_infer.writer import check_output, job_identity
+    from hvd_infer.writer import check_output, job_identity, output_schema
 
     task = get_task(cfg.model.task)(cfg)
     choose_reader(cfg.data.reader)  # data.reader=petastorm where it cannot run
@@ -97,7 +97,7 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
         resolve_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     inp = open_input(cfg.data)
     preflight_model(cfg, task)
-    check_output(cfg, job_identity(cfg, inp.fingerprint()))
+    check_output(cfg, job_identity(cfg, inp.fingerprint()), output_schema(cfg, inp.schema, task))
     if cfg.mlflow.enabled:
         from hvd_infer.tracking import check_tracking_server
 

@@ -43,7 +43,7 @@ from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import Part, pieces_of
 
 # On CPU the model needs every core it has. A thread reading and tokenizing beside it (0) was
-# the best of 0, 1 and 2 on 2 cores at -np 2 (README, speed): the demo model 1.04x the bare loop
+# the best of 0, 1 and 2 on 2 cores at -np 2 (docs/speed.md): the demo model 1.04x the bare loop
 # steady vs 0.99x with one worker process, the null model 8,264 vs 7,112 rows/s, and a rank
 # with no worker process holds 0.4 GB less.
 CPU_WORKERS = 0

@@ -89,8 +89,6 @@ def preflight_model(cfg: JobConfig, task) -> None:
     hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, local_files_only=True)
     task.check_model_config(hf_config, m.path)
     task.read_model_dir(hf_config, m.path, m.path)
-    if m.keep_float32:  # the layers' names, from the model's structure built on the meta device (no weights)
-        linear_layers(model_skeleton(cfg, task, hf_config), m.keep_float32)
 
 
 def model_skeleton(cfg: JobConfig, task, hf_config):
@@ -170,7 +168,6 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     task.pad_multiple = pad_multiple(cfg.data.pad_to_multiple_of, device.type)
     facts = {"model_path": path, "runtime": m.runtime, "dtype": str(dtype).replace("torch.", ""), "deepspeed": use_ds,
              "kernel_inject": bool(use_ds and kernel_inject), "quantize": m.quantize,
-             "keep_float32": ",".join(m.keep_float32),
              "last_layer": ("first position" if not untrimmed else f"whole: {untrimmed}" if task.reads_first_token
                             else "whole"),
              "linear_kernels": linear_kernels,
@@ -179,9 +176,7 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
     if m.runtime == "onnxruntime":
         from hvd_infer.engines import OnnxPredictor
 
-        linear_layers(_unwrap(model), m.keep_float32)
-        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, m.keep_float32,
-                                         trimmed=not untrimmed)
+        predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, trimmed=not untrimmed)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
 
@@ -211,8 +206,8 @@ def _load_rescoring(cfg: JobConfig, task, device: torch.device):
 
     m = dataclasses.replace(cfg.model, rescore_margin=0.0)
     fast, tokenizer, facts = load_model(dataclasses.replace(cfg, model=m), task, device)
-    exact = load_model(dataclasses.replace(cfg, model=dataclasses.replace(m, quantize="none", keep_float32=[],
-                                                                          runtime="eager")), task, device)[0]
+    exact = load_model(dataclasses.replace(cfg, model=dataclasses.replace(m, quantize="none", runtime="eager")),
+                       task, device)[0]
     return RescoringPredictor(fast, exact, cfg.model.rescore_margin), tokenizer, {
         **facts, "rescore_margin": cfg.model.rescore_margin}
 
@@ -268,7 +263,7 @@ def _load_weights(path: str, cfg: JobConfig, task, dtype: torch.dtype, device: t
         if not task.reads_first_token else "DeepSpeed kernel injection replaces it")
     autocast = False
     if m.quantize != "none" and m.runtime == "eager":  # onnxruntime exports the float32 model, then quantizes
-        model = quantize_int8(model, per_channel=m.quantize == "int8-per-channel", keep=m.keep_float32)
+        model = quantize_int8(model)
     elif dtype == torch.bfloat16 and device.type == "cpu":
         # CPU bf16: autocast keeps softmax/layernorm in float32 (agreement) and runs matmuls in bf16.
         autocast = True
@@ -379,36 +374,25 @@ def _dtype_argument(transformers_version: str) -> str:
     return "dtype" if Version(transformers_version) >= Version("4.56") else "torch_dtype"
 
 
-def quantize_int8(model, per_channel: bool, keep=()):
-    """Dynamic int8 Linear layers; per_channel: a weight scale per output row, and the task head left in float32;
-    keep: other Linear layers left in float32, by module name (model.keep_float32).
+def quantize_int8(model):
+    """model.quantize=int8-per-channel in torch: dynamic int8 Linear layers with a weight scale per output row, the
+    task head left in float32.
 
     Per-tensor scales and a quantized head changed 7% of a fine-tuned MiniLM classifier's labels
     on the project's bench; the head is a few thousand weights that decide the label, so keeping it costs nothing.
     """
     import warnings
 
-    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    linear = linear_layers(model, keep)
-    kept = set(keep) | (set(head_modules(model)) if per_channel else set())
-    qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
-    spec = {name: qconfig for name in linear if not any(name == k or name.startswith(k + ".") for k in kept)}
+    head = head_modules(model)
+    spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not any(name == k or name.startswith(k + ".") for k in head)}
     # torch.ao's deprecation notices (it still works on the pinned torch) would print on every rank's load.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, spec, dtype=torch.qint8) if spec else model
-
-
-def linear_layers(model, keep=()) -> List[str]:
-    """The model's Linear layers by module name; keep (model.keep_float32) must name some of them."""
-    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    unknown = [name for name in keep if name not in linear]
-    if unknown:
-        raise ConfigError(f"model.keep_float32 names {', '.join(unknown[:3])}, not a Linear layer of this model; "
-                          f"its Linear layers are {', '.join(linear[:2])}, ... {linear[-1]} ({len(linear)} in all)")
-    return linear
 
 
 def head_modules(model) -> List[str]:

@@ -25,7 +25,7 @@ import torch
 ROWS_HINT = 2048
 # Set to 1 or 0 to say whether this CPU has AVX512, instead of reading /proc/cpuinfo. oneDNN's AVX512 kernels
 # beat torch's Linear (MKL) by 1.14x on the demo model; its AVX2 ones, with ONEDNN_MAX_CPU_ISA=AVX2 and
-# MKL_ENABLE_INSTRUCTIONS=AVX2, ran 0.91x on the 12-class model (README): there torch's own Linear stays.
+# MKL_ENABLE_INSTRUCTIONS=AVX2, ran 0.91x on the 12-class model (docs/speed.md): there torch's own Linear stays.
 AVX512_ENV = "HVD_INFER_CPU_AVX512"
 
 
@@ -131,19 +131,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-# oneDNN's kernels have no gradient: where autograd records (precision.sensitive_layers' backward pass), each
-# patched module computes what torch's own did.
 def _linear(self, x):
-    if torch.is_grad_enabled():
-        return torch.nn.functional.linear(x, self.weight, self.bias)
     y = torch.ops.mkldnn._linear_pointwise(_rows(x), self._onednn_weight, self.bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _dense_gelu(self, hidden_states):
     dense = self.dense
-    if torch.is_grad_enabled():
-        return self.intermediate_act_fn(dense(hidden_states))
     y = torch.ops.mkldnn._linear_pointwise(_rows(hidden_states), dense._onednn_weight, dense.bias, "gelu", [],
                                            "none")
     return y.view(*hidden_states.shape[:-1], y.shape[-1])
@@ -152,8 +146,6 @@ def _dense_gelu(self, hidden_states):
 def _dense_add_norm(self, hidden_states, input_tensor):
     """BERT's output: LayerNorm(dense(hidden_states) + input_tensor), dropout being off in eval mode."""
     dense = self.dense
-    if torch.is_grad_enabled():
-        return self.LayerNorm(dense(hidden_states) + input_tensor)
     y = torch.ops.mkldnn._linear_pointwise.binary(_rows(hidden_states), _rows(input_tensor), dense._onednn_weight,
                                                   dense.bias, "add")
     return self.LayerNorm(y.view(*hidden_states.shape[:-1], y.shape[-1]))

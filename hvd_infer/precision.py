@@ -7,12 +7,11 @@ scores them in float32 and in each faster precision this device runs natively: o
 bfloat16 where the GPU supports it; on CPU bfloat16 only with AVX512-BF16/AMX (elsewhere it is many
 times slower than float32), and dynamic int8 with per-channel scales and the task head left in float32,
 in torch and, where ONNX Runtime is installed, in ONNX Runtime (model.runtime=onnxruntime), and for the tasks
-no rescoring serves ONNX Runtime's int8-blockwise (see candidates). Where per-channel int8 changes a label of
-the first chunk (text- and token-classification), int8-selective joins, with the layers whose int8 error moves
-the labels most left in float32 (sensitive_layers, measured on those rows); on text-classification, where torch's or ONNX Runtime's int8
-changes one, int8-rescore or onnxruntime-int8-rescore joins, which scores again in float32 the rows whose two
-likeliest labels that int8 puts close together (_rescore_margin). It times each (after
-one warm-up batch) and picks the fastest whose agreement with float32 is at least model.check_agreement:
+no rescoring serves ONNX Runtime's int8-blockwise (see candidates). On text-classification, where torch's or ONNX
+Runtime's int8 changes a label of the first chunk, int8-rescore or onnxruntime-int8-rescore joins, which scores
+again in float32 the rows whose two likeliest labels that int8 puts close together (_rescore_margin). It times
+each (after one warm-up batch) and picks the fastest whose agreement with float32 is at least
+model.check_agreement:
 
     text-classification, zero-shot   share of rows with the same label
     token-classification             share of rows with the same entity spans (group, start, end)
@@ -42,35 +41,34 @@ import pyarrow.compute as pc
 import torch
 
 from hvd_infer.config import JobConfig
+from hvd_infer.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Precision:
-    """A precision and the engine that runs it (model.dtype, model.quantize, model.keep_float32, model.runtime)."""
+    """A precision and the engine that runs it (model.dtype, model.quantize, model.runtime, model.rescore_margin)."""
     name: str
     dtype: str  # model.dtype
     quantize: str = "none"  # model.quantize
     runtime: str = "eager"  # model.runtime
-    keep: Tuple[str, ...] = ()  # model.keep_float32
     rescore: float = 0.0  # model.rescore_margin
 
     def config(self, cfg: JobConfig) -> JobConfig:
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=self.dtype, quantize=self.quantize,
-                                                                  runtime=self.runtime, keep_float32=list(self.keep),
-                                                                  rescore_margin=self.rescore))
+                                                                  runtime=self.runtime, rescore_margin=self.rescore))
 
     @property
     def token(self) -> str:
         """The precision as the output's job file records it (parse_precision reads it back)."""
-        return (self.name + (f":{','.join(self.keep)}" if self.keep else "")
-                + (f"@{self.rescore!r}" if self.rescore else ""))
+        return self.name + (f"@{self.rescore!r}" if self.rescore else "")
 
 
 def parse_precision(token: str) -> Precision:
-    token, _, rescore = token.partition("@")
-    name, _, keep = token.partition(":")
-    return dataclasses.replace(PRECISIONS[name], keep=tuple(keep.split(",")) if keep else (),
-                               rescore=float(rescore) if rescore else 0.0)
+    name, _, rescore = token.partition("@")
+    if name not in PRECISIONS:  # recorded by an earlier version, e.g. int8-selective:<its float32 layers>
+        raise ConfigError(f"output.path's rows were scored in {name.partition(':')[0]}, which hvd_infer no longer "
+                          "runs: resume it with the version that started it, or rerun with output.mode=overwrite")
+    return dataclasses.replace(PRECISIONS[name], rescore=float(rescore) if rescore else 0.0)
 
 
 FLOAT32 = Precision("float32", "float32")
@@ -78,11 +76,9 @@ FLOAT32 = Precision("float32", "float32")
 
 PRECISIONS = {p.name: p for p in [FLOAT32, Precision("float16", "float16"), Precision("bfloat16", "bfloat16"),
                                     Precision("int8-per-channel", "float32", "int8-per-channel"),
-                                    Precision("int8-selective", "float32", "int8-per-channel"),  # keep: measured
                                     Precision("int8-rescore", "float32", "int8-per-channel"),  # rescore: measured
                                     Precision("onnxruntime-int8-rescore", "float32", "int8-per-channel",
                                               "onnxruntime"),  # rescore: measured
-                                    Precision("int8", "float32", "int8"),
                                     Precision("onnxruntime-int8-per-channel", "float32", "int8-per-channel",
                                               "onnxruntime"),
                                     Precision("onnxruntime-int8-blockwise", "float32", "int8-blockwise",
@@ -94,12 +90,6 @@ CHUNK_ROWS = 64
 # this many rows (_sample_rows_per_batch).
 SAMPLE_PADDING_STEP = 0.1
 SAMPLE_BATCH_ROWS = 8
-# int8-selective leaves in float32 the Linear layers whose int8 error moves the labels most, until they account
-# for SELECTIVE_SCORE of the measured moves, and at most SELECTIVE_WEIGHTS of the int8 weights (its speed).
-SELECTIVE_SCORE = 0.5
-SELECTIVE_WEIGHTS = 0.25
-# The rows whose label int8 changed are those it measures on, at most this many (a float32 forward and backward).
-SELECTIVE_ROWS = 16
 # int8-rescore scores again in float32 the rows whose two likeliest labels int8 puts closer than RESCORE_SAFETY x
 # the widest such gap among the first chunk's rows whose label int8 changed; onnxruntime-int8-rescore the same
 # over ONNX Runtime's int8. Each int8 precision (a candidate that changed labels) and its rescoring:
@@ -126,14 +116,12 @@ def candidates(cfg: JobConfig, device: torch.device) -> List[Precision]:
     Beside them, for the tasks no rescoring serves, where float32 runs on torch's Linear (blockwise_pays), ONNX
     Runtime's int8-blockwise: slower than per-channel int8, with about a tenth of its error.
 
-    Each candidate costs the check a model load and its rows, so those that seldom win are not tried: per-tensor
-    int8 was slower than per-channel and changed more labels (scripts/bench.py, 2026-12-06), and ONNX
-    Runtime's float32 gained 0-14% over torch's, less than the check spends on it in a job of 10,000 rows.
-    Both stay explicit choices (model.quantize=int8, model.runtime=onnxruntime)."""
+    Each candidate costs the check a model load and its rows, so one that seldom wins is not tried: ONNX
+    Runtime's float32 gained 0-14% over torch's, less than the check spends on it in a job of 10,000 rows. It
+    stays an explicit choice (model.runtime=onnxruntime)."""
     if device.type == "cuda":
         return [PRECISIONS["float16"]] + ([PRECISIONS["bfloat16"]] if torch.cuda.is_bf16_supported() else [])
     from hvd_infer.engines import check_runtime
-    from hvd_infer.errors import ConfigError
     from hvd_infer.model import cpu_has_native_bf16
 
     found = ([PRECISIONS["bfloat16"]] if cpu_has_native_bf16() else []) + [PRECISIONS["int8-per-channel"]]
@@ -200,9 +188,7 @@ class Decision:
 
     def facts(self, threshold: float) -> Dict[str, Any]:
         facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
-        kept = (f" (in float32: {', '.join(self.choice.keep)})"
-                if self.choice.keep else
-                f" (rows whose two likeliest labels are within {self.choice.rescore:.4f} in probability rescored "
+        kept = (f" (rows whose two likeliest labels are within {self.choice.rescore:.4f} in probability rescored "
                 "in float32)" if self.choice.rescore else "")
         if self.how != "measured":
             facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}{kept}"]
@@ -362,19 +348,6 @@ def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple
         seen[-1][3].update(outputs["float32"])  # the reference the candidates are compared with
         for name in [name for name in models if name != "float32"]:
             outputs[name] = catch_up(name)
-        changed = _int8_changed(cfg, outputs) if number == 0 else np.zeros(0, dtype=bool)
-        if changed.any():
-            # outputs are in batch order: the rows (indices into the chunk's texts) are the batches' own
-            flipped = np.flatnonzero(changed) if window_row is not None else np.concatenate(order)[changed]
-            # int8 changed labels in the first chunk: int8-selective joins, its float32 layers measured on those rows.
-            rows = flipped[:SELECTIVE_ROWS]
-            measured = _chunk_batches(cfg, task, models["float32"], device, [chunk_texts[i] for i in rows],
-                                      [chunk_pairs[i] for i in rows] if chunk_pairs else None, rows_per_batch)[0]
-            selective = dataclasses.replace(PRECISIONS["int8-selective"], keep=sensitive_layers(
-                models["float32"], models["int8-per-channel"], measured))
-            precisions[selective.name] = selective
-            models[selective.name] = load(selective)
-            outputs[selective.name] = catch_up(selective.name)
         for base, name in RESCORED.items() if number == 0 else ():
             margin = _rescore_margin(cfg, outputs, base)
             if margin and not _dominated(decision, base):
@@ -456,82 +429,6 @@ def _rescore_margin(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]], bas
         return 0.0
     probs = np.sort(np.stack(outputs[base]["probs"].to_numpy(zero_copy_only=False)[changed]), axis=1)
     return float(min(1.0, RESCORE_SAFETY * (probs[:, -1] - probs[:, -2]).max()))
-
-
-def _int8_changed(cfg: JobConfig, outputs: Dict[str, Dict[str, pa.Array]]) -> np.ndarray:
-    """Per output row of the chunk: did per-channel int8 change its label (a labelling task; else none)?
-    int8-selective and int8-rescore are tried where some did."""
-    if cfg.model.task not in SELECTIVE_TASKS or "int8-per-channel" not in outputs:
-        return np.zeros(0, dtype=bool)
-    return row_agreement(outputs["float32"], outputs["int8-per-channel"]) < 1
-
-
-# Tasks whose label margins (top logit minus the runner-up) sensitive_layers can follow.
-SELECTIVE_TASKS = ("text-classification", "token-classification")
-
-
-def sensitive_layers(reference, quantized, batches) -> Tuple[str, ...]:
-    """The Linear layers of the float32 model `reference` whose int8 error (in `quantized`, the same model with
-    per-channel int8) moves the labels of these batches most: up to SELECTIVE_SCORE of all the moves, and at most
-    SELECTIVE_WEIGHTS of the int8 weights.
-
-    First order, from one float32 forward and backward: a layer's int8 error moves log(margin) of a row (a row's
-    top logit minus its runner-up; per token for token-classification) by the dot product of the error with the
-    gradient of log(margin) at the layer's output. The error is the int8 layer's output on the layer's own float32
-    input minus the float32 output. A layer's score is the sum over rows of |move|: a move of 1 takes a row's margin
-    e-fold, which is how labels flip. The candidate is then measured like any other: this only picks it."""
-    ref, q = reference.module, dict(quantized.module.named_modules())
-    names = [n for n, module in ref.named_modules()
-             if isinstance(module, torch.nn.Linear) and n in q and not isinstance(q[n], torch.nn.Linear)]
-    if not names:
-        return ()
-    outputs, errors, scores = {}, {}, dict.fromkeys(names, 0.0)
-
-    def capture(name):
-        def hook(module, inputs, output):
-            with torch.no_grad():
-                errors[name] = q[name](inputs[0]) - output
-            output.retain_grad()
-            outputs[name] = output
-        return hook
-
-    def start_graph(module, inputs, output):  # the graph starts at the embeddings: no weight gradients
-        return output.detach().requires_grad_()
-
-    handles = [ref.get_submodule(n).register_forward_hook(capture(n)) for n in names]
-    handles.append(ref.get_input_embeddings().register_forward_hook(start_graph))
-    wanted = [p.requires_grad for p in ref.parameters()]
-    try:
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        for batch in batches:
-            with torch.enable_grad():
-                logits = ref(**batch).logits.float()
-                top = logits.topk(2, dim=-1).values
-                log_margin = (top[..., 0] - top[..., 1]).clamp_min(1e-4).log()
-                if log_margin.dim() > 1:  # tokens: the padding's margins are nobody's labels
-                    log_margin = log_margin[batch["attention_mask"].bool()]
-                log_margin.sum().backward()
-            for name in names:
-                move = (outputs[name].grad * errors[name]).flatten(1).sum(1)
-                scores[name] += float(move.abs().sum())
-            outputs.clear()
-            errors.clear()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, w in zip(ref.parameters(), wanted):
-            p.requires_grad_(w)
-    weights = {n: ref.get_submodule(n).weight.numel() for n in names}
-    total_score, budget = sum(scores.values()), SELECTIVE_WEIGHTS * sum(weights.values())
-    kept, score, used = [], 0.0, 0
-    for name in sorted(names, key=lambda n: -scores[n]):
-        if score >= SELECTIVE_SCORE * total_score:
-            break
-        if used + weights[name] <= budget:
-            kept.append(name)
-            score, used = score + scores[name], used + weights[name]
-    return tuple(sorted(kept, key=names.index))
 
 
 def agreement_bounds(agreed: float, scored: int, rows: int, worst_row: float) -> Tuple[float, float]:

@@ -46,7 +46,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     from hvd_infer.shard_plan import plan_parts
     from hvd_infer.tasks import get_task
     from hvd_infer.tracking import Tracker
-    from hvd_infer.writer import job_identity, prepare_output
+    from hvd_infer.writer import job_identity, output_schema, prepare_output
 
     ctx = RankContext.create(cfg.runtime.threads, cfg.runtime.collective_timeout_s)
     try:
@@ -62,7 +62,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
                 choose_reader(cfg.data.reader)  # data.reader=petastorm where it cannot run: refused here
                 inp = open_input(cfg.data)
                 preflight_model(cfg, task)
-                state = prepare_output(cfg, job_identity(cfg, inp.fingerprint()))
+                state = prepare_output(cfg, job_identity(cfg, inp.fingerprint()), output_schema(cfg, inp.schema, task))
             except Exception as e:
                 error = e
         ctx.agree(error)
@@ -75,7 +75,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
                        "input_fingerprint": inp.fingerprint(), "resumed_rows": sum(b - a for a, b in state.done),
                        **{f"env.{name}": value for name, value in environment.items()}})
         try:
-            return _score(cfg, ctx, inp, parts, state.precision, task, tracker, t_start, environment)
+            return _score(cfg, ctx, inp, parts, state, task, tracker, t_start, environment)
         except BaseException as e:
             tracker.fail(e)
             raise
@@ -83,7 +83,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
         ctx.shutdown()
 
 
-def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracker, t_start: float,
+def _score(cfg: JobConfig, ctx, inp, parts, state, task, tracker, t_start: float,
            environment: Dict[str, str]) -> Dict[str, Any]:
     from hvd_infer.batcher import batch_limits, dedup_off
     from hvd_infer.context import cpu_cores
@@ -93,13 +93,14 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
     from hvd_infer.reader import choose_reader
     from hvd_infer.summary import RankFigures
     from hvd_infer.watchdog import COLLECTIVE, Watchdog
+    from hvd_infer.writer import output_schema
 
     t = time.perf_counter()
     error, model = tracker.error, None  # rank 0 could not start the MLflow run: no use loading the model
     if error is None:
         try:
             # model.dtype=auto-check measured first (or the resumed output's precision kept)
-            model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp, resumed_precision)
+            model, tokenizer, facts = load_checked_model(cfg, task, ctx, inp, state.precision)
         except Exception as e:
             error = e
     ctx.agree(error)
@@ -111,8 +112,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
     fig = RankFigures(rank=ctx.rank, host=os.uname().nodename, device=str(ctx.device), threads=ctx.threads,
                       load_seconds=load_seconds)
 
-    id_fields = [inp.schema.field(c) for c in cfg.data.id_columns]
-    schema = pa.schema(id_fields + task.output_fields())
+    schema = output_schema(cfg, inp.schema, task)
     columns = list(dict.fromkeys([cfg.data.text_column] + ([cfg.data.text_pair_column] if cfg.data.text_pair_column else [])
                                  + cfg.data.id_columns + ([cfg.data.label_column] if cfg.data.label_column else [])))
     evaluation = Evaluation(task) if cfg.data.label_column else None
@@ -126,7 +126,7 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
     # Workers fork here, before the writer thread exists.
     loader = BatchLoader(inp, parts, columns, task, cfg.data, batch_rows, max_tokens, fig.workers,
                          pin_memory=ctx.device.type == "cuda")
-    writer = _PartWriter(cfg, ctx.rank, schema, evaluation, tracker, fig)
+    writer = _PartWriter(cfg, ctx.rank, state.job, schema, evaluation, tracker, fig)
     watch = Watchdog(cfg, ctx.rank, fig, loader, tracker)
     try:
         _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar)
@@ -139,8 +139,9 @@ def _score(cfg: JobConfig, ctx, inp, parts, resumed_precision: str, task, tracke
             figures = ctx.allgather_object(fig)  # also the barrier: every rank has finished writing
             confusion = ctx.allgather_object(evaluation.counts if evaluation else None)
         if ctx.is_main:
-            with watch.stage("writing", "the manifest, _SUCCESS and the MLflow run's last records"):
-                _finish_job(cfg, ctx, inp, schema, figures, facts, environment, confusion, evaluation, tracker)
+            commit = "the Delta commit, " if cfg.output.format == "delta" else ""
+            with watch.stage("writing", f"{commit}the manifest, _SUCCESS and the MLflow run's last records"):
+                _finish_job(cfg, ctx, inp, state, schema, figures, facts, environment, confusion, evaluation, tracker)
         with watch.stage(COLLECTIVE, "rank 0 to write _SUCCESS (the job's last barrier)"):
             ctx.barrier()  # _SUCCESS exists before any rank returns
     finally:
@@ -204,22 +205,29 @@ def _score_share(ctx, task, model, loader, writer, watch, tracker, fig, bar) -> 
             bar.close()
 
 
-def _finish_job(cfg: JobConfig, ctx, inp, schema, figures, facts, environment, confusion, evaluation, tracker) -> None:
-    """Rank 0, once every rank has written its share: the summary, the manifest and _SUCCESS, MLflow's last records."""
+def _finish_job(cfg: JobConfig, ctx, inp, state, schema, figures, facts, environment, confusion, evaluation,
+                tracker) -> None:
+    """Rank 0, once every rank has written its share: the summary, a Delta job's commit, the manifest and _SUCCESS,
+    MLflow's last records."""
     from hvd_infer.evaluation import Evaluation
     from hvd_infer.summary import report
-    from hvd_infer.writer import finish_output, write_empty_part
+    from hvd_infer.writer import commit_table, finish_output, write_empty_part
 
     if inp.total_rows == 0:
-        write_empty_part(cfg, schema)
+        write_empty_part(cfg, schema, state.job)
     metrics, text, summary = report(cfg, ctx, figures, facts, environment)
     eval_metrics, eval_text, eval_figs = (Evaluation.report(confusion) if evaluation else ({}, "", {}))
     metrics.update(eval_metrics)
     summary.update(eval_metrics)
-    manifest = finish_output(cfg, summary)
-    tracker.finish(metrics, {"resolved." + k: v for k, v in facts.items()}, [manifest], eval_figs)
+    predictions = cfg.output.path
+    if cfg.output.format == "delta":
+        version = commit_table(cfg, state, schema)
+        summary["delta_table"] = {"path": cfg.output.path, "version": version, "job": state.job}
+        predictions = f"{cfg.output.path} (Delta table, version {version})"
+    manifest = finish_output(cfg, summary, state.job)
+    tracker.finish(metrics, {"resolved." + k: v for k, v in facts.items()}, [manifest], eval_figs, state.job)
     print(text + eval_text, flush=True)
-    print(f"predictions: {cfg.output.path}\nmanifest:    {manifest}", flush=True)
+    print(f"predictions: {predictions}\nmanifest:    {manifest}", flush=True)
     if tracker.enabled:
         print(f"MLflow:      {tracker.run_url()}", flush=True)
         if cfg.mlflow.tracking_uri.startswith("sqlite"):
@@ -232,9 +240,9 @@ class _PartWriter:
     (writer.write_part) and an MLflow artifact. At most two parts wait; a failed write fails the job
     at the model loop's next batch."""
 
-    def __init__(self, cfg: JobConfig, rank: int, schema: pa.Schema, evaluation, tracker, fig):
-        self.cfg, self.rank, self.schema, self.evaluation, self.tracker, self.fig = (
-            cfg, rank, schema, evaluation, tracker, fig)
+    def __init__(self, cfg: JobConfig, rank: int, job: str, schema: pa.Schema, evaluation, tracker, fig):
+        self.cfg, self.rank, self.job, self.schema, self.evaluation, self.tracker, self.fig = (
+            cfg, rank, job, schema, evaluation, tracker, fig)
         self.queue: "queue.Queue" = queue.Queue(maxsize=2)
         self.error: Optional[BaseException] = None
         self.writing = None  # the Part being written now
@@ -290,7 +298,7 @@ class _PartWriter:
                 table = _part_table(work, outputs, rows, self.schema, cfg.data.id_columns)
                 if self.evaluation is not None:
                     self.evaluation.add(work.columns[cfg.data.label_column], table)
-                rec = write_part(cfg, self.rank, work.part, table, work.truncated, work.skipped)
+                rec = write_part(cfg, self.rank, work.part, table, work.truncated, work.skipped, self.job)
                 self.tracker.log_rank_files([os.path.join(cfg.output.path, rec.name)])
                 fig.write_seconds += time.perf_counter() - t
                 fig.rows += rec.rows

@@ -55,10 +55,17 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     local_mode: all ranks on the driver (its GPUs) instead of in Spark tasks. use_gpu: one GPU
     per rank; default, when spark.task.resource.gpu.amount is set (local_mode: when the driver
     has CUDA). The figures are read from the output's manifest, so the driver must see output.path.
+
+    The checks every rank runs before reading data (input, model directory, output mode and format: a Delta
+    table's columns) run first, here on the driver (hvd_infer.launcher.preflight): a bad job fails in one line
+    before any Spark task starts.
     """
     from pyspark.sql import SparkSession
 
+    from hvd_infer.launcher import preflight
+
     cfg = load_config(config, **overrides)
+    preflight(cfg, ranks_on_this_host=local_mode)
     spark = spark or SparkSession.builder.getOrCreate()  # both launchers use the active SparkContext
     n = num_proc or spark.sparkContext.defaultParallelism
     if launcher == "horovod":

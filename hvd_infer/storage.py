@@ -64,13 +64,17 @@ class Location:
 
     def names(self) -> List[str]:
         """Every file under the root, relative to it (an empty list for a root not there yet)."""
+        return sorted(self.sizes())
+
+    def sizes(self) -> Dict[str, int]:
+        """Every file under the root, relative to it, and its size in bytes (from one listing)."""
         if self.local and not os.path.isdir(self.root):
-            return []
+            return {}
         self.fs.invalidate_cache(self.root)  # other ranks and processes write here: list afresh
-        found = self.fs.find(self.root)  # a missing bucket, bad credentials, a dead endpoint fail here
+        found = self.fs.find(self.root, detail=True)  # a missing bucket, bad credentials, a dead endpoint fail here
         if not found and not self.local:
             self.fs.info(self.root.split("/", 1)[0])  # some stores list a missing bucket as empty
-        return sorted(p[len(self.root) + 1:] for p in found if p.startswith(self.root + "/"))
+        return {p[len(self.root) + 1:]: info["size"] for p, info in found.items() if p.startswith(self.root + "/")}
 
     def delete(self, names: List[str]) -> None:
         if names:

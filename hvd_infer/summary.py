@@ -97,7 +97,6 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         m[f"rank_{f.rank}_rows_per_second"] = f.rows_per_second
     lines = [f"\nhvd_infer: {cfg.model.task} with {facts['model_path']} ({facts['dtype']}"
              f"{', ' + facts['quantize'] if facts['quantize'] != 'none' else ''}"
-             f"{' with %s in float32' % _count(len(facts['keep_float32'].split(',')), 'layer') if facts.get('keep_float32') else ''}"
              f"{', rows with a margin under %g rescored in float32' % facts['rescore_margin'] if facts.get('rescore_margin') else ''}"
              f"{', DeepSpeed' if facts['deepspeed'] else ''}"
              f"{', ONNX Runtime (' + facts['onnx_optimizer'] + ')' if facts.get('runtime') == 'onnxruntime' else ''}"
@@ -144,6 +143,8 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
                      f"unsure of rescored in float32 ({100 * m['rescored_rows'] / max(1, rows):.1f}% of rows)")
     if m["skipped_texts"]:
         lines.append(f"skipped {int(m['skipped_texts'])} null/empty texts (data.on_null=skip; ids in the manifest)")
+    if cfg.mlflow.enabled:
+        lines.append(f"predictions in MLflow: {mlflow_predictions(cfg, rows)}")
     if environment:
         lines.append("set in the environment: " + ", ".join(name if name.startswith("MLFLOW_") else f"{name}={value}"
                                                             for name, value in environment.items()))
@@ -152,8 +153,26 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
     summary["reader"] = facts["reader"]
     summary["runtime"] = facts.get("runtime", "eager")
     summary["ranks"] = [f.as_dict() for f in figures]
+    if cfg.mlflow.enabled:
+        summary["mlflow_predictions"] = mlflow_predictions(cfg, rows)
     return m, "\n".join(lines), summary
 
 
-def _count(n: int, thing: str) -> str:
-    return f"{n} {thing}{'' if n == 1 else 's'}"
+def mlflow_predictions(cfg, rows: int) -> str:
+    """What of the predictions the MLflow run holds (mlflow.log_predictions); rows: those this run wrote."""
+    from hvd_infer.config import mask_secrets
+    from hvd_infer.tracking import SAMPLE_ARTIFACT, SAMPLE_ROWS
+
+    out = mask_secrets(cfg.output.path)
+    setting = cfg.mlflow.log_predictions
+    if setting == "sample":
+        # A resumed output also holds earlier runs' rows, which this run did not count.
+        size = f"{min(rows, SAMPLE_ROWS):,}" if rows >= SAMPLE_ROWS or cfg.output.mode != "resume" \
+            else f"up to {SAMPLE_ROWS:,}"
+        return f"sample of {size} rows, the output's first in input order ({SAMPLE_ARTIFACT}); every row: {out}"
+    if setting == "all" and "://" not in cfg.output.path:
+        return f"every part (predictions/rank-NNNNN/), a second copy of {out}"
+    if setting == "all":
+        return f"none: mlflow.log_predictions=all copies the parts of a local output only; every row: {out}"
+    return f"none (mlflow.log_predictions=none); every row: {out}"
+

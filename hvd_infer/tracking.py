@@ -1,7 +1,10 @@
 """MLflow: one run per job, created by rank 0; every rank logs its own files into it.
 
 Params are the resolved config (secrets masked); metrics the figures gathered
-from every rank at the end; artifacts the config, the manifest and the predictions.
+from every rank at the end; artifacts the config, the manifest and, as
+mlflow.log_predictions says, a sample of the predictions (the output's first
+SAMPLE_ROWS rows, read by rank 0 at the end), every part, or none: the output
+itself stays where tag hvd_infer.output points.
 
 While the job runs, every rank logs live step metrics from a background thread
 (LiveMetrics: rows done, rows/s, padding efficiency, data-wait share; rank 0 also
@@ -26,6 +29,10 @@ from hvd_infer.config import JobConfig, is_model_uri, mask_secrets
 from hvd_infer.errors import ModelError, UserError
 
 log = logging.getLogger("hvd_infer")
+
+# mlflow.log_predictions=sample: the output's first rows, in input order, as this one artifact.
+SAMPLE_ROWS = 1000
+SAMPLE_ARTIFACT = "predictions_sample.parquet"
 
 
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -277,8 +284,8 @@ class Tracker:
             self.client.set_tag(run_id, "hvd_infer.supersedes", ",".join(r.info.run_id for r in stale))
 
     def log_rank_files(self, paths: List[str]) -> None:
-        """Each rank's parts as artifacts; parts on an object store stay there (a copy would double the bytes)."""
-        if not (self.enabled and self.cfg.mlflow.log_predictions):
+        """mlflow.log_predictions=all: each rank's parts as artifacts; parts on an object store stay there."""
+        if not (self.enabled and self.cfg.mlflow.log_predictions == "all"):
             return
         sub = f"predictions/rank-{self.ctx.rank:05d}"
         for p in paths:
@@ -286,8 +293,9 @@ class Tracker:
                 self.client.log_artifact(self.run_id, p, sub)
 
     def finish(self, metrics: Dict[str, float], params: Dict[str, Any], artifacts: List[str],
-               figures: Dict[str, Any]) -> None:
-        """Rank 0: metrics, late params, the manifest and other artifacts; run ends FINISHED."""
+               figures: Dict[str, Any], job: str = "") -> None:
+        """Rank 0: metrics, late params, the manifest and other artifacts; run ends FINISHED. job: the output's
+        job id (a Delta table's parts carry it; the sample is this job's rows)."""
         if not (self.enabled and self.ctx.is_main):
             return
         from mlflow.entities import Metric, Param
@@ -309,7 +317,26 @@ class Tracker:
                     self.client.log_text(self.run_id, f.read().decode("utf-8"), os.path.basename(p))
         for name, fig in figures.items():
             self.client.log_figure(self.run_id, fig, name)
+        if self.cfg.mlflow.log_predictions == "sample":
+            self._log_sample(job)
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    def _log_sample(self, job: str) -> None:
+        import tempfile
+
+        import pyarrow.parquet as pq
+
+        try:
+            sample = prediction_sample(self.cfg.output.path, self.cfg.output.storage_options, job=job)
+            if sample is None:
+                return
+            with tempfile.TemporaryDirectory(prefix="hvd_infer-sample-") as tmp:
+                path = os.path.join(tmp, SAMPLE_ARTIFACT)
+                pq.write_table(sample, path)
+                self.client.log_artifact(self.run_id, path)
+        except Exception as e:  # the output is whole and _SUCCESS written: a missing sample must not fail the job
+            log.warning("MLflow: %s not logged (%s)", SAMPLE_ARTIFACT,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     def fail(self, error: BaseException) -> None:
         """Rank 0: the run ends FAILED with the error as tag hvd_infer.error."""
@@ -327,6 +354,36 @@ class Tracker:
         if uri.startswith("http"):
             return f"{uri.rstrip('/')}/#/experiments/{self.client.get_run(self.run_id).info.experiment_id}/runs/{self.run_id}"
         return f"run {self.run_id} in {uri}"
+
+
+def prediction_sample(out: str, storage_options: Optional[Dict[str, Any]] = None, rows: int = SAMPLE_ROWS,
+                      job: str = ""):
+    """The first `rows` rows of job's parts at out, in input order (a pyarrow Table; None: no part there).
+    job: a Delta job's id, whose parts carry it (a table may hold earlier jobs' parts); "" for a Parquet output.
+
+    Parts are named by the input rows they hold: the first ones, row group by row group, until enough rows
+    are read; the rest of the output is never opened.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hvd_infer.storage import Location
+    from hvd_infer.writer import parse_part_name
+
+    loc = Location(out, storage_options)
+    parts = sorted((parsed[1], name) for name in loc.names() if (parsed := parse_part_name(name, job)))
+    tables: List[Any] = []
+    need = rows
+    for _, name in parts:
+        with loc.fs.open(loc.path(name), "rb") as f:
+            pf = pq.ParquetFile(f)
+            tables = tables or [pf.schema_arrow.empty_table()]  # an output of empty parts: their columns, no rows
+            for group in range(pf.num_row_groups):
+                tables.append(pf.read_row_group(group).slice(0, need))
+                need -= tables[-1].num_rows
+                if need <= 0:
+                    return pa.concat_tables(tables)
+    return pa.concat_tables(tables) if tables else None
 
 
 def _source_tags() -> Dict[str, str]:

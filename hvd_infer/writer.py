@@ -15,17 +15,35 @@ Spark, pandas and pyarrow, so the output reads as a plain Parquet dataset.
 
 Only names of this layout are ever deleted (overwrite, resume), and only under a
 root holding _hvd_infer_job.json; anything else there stops the job before it starts.
+
+With output.format=delta the root is a Delta table's, and the same files sit beside its log:
+
+    out/
+      _delta_log/00000000000000000000.json          the table's log: one commit per job (hvd_infer.delta)
+      part-r00000-000000000000-000000050000-3f2a9c0e1b7d.parquet   the job's id last: every job's names are new
+      _parts/<part name>.json, _hvd_infer_job.json   as above, for the latest job (its id in the job file)
+      _manifest.json, _SUCCESS                       the latest job's, written after its commit
+
+Rank 0 commits every part of the job in one transaction at the end: readers of the table
+see the whole job or none of it, and ignore the files no commit names (a job not yet
+committed, the _ files). Since each job's parts have names of their own, output.mode=append
+adds a job beside the earlier ones, and overwrite commits a version holding only its parts
+while the earlier files stay for the table's older versions (until VACUUM removes them);
+neither deletes another job's parts. resume finishes the job the job file names, with the
+same id, and commits once: the commit carries the job's id, so it is never made twice.
 """
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hvd_infer import delta as delta_table
 from hvd_infer.config import JobConfig
 from hvd_infer.errors import OutputError
 from hvd_infer.shard_plan import Interval, Part
@@ -36,17 +54,25 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 PRECISION = "precision"  # identity key: the precision model.dtype=auto-check chose
 PARTS_DIR = "_parts"
-_PART_RE = re.compile(r"^part-r(\d{5})-(\d{12})-(\d{12})\.parquet$")
+_PART_RE = re.compile(r"^part-r(\d{5})-(\d{12})-(\d{12})(?:-([0-9a-f]{12}))?\.parquet$")  # a job id: Delta
 _TEMP_RE = re.compile(r"^\.(.+)\.tmp-\d+$")  # a local write interrupted before its rename
 
 
-def part_name(rank: int, start: int, stop: int) -> str:
-    return f"part-r{rank:05d}-{start:012d}-{stop:012d}.parquet"
+def part_name(rank: int, start: int, stop: int, job: str = "") -> str:
+    return f"part-r{rank:05d}-{start:012d}-{stop:012d}{'-' + job if job else ''}.parquet"
 
 
-def parse_part_name(name: str) -> Optional[Tuple[int, int, int]]:
+def parse_part_name(name: str, job: Optional[str] = None) -> Optional[Tuple[int, int, int]]:
+    """(rank, start, stop) of a part's name; given job, only for that job's parts ("": a Parquet output's)."""
     m = _PART_RE.match(name)
-    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+    if not m or (job is not None and (m.group(4) or "") != job):
+        return None
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def new_job_id() -> str:
+    """The id in a Delta job's part names: new for each job, kept by its resume."""
+    return uuid.uuid4().hex[:12]
 
 
 def _is_ours(name: str) -> bool:
@@ -65,7 +91,13 @@ def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
             "text_pair_column": cfg.data.text_pair_column, "id_columns": cfg.data.id_columns,
             "model_path": cfg.model.path, "task": cfg.model.task, "max_length": cfg.model.max_length,
             "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null,
-            **_long_texts_identity(cfg), **_runtime_identity(cfg)}
+            **_long_texts_identity(cfg), **_runtime_identity(cfg), **_format_identity(cfg)}
+
+
+def _format_identity(cfg: JobConfig) -> Dict[str, Any]:
+    """A Delta job's parts are committed at the end, a Parquet output's are the output; absent for parquet, as in
+    job files written before output.format."""
+    return {"output_format": cfg.output.format} if cfg.output.format != "parquet" else {}
 
 
 def _runtime_identity(cfg: JobConfig) -> Dict[str, Any]:
@@ -81,6 +113,11 @@ def _long_texts_identity(cfg: JobConfig) -> Dict[str, Any]:
     return {"long_texts": f"chunk, stride {m.stride}, {m.chunk_aggregation}"}
 
 
+def output_schema(cfg: JobConfig, input_schema: pa.Schema, task) -> pa.Schema:
+    """The columns of every part (and of the Delta table): the id columns as in the input, then the task's."""
+    return pa.schema([input_schema.field(c) for c in cfg.data.id_columns] + task.output_fields())
+
+
 def output_location(cfg: JobConfig) -> Location:
     try:
         return Location(cfg.output.path, cfg.output.storage_options)
@@ -94,33 +131,62 @@ class OutputState:
     done: List[Interval] = field(default_factory=list)
     remove: List[str] = field(default_factory=list)
     precision: str = ""  # model.dtype=auto-check: the precision the earlier run chose (record_precision)
+    job: str = ""  # output.format=delta: the id in this job's part names (new_job_id); "" for parquet
+    commit: str = ""  # output.format=delta: how the parts join the table at the end, append or overwrite
 
 
-def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
-    """Can output.path be used as output.mode says? Reads only; raises OutputError naming what is wrong."""
-    path, mode = cfg.output.path, cfg.output.mode
+def check_output(cfg: JobConfig, identity: Dict[str, Any], schema: pa.Schema) -> OutputState:
+    """Can output.path be used as output.mode and output.format say, for parts of this schema? Reads only; raises
+    OutputError naming what is wrong."""
+    path, mode, delta = cfg.output.path, cfg.output.mode, cfg.output.format == "delta"
+    if delta:
+        delta_table.require()
     loc = output_location(cfg)
     try:
         if loc.local and loc.fs.isfile(loc.root):
             raise OutputError(f"output.path {path} is a file; give a directory")
         names = loc.names()
-        before = json.loads(loc.read(JOB_FILE)).get("identity", {}) if JOB_FILE in names else None
+        job_file = json.loads(loc.read(JOB_FILE)) if JOB_FILE in names else None
     except OutputError:
         raise
     except Exception as e:
         raise explain(e, "output.path", path, OutputError) or e from None
+    new_job = OutputState(job=new_job_id(), commit="overwrite" if mode == "overwrite" else "append") if delta \
+        else OutputState()
     if not names:
-        return OutputState()
+        return new_job
     if mode == "error":
         raise OutputError(f"output.path {path} is not empty ({len(names)} entries); set output.mode=overwrite "
                           "to replace it, or output.mode=resume to finish an interrupted run")
-    foreign = [n for n in names if not _is_ours(n)]
-    if before is None or foreign:
-        what = f"no {JOB_FILE}" if before is None else f"{len(foreign)} other files, e.g. {foreign[0]}"
-        raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer ({what}); "
-                          "refusing to delete or mix with it: choose an empty or new directory")
-    if mode == "overwrite":
-        return OutputState(remove=names)
+    stale = [n for n in names if n in (SUCCESS, MANIFEST) or _TEMP_RE.match(n.rpartition("/")[2])]
+    before = job_file.get("identity", {}) if job_file is not None else None
+    table = delta_table.is_table(names)
+    if table and not delta:
+        raise OutputError(f"output.path {path} is a Delta table (it has a {delta_table.DELTA_LOG}); write to it with "
+                          "output.format=delta, or choose another directory")
+    if table:
+        # Any Delta table takes a job of its columns: its files may have any names, and only the latest hvd_infer
+        # job's _manifest.json and _SUCCESS are removed, which the new job's replace.
+        delta_table.check_table(cfg, schema)
+        if mode != "resume":
+            new_job.remove = stale if job_file is not None else []
+            return new_job
+        if job_file is None:
+            raise OutputError(f"output.mode=resume but the Delta table at {path} holds no hvd_infer job to finish "
+                              f"(no {JOB_FILE}); use output.mode=append or output.mode=overwrite")
+    else:
+        foreign = [n for n in names if not _is_ours(n)]
+        if before is None or foreign:
+            what = f"no {JOB_FILE}" if before is None else f"{len(foreign)} other files, e.g. {foreign[0]}"
+            raise OutputError(f"output.path {path} is not empty and was not written by hvd_infer ({what}); "
+                              "refusing to delete or mix with it: choose an empty or new directory")
+        if mode == "overwrite":
+            new_job.remove = names
+            return new_job
+        if mode == "append":
+            raise OutputError(f"output.mode=append adds to a Delta table, and {path} holds an hvd_infer output "
+                              f"without one (no {delta_table.DELTA_LOG}); finish it with output.mode=resume, replace "
+                              "it with output.mode=overwrite, or choose a new path")
     # An auto-check run records its choice once made; the resume keeps it (load_checked_model).
     precision = before.get(PRECISION, "") if identity["dtype"] == "auto-check" else ""
     identity = {**identity, PRECISION: precision} if precision else identity
@@ -130,26 +196,28 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
                 "model.dtype=auto-check to keep it)" if PRECISION in changed and before.get(PRECISION) else "")
         raise OutputError(f"output.mode=resume but {', '.join(changed)} changed since {path} was written{kept}; "
                           "rerun with the same input and model, or use output.mode=overwrite")
-    done = sorted(parsed[1:] for parsed in map(parse_part_name, names) if parsed)
-    stale = [n for n in names if n in (SUCCESS, MANIFEST) or _TEMP_RE.match(n.rpartition("/")[2])]
-    return OutputState(done=done, remove=stale, precision=precision)
+    job = job_file.get("delta", {"job": "", "commit": ""})  # the job being resumed keeps its id and commit
+    done = sorted(parsed[1:] for parsed in (parse_part_name(n, job["job"]) for n in names) if parsed)
+    return OutputState(done=done, remove=stale, precision=precision, job=job["job"], commit=job["commit"])
 
 
 def apply_output_mode(cfg: JobConfig, identity: Dict[str, Any], state: OutputState) -> List[Interval]:
     """Rank 0, before any rank writes: remove what the mode replaces, write the job file; the rows done."""
     loc = output_location(cfg)
+    job = {"identity": identity, "config": _masked(cfg)}
+    if state.job:
+        job["delta"] = {"job": state.job, "commit": state.commit}
     try:
         loc.delete(state.remove)
-        loc.put(JOB_FILE, json.dumps({"identity": identity, "config": _masked(cfg)}, indent=1,
-                                     default=str).encode())
+        loc.put(JOB_FILE, json.dumps(job, indent=1, default=str).encode())
     except Exception as e:
         raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
     return state.done
 
 
-def prepare_output(cfg: JobConfig, identity: Dict[str, Any]) -> OutputState:
+def prepare_output(cfg: JobConfig, identity: Dict[str, Any], schema: pa.Schema) -> OutputState:
     """Rank 0, before any rank writes: check_output, then apply output.mode; the rows done, the precision kept."""
-    state = check_output(cfg, identity)
+    state = check_output(cfg, identity, schema)
     state.done = apply_output_mode(cfg, {**identity, PRECISION: state.precision} if state.precision else identity,
                                    state)
     return state
@@ -190,23 +258,23 @@ def _parquet_bytes(cfg: JobConfig, table: pa.Table) -> bytes:
 
 
 def write_part(cfg: JobConfig, rank: int, part: Part, table: pa.Table, truncated: int,
-               skipped_ids: List[Any]) -> PartRecord:
-    """Write one part, whole or absent: its record first, then the data file."""
+               skipped_ids: List[Any], job: str = "") -> PartRecord:
+    """Write one part, whole or absent: its record first, then the data file. job: OutputState.job."""
     loc = output_location(cfg)
-    name = part_name(rank, part.start, part.stop)
+    name = part_name(rank, part.start, part.stop, job)
     record = PartRecord(name, rank, part.start, part.stop, table.num_rows, truncated, skipped_ids)
     loc.put(f"{PARTS_DIR}/{name}.json", json.dumps(record.__dict__, default=str).encode())
     loc.put(name, _parquet_bytes(cfg, table))
     return record
 
 
-def read_records(out: str, storage_options: Optional[Dict[str, Any]] = None) -> List[PartRecord]:
-    """Every finished part in out (from any run), in row order."""
+def read_records(out: str, storage_options: Optional[Dict[str, Any]] = None, job: str = "") -> List[PartRecord]:
+    """Every finished part of the job in out (from any of its runs), in row order. job: OutputState.job."""
     loc = Location(out, storage_options)
     names = set(loc.names())
     records = []
     for name in sorted(names):
-        parsed = parse_part_name(name)
+        parsed = parse_part_name(name, job)
         if not parsed:
             continue
         side = f"{PARTS_DIR}/{name}.json"
@@ -219,18 +287,32 @@ def read_records(out: str, storage_options: Optional[Dict[str, Any]] = None) -> 
     return sorted(records, key=lambda r: r.start)
 
 
-def write_empty_part(cfg: JobConfig, schema: pa.Schema) -> None:
+def write_empty_part(cfg: JobConfig, schema: pa.Schema, job: str = "") -> None:
     """An empty input still gives a readable dataset (Spark cannot read a directory with no files)."""
     loc = output_location(cfg)
-    name = part_name(0, 0, 0)
+    name = part_name(0, 0, 0, job)
     if not loc.exists(name):
         loc.put(name, _parquet_bytes(cfg, schema.empty_table()))
 
 
-def finish_output(cfg: JobConfig, summary: Dict[str, Any]) -> str:
-    """Rank 0, after every rank finished: manifest, then _SUCCESS. Returns the manifest's path or URL."""
+def commit_table(cfg: JobConfig, state: OutputState, schema: pa.Schema) -> int:
+    """output.format=delta, rank 0, after every rank finished: every part of the job committed to the Delta table
+    in one transaction (hvd_infer.delta.commit); the table's version that holds them."""
     loc = output_location(cfg)
-    records = read_records(cfg.output.path, cfg.output.storage_options)
+    records = read_records(cfg.output.path, cfg.output.storage_options, state.job)
+    try:
+        sizes = loc.sizes()
+    except Exception as e:
+        raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
+    return delta_table.commit(cfg, [(r.name, sizes[r.name], r.rows) for r in records], schema, state.job,
+                              state.commit)
+
+
+def finish_output(cfg: JobConfig, summary: Dict[str, Any], job: str = "") -> str:
+    """Rank 0, after every rank finished (and a Delta job's commit): manifest, then _SUCCESS. Returns the manifest's
+    path or URL. job: OutputState.job."""
+    loc = output_location(cfg)
+    records = read_records(cfg.output.path, cfg.output.storage_options, job)
     manifest = {"parts": [{"file": r.name, "rank": r.rank, "rows": r.rows, "input_rows": [r.start, r.stop],
                            "truncated": r.truncated} for r in records],
                 "rows": sum(r.rows for r in records),

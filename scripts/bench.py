@@ -17,7 +17,7 @@ contender:
   a        the bare loop: one process, all cores, pre-tokenized length-sorted batches, plain
            transformers forward under inference_mode; the limit (the better of a run at the start
            and one at the end, a-again). a-bf16 (autocast), a-bf16w (weights cast to bf16) and
-           a-int8 (dynamic int8 Linear) are the same loop. On a CPU without AVX512-BF16/AMX the
+           a-int8 (model.quantize=int8-per-channel's dynamic int8 Linear) are the same loop. On a CPU without AVX512-BF16/AMX the
            bf16 stages (and hvd-bf16) score the first quarter of the corpus and are compared with
            float32 on the same rows (a-sub); --bf16-rows N overrides.
   b        transformers pipeline("text-classification"), in this process, model load included.
@@ -38,7 +38,7 @@ contender:
            model.quantize=int8-blockwise (ONNX Runtime's MatMulNBits, activations quantized per row and block).
   hvd-auto hvd_infer with model.dtype=auto-check (--check-rows rows checked): the precision it chose,
            the check's seconds (inside end to end) and each candidate's timing and agreement (or the
-           line saying the check was skipped: an input too small for it to pay, see the README).
+           line saying the check was skipped: an input too small for it to pay, see docs/speed.md).
   dedup    hvd_infer (all cores) on --dedup-rows rows of which 30% repeat one of the 100 rows before
            them, with data.dedup=false and then true (the default): the rows/s ratio is the gain.
 
@@ -82,7 +82,7 @@ from hvd_infer.context import cpu_cores  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
           "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-ort", "hvd-ort-int8",
-          "hvd-ort-blockwise", "hvd-bf16", "hvd-int8", "hvd-auto", "dedup"]
+          "hvd-ort-blockwise", "hvd-bf16", "hvd-auto", "dedup"]
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
     mach = machine()
     from hvd_infer.context import CPU_FLAGS
+    from hvd_infer.model import quantize_int8
 
     log(f"machine: {mach['cpu']}, {cores} cores, CPU flags: "
         + ", ".join(f"{flag}={'yes' if mach[flag] else 'no'}" for flag in CPU_FLAGS)
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
                 ("a-sub", f"bare loop, float32, first {bf16_rows} rows (reference for bf16)", {"sub": True}),
                 ("a-bf16", "bare loop, bf16 autocast", {"autocast": True, "sub": True}),
                 ("a-bf16w", "bare loop, weights cast to bf16", {"cast": True, "sub": True}),
-                ("a-int8", "bare loop, dynamic int8 Linear", {"int8": True})]
+                ("a-int8", "bare loop, dynamic int8 Linear per channel, head in float32", {"int8": True})]
     for name, what, how in variants:
         if name in skip or (name == "a-sub" and sub_batches is None):
             continue
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
         if how.get("cast"):
             model = model.to(torch.bfloat16)
         if how.get("int8"):
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            model = quantize_int8(model)
         with Stage(name) as st:
             labels[name], secs = bare_loop(model, sub_batches if on_sub else batches, rows,
                                            autocast_bf16=how.get("autocast", False))
@@ -317,7 +318,6 @@ def main(argv=None) -> int:
                  ("hvd-ort-blockwise", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-blockwise"],
                   f"hvd_infer np={np_full} model.runtime=onnxruntime int8-blockwise", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
-                 ("hvd-int8", np_full, ["model.quantize=int8"], f"hvd_infer np={np_full} int8", n),
                  ("hvd-auto", np_full, ["model.dtype=auto-check", f"model.check_rows={args.check_rows}"],
                   f"hvd_infer np={np_full} model.dtype=auto-check", n)]
     for name, np_, extra_over, what, rows in hvd_runs:
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                       hvd_extra + ["data.dedup=false"] + extra_over, src, env=hvd_env)
         labels[name] = read_labels(res["out"], "label", ids[:rows], label2id)
         extra = {}
-        ref = "hvd" if name in ("hvd-bf16", "hvd-int8") else "a"  # hvd-ort: against the bare float32 loop
+        ref = "hvd" if name == "hvd-bf16" else "a"  # hvd-ort: against the bare float32 loop
         if ref in labels and name != ref:
             extra[f"agreement_vs_{ref}"] = agreement(labels[name], labels[ref][:rows])
         if rows < n:

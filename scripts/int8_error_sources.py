@@ -12,7 +12,7 @@ as int8 would round it, in float arithmetic (the head stays float32, as hvd_infe
     weights+token      int8 weights per channel and 8-bit activations per token
 
 and prints the share of float32's labels each keeps, with torch's own per-channel dynamic int8 for comparison.
-A measurement for the README's "int8 with activations per token"; nothing here is used by hvd_infer.
+A measurement for docs/speed.md's int8 figures; nothing here is used by hvd_infer.
 """
 import argparse
 import copy
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     reference = labels(model)
     print(f"{len(texts)} rows of {args.corpus}, {args.model}: share of float32's labels kept")
-    variants = {"torch int8-per-channel": quantize_int8(copy.deepcopy(model), per_channel=True),
+    variants = {"torch int8-per-channel": quantize_int8(copy.deepcopy(model)),
                 "weights": rounded(model, True, ""), "act-tensor-7bit": rounded(model, False, "tensor7"),
                 "act-tensor-8bit": rounded(model, False, "tensor8"), "act-token-8bit": rounded(model, False, "token8"),
                 "weights+token": rounded(model, True, "token8")}

@@ -34,6 +34,9 @@ def test_defaults_and_overrides():
     ("output.rows_per_part=0", "output.rows_per_part must be >= 1"),
     ("runtime.stall_timeout_s=0", "runtime.stall_timeout_s must be > 0 seconds, or auto, got 0"),
     ("runtime.stall_timeout_s=soon", "runtime.stall_timeout_s must be a number or auto, got 'soon'"),
+    # removed: a value, and a key
+    ("model.quantize=int8", "model.quantize=int8 (per-tensor scales) was removed: use model.quantize=int8-per-channel"),
+    ("model.keep_float32=[bert.pooler.dense]", "config key 'model.keep_float32' was removed: "),
 ])
 def test_errors_name_key_and_fix(override, message):
     with pytest.raises(ConfigError) as e:

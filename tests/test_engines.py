@@ -104,9 +104,8 @@ def minilm(minilm_job):
     return minilm_job[0]
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int8-per-channel"])
-def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypatch, quantize):
-    """model.quantize with onnxruntime: ONNX Runtime's int8 of the float32 graph; per-channel keeps the head float32."""
+def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypatch):
+    """model.quantize=int8-per-channel with onnxruntime: ONNX Runtime's int8 of the float32 graph, the head float32."""
     import tempfile
 
     import onnx
@@ -114,7 +113,7 @@ def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypa
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
     texts = builders.texts(40, seed=5, long_every=7)
-    probs = {}
+    probs, quantize = {}, "int8-per-channel"
     for runtime, q in (("eager", "none"), ("onnxruntime", quantize)):
         cfg = load_config({"model": {"path": minilm, "runtime": runtime, "quantize": q},
                            "data": {"path": "/d"}, "output": {"path": "/o"}})
@@ -126,14 +125,14 @@ def test_onnxruntime_int8_quantizes_the_checked_graph(minilm, tmp_path, monkeypa
     quantized = {n.name for n in nodes if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "QAttention")}
     assert quantized and facts["quantize"] == quantize and quantize in facts["onnx_optimizer"]
     head = {n.op_type for n in nodes if n.name.startswith("/model/classifier/")}
-    assert head and ("MatMulInteger" in head) == (quantize == "int8"), head
+    assert head and "MatMulInteger" not in head, head
     # int8's error on the logits (log-probabilities centered per row), against their spread over the texts. The
     # head reads MiniLM's pooled [CLS] output, which differs little from text to text (its sentence-transformers
-    # training pooled by mean), so int8's noise there is large: 0.42 (int8) and 0.18 (per-channel) measured with
-    # VNNI, 0.57 and 0.22 with the 7-bit weights of a CPU without; rows shifted by one give 1.22.
+    # training pooled by mean), so int8's noise there is large: 0.18 measured with VNNI, 0.22 with the 7-bit
+    # weights of a CPU without; rows shifted by one give 1.22.
     logits = {k: np.log(v) - np.log(v).mean(1, keepdims=True) for k, v in probs.items()}
     error = (logits["onnxruntime"] - logits["eager"]).std() / logits["eager"].std()
-    assert error < {"int8": 0.8, "int8-per-channel": 0.4}[quantize], error
+    assert error < 0.4, error
 
 
 @needs_blockwise

@@ -147,7 +147,7 @@ def finished_job(tiny_classifier, tmp_path_factory):
     ("model.path", "model_path"),
     ("model.task=embedding", "task"),
     ("model.dtype=bfloat16 model.allow_slow_bf16=true", "dtype"),  # runs on every CPU, refused for dtype
-    ("model.quantize=int8", "quantize"),
+    ("model.quantize=int8-per-channel", "quantize"),
     ("data.id_columns=[id,doc]", "id_columns"),
     ("data.on_null=empty", "on_null"),
     ("model.long_texts=chunk", "long_texts"),

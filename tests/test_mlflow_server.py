@@ -5,6 +5,7 @@ rank, the input as a dataset, the Source; and a run that dies is marked FAILED (
 process: conftest.cli). Slow: the server is a process.
 """
 import json
+import os
 import subprocess
 import urllib.parse
 import urllib.request
@@ -49,7 +50,7 @@ def test_job_logs_to_real_server(mlflow_server, tiny_classifier, dataset, tmp_pa
     r = horovodrun(2, ["--config", "/dev/null", f"model.path={tiny_classifier}", f"data.path={dataset[0]}",
                        "data.id_columns=[id]", f"output.path={out}", f"mlflow.tracking_uri={mlflow_server}",
                        "mlflow.experiment=served", "mlflow.run_name=over-rest", "runtime.progress=false",
-                       "mlflow.log_every_s=0.25", "data.batch_size=4"])
+                       "mlflow.log_every_s=0.25", "data.batch_size=4", "mlflow.log_predictions=all"])
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     api = mlflow_server + "/api/2.0/mlflow"
     run = only_run(api, "served")
@@ -58,11 +59,16 @@ def test_job_logs_to_real_server(mlflow_server, tiny_classifier, dataset, tmp_pa
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert metrics["rows"] == dataset[1].num_rows and params["world_size"] == "2"
     run_id = run["info"]["run_id"]
+    # mlflow.log_predictions=all: every part, under its rank's folder, and no sample.
     top = {f["path"] for f in get(f"{api}/artifacts/list?run_id={run_id}")["files"]}
-    assert {"config.yaml", "_manifest.json", "predictions"} <= top
+    assert top == {"config.yaml", "_manifest.json", "predictions"}
+    copied = []
     for rank in (0, 1):
         files = get(f"{api}/artifacts/list?run_id={run_id}&path=predictions/rank-{rank:05d}")["files"]
         assert files and all(f["path"].split("/")[-1].startswith(f"part-r{rank:05d}") for f in files)
+        copied += [f["path"].split("/")[-1] for f in files]
+    assert sorted(copied) == sorted(n for n in os.listdir(out) if n.startswith("part-"))
+    assert "predictions in MLflow: every part (predictions/rank-NNNNN/)" in r.stdout
     assert f"{mlflow_server}/#/experiments/" in r.stdout
 
     # Live step metrics: every rank, increasing, ending at its rows; the ranks' last points sum to the job's.

@@ -5,6 +5,7 @@ import sqlite3
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 import builders
@@ -43,12 +44,15 @@ def test_summary_and_mlflow_run(horovodrun_job):
     metrics = dict(db.execute("select key, value from metrics where run_uuid=?", (run_id,)).fetchall())
     assert metrics["rows"] == 157 and metrics["rank_0_rows"] + metrics["rank_1_rows"] == 157
     assert metrics["rows_per_second"] > 0 and "accuracy" in metrics and "macro_f1" in metrics
+    # mlflow.log_predictions=sample (the default): no part is copied into the artifact store, only the output's
+    # first rows in input order (all 157 here), as one file, beside the config, the manifest and the figure.
     art = art.replace("file://", "")
-    assert os.path.exists(os.path.join(art, "config.yaml")) and os.path.exists(os.path.join(art, "_manifest.json"))
-    assert os.path.exists(os.path.join(art, "confusion_matrix.png"))
-    for rank in (0, 1):
-        files = os.listdir(os.path.join(art, "predictions", f"rank-{rank:05d}"))
-        assert files and all(f.startswith(f"part-r{rank:05d}") for f in files)
+    assert sorted(os.listdir(art)) == ["_manifest.json", "config.yaml", "confusion_matrix.png",
+                                       "predictions_sample.parquet"]
+    sample = pq.read_table(os.path.join(art, "predictions_sample.parquet")).to_pandas()
+    assert_same_predictions(sample, read_output(out).head(1000), atol=0)
+    assert "predictions in MLflow: sample of 157 rows, the output's first in input order" in r.stdout
+    assert json.loads((out / "_manifest.json").read_text())["summary"]["mlflow_predictions"].startswith("sample of 157")
 
 
 def test_world_of_one_equals_two_ranks(horovodrun_reference, tiny_classifier, dataset, tmp_path):

@@ -242,6 +242,38 @@ def test_killed_launcher_then_resume_on_s3(s3, minilm_job, minilm_reference, tmp
     assert runs[tags["hvd_infer.superseded_by"]] == "FINISHED"
 
 
+def test_delta_table_on_s3_from_env_then_appended_with_storage_options(s3, s3_dataset, tiny_classifier, dataset,
+                                                                       tmp_path):
+    """output.format=delta on a store: the AWS_* variables, then fsspec's storage_options alone (the same rows read
+    from a local copy), as deltalake's."""
+    from deltalake import DeltaTable
+
+    env, fs = s3
+    data, table = s3_dataset
+    out = "s3://preds/delta"
+    r = python_m(args(tiny_classifier, data, out, tmp_path, "output.format=delta"), env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"predictions: {out} (Delta table, version 0)" in r.stdout
+    opts = {"key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"],
+            "endpoint_url": env["AWS_ENDPOINT_URL"]}
+    no_aws = {k: v for k, v in env.items() if k.startswith("AWS_") and k not in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")}
+    r = python_m(args(tiny_classifier, dataset[0], out, tmp_path, "output.format=delta", "output.mode=append",
+                      "output.storage_options={key: %(key)s, secret: %(secret)s, endpoint_url: %(endpoint_url)s}"
+                      % opts), env=no_aws)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    reader = {"AWS_ACCESS_KEY_ID": opts["key"], "AWS_SECRET_ACCESS_KEY": opts["secret"],
+              "AWS_ENDPOINT_URL": opts["endpoint_url"], "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    delta = DeltaTable(out, storage_options=reader)
+    assert [h["operation"] for h in reversed(delta.history())] == ["CREATE TABLE", "WRITE"]
+    ids = delta.to_pandas()["id"].tolist()
+    assert sorted(ids) == sorted(table.column("id").to_pylist() * 2)  # each job's rows exactly once
+    protocol = delta.protocol()
+    assert (protocol.min_reader_version, protocol.min_writer_version, protocol.writer_features) == (1, 2, None)
+    fs.invalidate_cache()
+    assert not [p for p in fs.find("preds/delta") if ".tmp" in p]
+
+
 def test_pyarrow_reader_reads_a_store_as_petastorm_does(s3, s3_dataset):
     """Rank 1 of 2's rows from s3://, chunk by chunk, through both readers (data.reader; test_reader.py locally)."""
     env, _ = s3

@@ -81,17 +81,18 @@ def job(model, data=None, **model_options):
     (["model.dtype=auto-check", "model.check_rows=0"], ["model.check_rows must be in [8, 100000], got 0"]),
     (["model.dtype=auto-check", "model.check_agreement=1.5"], ["model.check_agreement must be in (0, 1], got 1.5"]),
     (["model.dtype=auto-check", "model.check_agreement=0"], ["model.check_agreement must be in (0, 1], got 0"]),
-    (["model.dtype=auto-check", "model.quantize=int8"], ["model.dtype=auto-check chooses the quantization itself"]),
+    (["model.dtype=auto-check", "model.quantize=int8-per-channel"],
+     ["model.dtype=auto-check chooses the quantization itself"]),
     (["model.dtype=fast"], ["model.dtype must be one of auto, auto-check, float32, float16, bfloat16"]),
     (["model.rescore_margin=0.1"], ["model.rescore_margin rescores in float32 the rows int8 is unsure of",
                                     "got model.task=text-classification, model.quantize=none",
                                     "set model.quantize=int8-per-channel, or model.rescore_margin=0"]),
     (["model.quantize=int8-per-channel", "model.rescore_margin=1.5"], ["model.rescore_margin must be in [0, 1], got 1.5"]),
-    (["model.keep_float32=[bert.pooler.dense]"], ["model.keep_float32 names layers that model.quantize leaves in "
-                                                  "float32, but nothing is quantized", "model.quantize=int8-per-channel"]),
-    (["model.quantize=int8-per-channel", "model.keep_float32=[bert.encoder.layer.9.output.dense]"],
-     ["model.keep_float32 names bert.encoder.layer.9.output.dense, not a Linear layer of this model",
-      "its Linear layers are bert.encoder.layer.0.attention.self.query"]),
+    # Removed settings: refused in one line naming what to use instead.
+    (["model.quantize=int8"], ["model.quantize=int8 (per-tensor scales) was removed: use "
+                               "model.quantize=int8-per-channel, faster and closer to float32 on every CPU measured"]),
+    (["model.quantize=int8-per-channel", "model.keep_float32=[bert.encoder.layer.1.output.dense]"],
+     ["config key 'model.keep_float32' was removed:", "use model.rescore_margin"]),
 ])
 def test_bad_precision_options_fail_in_one_line(extra, fragments, tiny_classifier, dataset, tmp_path):
     out = tmp_path / "out"
@@ -117,18 +118,6 @@ def test_per_channel_int8_keeps_the_head_in_float32(classifier):
     query = module.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, DynamicLinear) and query.weight().qscheme() == torch.per_channel_affine
     assert facts["quantize"] == "int8-per-channel" and not facts["deepspeed"]
-
-
-def test_keep_float32_leaves_those_layers_float32(classifier):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    kept = ["bert.encoder.layer.1.output.dense", "bert.encoder.layer.0.attention.self.value"]
-    cfg = job(classifier, quantize="int8-per-channel", keep_float32=kept)
-    model, _, facts = load_model(cfg, get_task(cfg.model.task)(cfg), torch.device("cpu"))
-    layers = dict(model.module.named_modules())
-    assert all(type(layers[name]) is torch.nn.Linear for name in kept)
-    assert isinstance(layers["bert.encoder.layer.1.intermediate.dense"], DynamicLinear)
-    assert facts["keep_float32"] == ",".join(kept)
 
 
 @pytest.mark.parametrize("runtime", ["eager"] + (["onnxruntime"] if ORT else []))
@@ -164,33 +153,6 @@ def test_rescoring_gives_float32_outputs_to_the_rows_int8_is_unsure_of(outlier_c
     np.testing.assert_allclose(got[unsure], f32[unsure], atol=1e-5)
     np.testing.assert_allclose(got[~unsure], int8[~unsure], atol=1e-5)
     np.testing.assert_allclose(probs(quantize="int8-per-channel", rescore_margin=1.0)[1], f32, atol=1e-5)
-
-
-def test_sensitive_layers_keep_the_layer_int8_hurts_most(outlier_classifier):
-    """sensitive_layers keeps in float32 the layer int8 quantizes badly, within the weight budget and never the
-    head; int8 with it kept is closer to float32 than int8 everywhere."""
-    from hvd_infer.precision import PRECISIONS, SELECTIVE_WEIGHTS, _chunk_batches, sensitive_layers
-
-    path = outlier_classifier
-    cfg = job(path, ONE_ROW | {"batch_size": 8})
-    task = get_task(cfg.model.task)(cfg)
-    cpu = torch.device("cpu")
-    reference = load_model(cfg, task, cpu)[0]
-    int8 = load_model(PRECISIONS["int8-per-channel"].config(cfg), task, cpu)[0]
-    batches = _chunk_batches(cfg, task, reference, cpu, builders.texts(32), None)[0]
-    kept = sensitive_layers(reference, int8, batches)
-    assert BAD_LAYER in kept
-    linear = {n: m.weight.numel() for n, m in reference.module.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized = [n for n in linear if ".encoder." in f".{n}"]
-    assert set(kept) <= set(quantized)
-    assert sum(linear[n] for n in kept) <= SELECTIVE_WEIGHTS * sum(linear[n] for n in quantized)
-
-    def logit_error(keep):
-        model = load_model(job(path, ONE_ROW, quantize="int8-per-channel", keep_float32=list(keep)), task, cpu)[0]
-        with torch.inference_mode():
-            return sum(float((reference(**b).logits - model(**b).logits).abs().sum()) for b in batches)
-
-    assert logit_error(kept) < logit_error([])
 
 
 def test_auto_check_is_decided_by_the_job_not_a_bare_load(tiny_classifier):
@@ -359,7 +321,7 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     chosen = parse_precision(job_file_identity(out)["precision"])
     assert chosen.name == choice
     ref = reference_probs(texts, job(classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime,
-                                     keep_float32=list(chosen.keep), rescore_margin=chosen.rescore))
+                                     rescore_margin=chosen.rescore))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
     if chosen.quantize != "none" and not chosen.rescore:  # int8 is not float32: the check above tells them apart (ONNX Runtime float32 is within 1e-6 of it)
         assert np.abs(reference_probs(texts, job(classifier, ONE_ROW)) - ref).max() > 1e-5
@@ -583,16 +545,16 @@ def test_a_small_job_skips_the_check_and_says_why(tiny_classifier, dataset, tmp_
     params = params_of(tmp_path)
     assert params["resolved.precision_choice"] == "float32"
     assert params["resolved.precision_check"] == line.split("auto-check ")[1].split(";")[0]
-    assert "resolved.precision_int8_seconds" not in params
+    assert "resolved.precision_int8-per-channel_seconds" not in params
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     ref = reference_probs(table.column("text").to_pylist(), job(tiny_classifier))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
     assert job_file_identity(out)["precision"] == "float32"
 
 
-def test_auto_check_tries_selective_and_rescoring_where_int8_changes_labels(outlier_classifier, tmp_path):
-    """Per-channel int8 changes labels of the first chunk: int8-selective joins the check, its float32 layers
-    measured on those rows, and is reported; whatever is chosen is what every row was scored in."""
+def test_auto_check_tries_rescoring_where_int8_changes_labels(outlier_classifier, tmp_path):
+    """Per-channel int8 changes labels of the first chunk: its rescoring joins the check and is reported; whatever
+    is chosen is what every row was scored in."""
     from hvd_infer.precision import PAYBACK, parse_precision
 
     path = str(tmp_path / "data")
@@ -603,13 +565,7 @@ def test_auto_check_tries_selective_and_rescoring_where_int8_changes_labels(outl
     assert r.returncode == 0, r.stderr[-3000:]
     params = params_of(tmp_path)
     assert float(params["resolved.precision_int8-per-channel_agreement"]) < 1
-    assert params["resolved.precision_int8-selective_rows"] == "16"
-    assert float(params["resolved.precision_int8-selective_seconds"]) > 0
-    # Its float32 layers are the ones int8 hurt most on those rows: it agrees at least as well as int8.
-    assert (float(params["resolved.precision_int8-selective_agreement"])
-            >= float(params["resolved.precision_int8-per-channel_agreement"]))
     assert_chosen_by_the_rule(params)
-    assert "int8-selective " in r.stdout
     # int8-rescore joins too, its margin twice the widest gap of a changed row, unless ONNX Runtime's int8 was
     # faster and at least as close on that chunk (then only its rescoring is worth trying)
     # (_dominated, tested below)
@@ -621,18 +577,12 @@ def test_auto_check_tries_selective_and_rescoring_where_int8_changes_labels(outl
         assert "onnxruntime-int8-rescore " in r.stdout
     chosen = parse_precision(job_file_identity(out)["precision"])
     assert chosen.name == params["resolved.precision_choice"]
-    if chosen.name == "int8-selective":
-        assert BAD_LAYER in chosen.keep and "(in float32: " in r.stdout
     if chosen.name.endswith("int8-rescore"):
         assert 0 < chosen.rescore <= 1 and "rescored in float32" in r.stdout
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     ref = reference_probs(table.column("text").to_pylist(), job(
-        outlier_classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime, keep_float32=list(chosen.keep),
-        rescore_margin=chosen.rescore))
+        outlier_classifier, ONE_ROW, quantize=chosen.quantize, runtime=chosen.runtime, rescore_margin=chosen.rescore))
     np.testing.assert_allclose(np.stack(got["probs"].to_numpy()), ref, atol=1e-5)
-
-
-KEPT = "bert.encoder.layer.0.output.dense"
 
 
 def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, tmp_path):
@@ -645,10 +595,11 @@ def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, t
                  "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40")
     r = cli(first, env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
-    # As if the first run had chosen int8-selective (a timing decides that) and stopped after its first parts.
+    # As if the first run had chosen int8-per-channel (a timing decides that; 157 rows skip the check) and stopped
+    # after its first parts.
     job_file = out / "_hvd_infer_job.json"
     written = json.loads(job_file.read_text())
-    written["identity"]["precision"] = f"int8-selective:{KEPT}"
+    written["identity"]["precision"] = "int8-per-channel"
     job_file.write_text(json.dumps(written))
     parts = sorted(p for p in out.rglob("part-*") if p.suffix == ".parquet")
     assert len(parts) >= 2
@@ -658,17 +609,29 @@ def test_resume_keeps_the_precision_auto_check_chose(tiny_classifier, dataset, t
     refused = cli(base(tiny_classifier, path, out, tmp_path, "model.dtype=float32", "output.mode=resume"),
                        env=NO_BF16)
     assert_user_error(refused, "output.mode=resume but dtype, precision changed",
-                      f"its rows were scored in int8-selective:{KEPT}")
+                      "its rows were scored in int8-per-channel")
 
     r = cli(first + ["output.mode=resume"], env=NO_BF16)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (f"model.dtype=auto-check resumed: output.path was scored in int8-selective; running int8-selective "
-            f"(in float32: {KEPT})") in r.stdout
-    assert job_file_identity(out)["precision"] == f"int8-selective:{KEPT}"
+    assert ("model.dtype=auto-check resumed: output.path was scored in int8-per-channel; running int8-per-channel"
+            in r.stdout)
+    assert job_file_identity(out)["precision"] == "int8-per-channel"
     got = pads.dataset(str(out)).to_table().to_pandas().sort_values("id")
     texts = table.column("text").to_pylist()
-    ref = reference_probs(texts, job(tiny_classifier, ONE_ROW, quantize="int8-per-channel", keep_float32=[KEPT]))
+    ref = reference_probs(texts, job(tiny_classifier, ONE_ROW, quantize="int8-per-channel"))
     resumed = ~got["id"].isin(pads.dataset([str(parts[0])]).to_table().column("id").to_pylist())
     assert resumed.sum() == len(table) - pads.dataset([str(parts[0])]).count_rows()
     np.testing.assert_allclose(np.stack(got["probs"][resumed].to_numpy()), ref[resumed.to_numpy()], atol=1e-5)
     assert np.abs(reference_probs(texts, job(tiny_classifier, ONE_ROW)) - ref).max() > 1e-5
+
+
+def test_a_precision_no_longer_run_is_refused_on_resume():
+    """An output whose rows an earlier version scored in a precision since removed (int8-selective, recorded with
+    its float32 layers) cannot be resumed in another: one line says what to do. A rescoring's margin reads back."""
+    from hvd_infer.precision import parse_precision
+
+    with pytest.raises(ConfigError, match="scored in int8-selective, which hvd_infer no longer runs: .*"
+                                          "output.mode=overwrite"):
+        parse_precision("int8-selective:bert.encoder.layer.0.output.dense")
+    assert parse_precision("int8-rescore@0.25").rescore == 0.25
+    assert parse_precision("int8-rescore@0.25").token == "int8-rescore@0.25"

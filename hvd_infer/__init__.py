@@ -6,6 +6,7 @@
 """
 from hvd_infer.config import JobConfig, load_config
 from hvd_infer.errors import ConfigError, UserError
+from hvd_infer.version import __version__
 
 
 def run(config=None, **overrides):
@@ -15,5 +16,4 @@ def run(config=None, **overrides):
     return _run(config, **overrides)
 
 
-__all__ = ["run", "load_config", "JobConfig", "ConfigError", "UserError"]
-__version__ = "0.2.0"
+__all__ = ["run", "load_config", "JobConfig", "ConfigError", "UserError", "__version__"]

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from hvd_infer.errors import ConfigError, UserError
+from hvd_infer.errors import ERROR_PREFIX, EXIT_USER_ERROR, ConfigError, UserError
 
 
 def main(argv=None) -> int:
@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     except UserError as e:
         # An error every rank raised (config, input, model checks) is printed once, by rank 0.
         if launcher_rank() == 0 or not e.all_ranks:
-            print(f"{launcher.ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
-        return _done(launcher.EXIT_USER_ERROR, argv)
+            print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
+        return _done(EXIT_USER_ERROR, argv)
 
 
 def _done(code: int, argv) -> int:

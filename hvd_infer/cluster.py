@@ -156,9 +156,9 @@ class Cluster:
 
 
 def _judge(host: str, got: dict) -> Optional[str]:
-    import hvd_infer
+    from hvd_infer.version import __version__
 
-    here = (hvd_infer.__version__, ".".join(map(str, sys.version_info[:3])))
+    here = (__version__, ".".join(map(str, sys.version_info[:3])))
     there = (got["hvd_infer"], ".".join(map(str, got["python"])))
     if got["hvd_infer"] is None:
         return (f"host {host} cannot import hvd_infer with {sys.executable} ({got['import_error']}): install "

@@ -245,7 +245,7 @@ class _Heartbeat:
                 return
 
     def _lost(self, error: BaseException) -> None:
-        from hvd_infer.launcher import ERROR_PREFIX, EXIT_FAILED
+        from hvd_infer.errors import ERROR_PREFIX, EXIT_FAILED
 
         others = ", ".join(f"{h} (rank {r})" for r, h in enumerate(self.hosts) if r != self.rank)
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__

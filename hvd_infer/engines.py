@@ -20,6 +20,7 @@ returns what the torch model returns to the tasks (logits, last_hidden_state), a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -134,7 +135,7 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
 
     seven_bit = quantize == "int8-per-channel" and not cpu_has_vnni()
     key = cache_key(model_dir, task_name, quantize, seven_bit, trimmed)
-    root = os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
+    root = cache_root()
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, key)
     with open(final + ".lock", "w") as lock:
@@ -160,6 +161,12 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
         return os.path.join(final, "model.onnx"), json.load(f)["optimizer"]
 
 
+def cache_root() -> str:
+    """The host's cache of what is made once per host and model: $TMPDIR/hvd_infer-onnx (ONNX graphs, and
+    auto-check's decisions under decisions/)."""
+    return os.path.join(tempfile.gettempdir(), "hvd_infer-onnx")
+
+
 def cache_key(model_dir: str, task_name: str, quantize: str = "none", seven_bit: bool = False,
               trimmed: bool = False) -> str:
     """The model directory's content, the task, the quantization, the recipe and the versions that shape the graph."""
@@ -167,14 +174,32 @@ def cache_key(model_dir: str, task_name: str, quantize: str = "none", seven_bit:
                                    "versions": _versions(),
                                    **({"seven_bit": True} if seven_bit else {}),
                                    **({"trimmed": True} if trimmed else {})}).encode())
-    for folder, _, files in sorted(os.walk(model_dir)):
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            h.update(os.path.relpath(path, model_dir).encode() + b"\0")
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+    h.update(model_digest(model_dir).encode())
     return h.hexdigest()[:24]
+
+
+def model_digest(model_dir: str) -> str:
+    """The model directory's content: a hash of every file's path and bytes. Read once per process while no file
+    changes (its size and modification time), however many graphs and auto-check decisions are keyed by it: a
+    check with ONNX Runtime's candidates keys up to five graphs."""
+    files = []
+    for folder, _, names in sorted(os.walk(model_dir)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            files.append((os.path.relpath(path, model_dir), stat.st_size, stat.st_mtime_ns))
+    return _digest(os.path.abspath(model_dir), tuple(files))
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(model_dir: str, files) -> str:
+    h = hashlib.sha256()
+    for relative, _, _ in files:
+        h.update(relative.encode() + b"\0")
+        with open(os.path.join(model_dir, relative), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _versions() -> Dict[str, str]:
@@ -201,8 +226,6 @@ def export(model, tokenizer, folder: str) -> str:
     """Write folder/model.onnx, fused where that keeps torch's outputs; returns how it was optimized."""
     path = os.path.join(folder, "model.onnx")
     plain = os.path.join(folder, "plain.onnx")
-    from hvd_infer.model import probe_batch
-
     # Rows of different lengths, so the graph is traced with padding and a real attention mask.
     probe = probe_batch(model, tokenizer)
     names, args = list(probe), tuple(probe.values())
@@ -302,8 +325,6 @@ def quantize_graph(path: str, quantize: str, model, seven_bit: bool = False) -> 
     from onnx import TensorProto
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from hvd_infer.model import head_modules
-
     kept, head = [], []
     modules = head_modules(model)
     if modules:  # node names follow module paths: /model/<module>/... (the _FirstOutput wrapper is "model")
@@ -365,3 +386,20 @@ def _difference(graph: str, feeds: Dict[str, np.ndarray], expected: np.ndarray) 
     taken = {i.name for i in session.get_inputs()}
     got = session.run(None, {k: v for k, v in feeds.items() if k in taken})[0]
     return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+
+
+def probe_batch(model, tokenizer) -> Dict[str, torch.Tensor]:
+    """Two rows of different lengths, so padded with a real attention mask: the model's inputs (input_ids,
+    attention_mask, token_type_ids where its forward takes them, in that order) for checking a changed model
+    (trim_to_first_token) or an exported graph (engines.export) against the model as loaded."""
+    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
+                      padding=True, return_tensors="pt")
+    accepted = inspect.signature(model.forward).parameters
+    return {n: probe[n] for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted}
+
+
+def head_modules(model) -> List[str]:
+    """Names of the modules outside the base model (classifier, lm_head, ...), and any pooler, which feeds them."""
+    base = getattr(model, "base_model", model)
+    names = [] if base is model else [name for name, child in model.named_children() if child is not base]
+    return names + [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "pooler"]

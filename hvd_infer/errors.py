@@ -6,6 +6,10 @@ exit 1.
 """
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2  # a UserError: the job as given cannot run
+EXIT_FAILED = 1  # anything else: a rank died, a collective timed out, a bug
+ERROR_PREFIX = "hvd_infer: error: "  # how every one-line error starts, on every launcher
+
 
 class UserError(ValueError):
     """Something the user can fix; the message names it and what would be right."""

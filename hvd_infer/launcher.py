@@ -29,12 +29,7 @@ from typing import Dict, List, Tuple
 
 from hvd_infer.cluster import Cluster, Host, is_this_host
 from hvd_infer.config import JobConfig
-from hvd_infer.errors import UserError
-
-# User errors: one line, exit 2. Anything else is a bug or an environment problem: traceback, exit 1.
-EXIT_USER_ERROR = 2
-EXIT_FAILED = 1
-ERROR_PREFIX = "hvd_infer: error: "
+from hvd_infer.errors import ERROR_PREFIX, EXIT_FAILED, EXIT_USER_ERROR, UserError
 
 # horovodrun's options a job needs, passed through as given.
 _HOROVODRUN_OPTIONS: List[Tuple[Tuple[str, ...], dict]] = [
@@ -92,9 +87,9 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
     if ranks_on_this_host:  # the ranks' devices are this host's: float16 without a GPU is refused now
         import torch
 
-        from hvd_infer.model import resolve_dtype
+        from hvd_infer.model import check_device
 
-        resolve_dtype(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        check_device(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     inp = open_input(cfg.data)
     preflight_model(cfg, task)
     check_output(cfg, job_identity(cfg, inp.fingerprint()), output_schema(cfg, inp.schema, task))

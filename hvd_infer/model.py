@@ -4,21 +4,29 @@
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from hvd_infer.config import JobConfig, is_model_uri
+from hvd_infer.engines import OnnxPredictor, check_runtime, head_modules, probe_batch
 from hvd_infer.errors import ConfigError, ModelError
 from hvd_infer.tasks.base import pad_multiple
 
 log = logging.getLogger("hvd_infer")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_device(cfg: JobConfig, device: torch.device) -> None:
+    """What the model section asks that this device cannot run, as a ConfigError: float16 without a GPU, bfloat16
+    where it is slow, int8 on a GPU, ONNX Runtime off the CPU or not installed. The launcher (for ranks on its
+    host), every rank and the Spark driver (for its workers' devices) call it before anything is read."""
+    resolve_dtype(cfg, device)
+    check_runtime(cfg, device)
 
 
 def resolve_dtype(cfg: JobConfig, device: torch.device) -> torch.dtype:
@@ -174,8 +182,6 @@ def load_model(cfg: JobConfig, task, device: torch.device) -> Tuple[Any, Any, Di
              "parameters": sum(p.numel() for p in _unwrap(model).parameters()),
              "device": str(device), "autocast_bf16": autocast, "pad_to_multiple_of": task.pad_multiple, **task.facts()}
     if m.runtime == "onnxruntime":
-        from hvd_infer.engines import OnnxPredictor
-
         predictor = OnnxPredictor.create(model, tokenizer, path, m.task, m.quantize, trimmed=not untrimmed)
         return predictor, tokenizer, {**facts, **predictor.facts}
     return Predictor(model, device, autocast), tokenizer, facts
@@ -350,16 +356,6 @@ def trim_to_first_token(model, tokenizer) -> str:
     return ""
 
 
-def probe_batch(model, tokenizer) -> Dict[str, torch.Tensor]:
-    """Two rows of different lengths, so padded with a real attention mask: the model's inputs (input_ids,
-    attention_mask, token_type_ids where its forward takes them, in that order) for checking a changed model
-    (trim_to_first_token) or an exported graph (engines.export) against the model as loaded."""
-    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
-                      padding=True, return_tensors="pt")
-    accepted = inspect.signature(model.forward).parameters
-    return {n: probe[n] for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted}
-
-
 def _read_first(outputs) -> torch.Tensor:
     """What a task reads of the model's first output: a classifier's logits, an encoder's first position."""
     first = outputs[0]
@@ -393,13 +389,6 @@ def quantize_int8(model):
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, spec, dtype=torch.qint8) if spec else model
-
-
-def head_modules(model) -> List[str]:
-    """Names of the modules outside the base model (classifier, lm_head, ...), and any pooler, which feeds them."""
-    base = getattr(model, "base_model", model)
-    names = [] if base is model else [name for name, child in model.named_children() if child is not base]
-    return names + [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "pooler"]
 
 
 def wrap_deepspeed(model, dtype: torch.dtype, kernel_inject: bool):

@@ -27,13 +27,22 @@ resolved.precision_*).
 The check is skipped, and the job runs float32, when the input is too small for a faster precision
 to win back the cost of even one chunk in each (skip_reason). A resumed job (output.mode=resume) keeps
 the precision recorded in the output's job file, so its rows are never scored in two precisions.
+
+A decision measured is kept on the host, beside its ONNX graphs ($TMPDIR/hvd_infer-onnx/decisions/<key>.json),
+keyed by what decided it (check_identity): the next job on the same host, model and settings reuses it
+(looked up before the skip: a small job gets the earlier check's choice at no cost).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +51,8 @@ import torch
 
 from hvd_infer.config import JobConfig
 from hvd_infer.errors import ConfigError
+
+log = logging.getLogger("hvd_infer")
 
 
 @dataclass(frozen=True)
@@ -190,12 +201,15 @@ class Decision:
         facts: Dict[str, Any] = {"precision_choice": self.choice.name, "precision_check": self.how}
         kept = (f" (rows whose two likeliest labels are within {self.choice.rescore:.4f} in probability rescored "
                 "in float32)" if self.choice.rescore else "")
-        if self.how != "measured":
+        measured = self.how == "measured"
+        if not measured and not self.seconds:  # skipped, resumed
             facts["notes"] = [f"model.dtype=auto-check {self.how}; running {self.choice.name}{kept}"]
             return facts
         loading = sum(self.load_seconds.values())
-        facts.update(precision_check_rows=self.rows, precision_check_seconds=round(self.check_seconds, 2),
-                     precision_check_load_seconds=round(loading, 2))
+        # A reused check's figures are the earlier job's; this job's check cost nothing.
+        facts.update(precision_check_rows=self.rows,
+                     precision_check_seconds=round(self.check_seconds, 2) if measured else 0.0,
+                     precision_check_load_seconds=round(loading, 2) if measured else 0.0)
         parts = []
         for name, seconds in self.seconds.items():
             rows = self.scored[name]
@@ -212,14 +226,17 @@ class Decision:
                 parts.append(f"{name} {seconds:.2f} s{on} (agreement {self.agreement[name]:.4f}{widened}{ok})")
             else:
                 parts.append(f"{name} {seconds:.2f} s{on}")
-        facts["notes"] = [f"model.dtype=auto-check on {self.rows} rows chose {self.choice.name} "
-                          f"(check took {self.check_seconds:.1f} s, {loading:.1f} s of it loading): " + "; ".join(parts or ["no rows to score"])
-                          + kept]
+        head = (f"model.dtype=auto-check on {self.rows} rows chose {self.choice.name} (check took "
+                f"{self.check_seconds:.1f} s, {loading:.1f} s of it loading)" if measured else
+                f"model.dtype=auto-check {self.how}, which on {self.rows} rows chose {self.choice.name} (it took "
+                f"{self.check_seconds:.1f} s then, {loading:.1f} s of it loading; this job paid nothing for it)")
+        facts["notes"] = [head + ": " + "; ".join(parts or ["no rows to score"]) + kept]
         return facts
 
 
 def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tuple[Any, Any, Dict[str, Any]]:
-    """load_model, with model.dtype=auto-check settled first: rank 0 measures, every rank loads its choice.
+    """load_model, with model.dtype=auto-check settled first: rank 0 measures (or reuses the decision an earlier
+    job on this host measured for the same check_identity), every rank loads its choice.
 
     resumed: the precision the run that wrote output.path chose (output.mode=resume); it is kept, unmeasured.
     Rank 0 records the choice in the output's job file before any row is written, so a resume keeps it.
@@ -239,9 +256,13 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
     if ctx.is_main:
         try:
             skip = skip_reason(cfg, ctx.device, inp.total_rows, ctx.size)
+            identity = {} if resumed else check_identity(cfg, ctx)
+            reused = earlier_decision(identity, cfg.model.check_agreement) if identity else None
             if resumed:
                 decision = Decision(choice=parse_precision(resumed),
                                     how=f"resumed: output.path was scored in {resumed.partition(':')[0]}")
+            elif reused:
+                decision = reused
             elif skip:
                 decision = Decision(how=f"skipped: {skip}")
             else:
@@ -253,6 +274,8 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
                                                sample_rows(cfg, ctx.device, inp.total_rows, ctx.size))
                 finally:
                     torch.set_num_threads(ctx.threads)
+                if decision.rows:
+                    keep_decision(identity, decision)
             record_precision(cfg, decision.choice.token)
         except Exception as e:
             error = e
@@ -266,6 +289,111 @@ def load_checked_model(cfg: JobConfig, task, ctx, inp, resumed: str = "") -> Tup
     check = decision.facts(cfg.model.check_agreement)
     facts.update(check, notes=facts.get("notes", []) + check["notes"])
     return model, tokenizer, facts
+
+
+# Which section of the config holds the task's own settings, all of which change its outputs.
+TASK_SECTIONS = {"zero-shot-classification": "zero_shot", "text-generation": "generation",
+                 "token-classification": "token_classification", "embedding": "embedding"}
+# The model section's keys that leave a check's decision as it is: the model is keyed by its content, and
+# auto-check sets the precision's own keys itself.
+NOT_DECIDING = ("path", "dtype", "quantize", "runtime", "rescore_margin", "allow_pickle")
+
+
+def check_identity(cfg: JobConfig, ctx) -> Dict[str, Any]:
+    """What decides auto-check's choice on this host: the model's content, the task and its settings, the model
+    section (check_agreement, check_rows, max_length, long_texts, onednn, ...), the batching, the candidates, the
+    device (the CPU's model and flags, or the GPU's name), the threads, and the versions of the libraries that run
+    the model. A decision is reused only where all of it is the same (decision_key)."""
+    from hvd_infer import onednn
+    from hvd_infer.context import cpu_facts
+    from hvd_infer.engines import cpu_has_vnni, model_digest
+    from hvd_infer.model import cpu_has_native_bf16, resolve_model_path
+
+    m, d = cfg.model, cfg.data
+    device = ctx.device
+    section = TASK_SECTIONS.get(m.task)
+    if device.type == "cuda":
+        hardware: Dict[str, Any] = {"gpu": torch.cuda.get_device_name(device)}
+    else:  # the flags as the candidates and kernels see them (HVD_INFER_CPU_* overrides included)
+        hardware = {**cpu_facts(), "native_bf16": cpu_has_native_bf16(), "vnni": cpu_has_vnni(),
+                    "onednn": onednn.available()}
+    return {"model": model_digest(resolve_model_path(m.path, cfg.mlflow.tracking_uri)), "task": m.task,
+            "task_settings": dataclasses.asdict(getattr(cfg, section)) if section else {},
+            "settings": {k: v for k, v in dataclasses.asdict(m).items() if k not in NOT_DECIDING},
+            "batches": {"batch_size": d.batch_size, "max_tokens_per_batch": d.max_tokens_per_batch,
+                        "pad_to_multiple_of": d.pad_to_multiple_of, "text_pairs": bool(d.text_pair_column)},
+            "candidates": [p.name for p in candidates(cfg, device)], "device": hardware,
+            "threads": ctx.threads, "ranks_on_host": ctx.local_size, "versions": _versions()}
+
+
+def _versions() -> Dict[str, str]:
+    import importlib.util
+
+    import transformers
+
+    from hvd_infer.version import __version__
+
+    found = {"torch": torch.__version__, "transformers": transformers.__version__, "hvd_infer": __version__}
+    if importlib.util.find_spec("onnxruntime"):
+        import onnxruntime
+
+        found["onnxruntime"] = onnxruntime.__version__
+    return found
+
+
+def decision_key(identity: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def decisions_dir() -> str:
+    """Where the host keeps auto-check's decisions: beside its ONNX graphs."""
+    from hvd_infer.engines import cache_root
+
+    return os.path.join(cache_root(), "decisions")
+
+
+# What of a Decision is kept: the earlier check's figures, which the reusing job's summary and MLflow params show.
+KEPT = ("rows", "seconds", "scored", "agreement", "rejected", "outrun", "load_seconds", "widened", "check_seconds")
+
+
+def keep_decision(identity: Dict[str, Any], decision: Decision) -> None:
+    """Write the decision measured for `identity` to decisions_dir() atomically (temp file, then rename); a
+    cache that cannot be written only costs the next job a check."""
+    folder = decisions_dir()
+    record = {"precision": decision.choice.token, "checked": time.strftime("%Y-%m-%d %H:%M"),
+              **{name: getattr(decision, name) for name in KEPT}, "identity": identity}
+    tmp = ""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(folder, decision_key(identity) + ".json"))
+    except OSError as e:
+        log.warning("model.dtype=auto-check: could not keep the check's decision in %s (%s); the next job on this "
+                    "host checks again", folder, e)
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def earlier_decision(identity: Dict[str, Any], threshold: float) -> Optional[Decision]:
+    """The Decision kept for `identity` by an earlier job on this host, its `how` saying so; None where there is
+    none, or where the file cannot be read back (a warning: this job checks again and writes it anew)."""
+    path = os.path.join(decisions_dir(), decision_key(identity) + ".json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        decision = Decision(choice=parse_precision(record["precision"]),
+                            how=f"reused: the check of {record['checked']} on this host for this model",
+                            **{name: record[name] for name in KEPT})
+        decision.facts(threshold)  # figures of the wrong shape fail here, not in the job's summary
+        return decision
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        log.warning("model.dtype=auto-check: ignoring the unreadable decision %s (%s: %s); checking again",
+                    path, type(e).__name__, e)
+        return None
 
 
 def measure(cfg: JobConfig, task, device: torch.device, inp, rows: int) -> Tuple[Decision, Any]:

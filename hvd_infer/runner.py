@@ -40,8 +40,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     # Heavy imports only once the config is known to be good.
     from hvd_infer.context import RankContext
     from hvd_infer.dataset import open_input
-    from hvd_infer.engines import check_runtime
-    from hvd_infer.model import preflight_model, resolve_dtype
+    from hvd_infer.model import check_device, preflight_model
     from hvd_infer.reader import choose_reader
     from hvd_infer.shard_plan import plan_parts
     from hvd_infer.tasks import get_task
@@ -50,8 +49,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
     ctx = RankContext.create(cfg.runtime.threads, cfg.runtime.collective_timeout_s)
     try:
-        resolve_dtype(cfg, ctx.device)  # float16 on CPU: refuse before reading anything
-        check_runtime(cfg, ctx.device)  # model.runtime=onnxruntime without ONNX Runtime: likewise
+        check_device(cfg, ctx.device)  # float16 on CPU, ONNX Runtime missing: refused before reading anything
 
         # Input and output are checked once, by rank 0, and the verdict shared: every rank
         # fails the same way, or none does.

@@ -71,7 +71,7 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     if launcher == "horovod":
         import horovod.spark
 
-        check_spark_workers(spark, n, _worker_modules(cfg) + ("horovod",))
+        _check_device(cfg, check_spark_workers(spark, n, _worker_modules(cfg) + ("horovod",)))
         return horovod.spark.run(hvd_infer.run, kwargs={"config": cfg.to_dict()}, num_proc=n, nics=nics)
     if launcher != "torch":
         raise ConfigError(f"launcher={launcher!r}: give launcher='horovod' (horovod.spark.run) or 'torch' "
@@ -81,7 +81,7 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
     from hvd_infer.writer import MANIFEST
 
     if not local_mode:
-        check_spark_workers(spark, n, _worker_modules(cfg))
+        _check_device(cfg, check_spark_workers(spark, n, _worker_modules(cfg)))
     if use_gpu is None:
         if local_mode:
             import torch
@@ -95,8 +95,18 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
         return json.load(f)["summary"]["ranks"]
 
 
-def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
-    """Fail in one line when Spark's Python workers cannot import the stack (a cheap Spark job first).
+def _check_device(cfg, workers_have_gpus: bool) -> None:
+    """What the workers' devices cannot run (float16 where they have no GPU, ...): one line here, not one per task."""
+    import torch
+
+    from hvd_infer.model import check_device
+
+    check_device(cfg, torch.device("cuda" if workers_have_gpus else "cpu"))
+
+
+def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> bool:
+    """Fail in one line when Spark's Python workers cannot import the stack (a cheap Spark job first); returns
+    whether every worker sees a CUDA GPU.
 
     Spark starts its workers with `python3` from PATH, or PYSPARK_PYTHON / spark.pyspark.python,
     not with the driver's interpreter: a venv that is not activated gives a bare Python there,
@@ -111,7 +121,12 @@ def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
         import sys as worker_sys
 
         missing = [m for m in modules if importlib.util.find_spec(m) is None]
-        return worker_sys.executable, socket.gethostname(), missing[0] if missing else None
+        gpu = False
+        if not missing and "torch" in modules:
+            import torch
+
+            gpu = torch.cuda.is_available()
+        return worker_sys.executable, socket.gethostname(), missing[0] if missing else None, gpu
 
     fix = (f"set PYSPARK_PYTHON before starting Spark (on a cluster: spark.pyspark.python) to {sys.executable}, "
            "the Python that has hvd_infer, or activate its venv first")
@@ -124,9 +139,10 @@ def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> None:
             raise
         cause = next(l.strip() for l in text.splitlines() if "different version" in l or "No module named" in l)
         raise ConfigError(f"Spark's Python workers cannot run this job ({cause}); {fix}") from None
-    for executable, host, missing in found:
+    for executable, host, missing, _ in found:
         if missing:
             raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; {fix}")
+    return all(gpu for *_, gpu in found)
 
 
 def predict_udf(config: Any = None, **overrides: Any):
@@ -151,12 +167,10 @@ def predict_udf(config: Any = None, **overrides: Any):
     from hvd_infer.tasks import get_task
 
     cfg = load_config(config, **overrides)
-    if cfg.model.runtime == "onnxruntime":  # ONNX Runtime missing here: one line now, not a worker's traceback
-        import torch
-
-        from hvd_infer.engines import check_runtime
-
-        check_runtime(cfg, torch.device("cpu"))
+    if cfg.model.dtype == "auto-check":
+        raise ConfigError("model.dtype=auto-check measures each precision on a job's input before scoring it, and a "
+                          "UDF has no input up front; set model.dtype=float32 (or the precision a run_on_spark job's "
+                          "summary chose on these workers), or score the data with run_on_spark")
     if cfg.data.on_null == "skip":
         raise ConfigError("data.on_null=skip cannot drop rows inside a UDF; filter them first "
                           "(df.where(\"length(trim(text)) > 0\")) or use data.on_null=error or empty")
@@ -168,9 +182,13 @@ def predict_udf(config: Any = None, **overrides: Any):
             raise ConfigError(f"model.task={cfg.model.task} gives column '{f.name}' of type {f.dataType.simpleString()}, "
                               "which predict_batch_udf cannot return (only numbers, strings and arrays of them); "
                               "use run_on_spark for this task")
+    import torch
+
     spark = SparkSession.getActiveSession()
+    gpus = torch.cuda.is_available()  # no session yet: the workers will be this host's
     if spark is not None:
-        check_spark_workers(spark, spark.sparkContext.defaultParallelism)
+        gpus = check_spark_workers(spark, spark.sparkContext.defaultParallelism, _worker_modules(cfg))
+    _check_device(cfg, gpus)
     cfg_dict = cfg.to_dict()
 
     def make_predict_fn():

@@ -390,13 +390,13 @@ def _source_tags() -> Dict[str, str]:
     """MLflow's own Source tags (entry point, git commit), from hvd_infer's checkout when it runs from one."""
     from mlflow.utils.git_utils import get_git_branch, get_git_commit, get_git_repo_url
 
-    import hvd_infer
+    from hvd_infer.version import __version__
 
-    package = os.path.dirname(os.path.abspath(hvd_infer.__file__))
+    package = os.path.dirname(os.path.abspath(__file__))
     main = sys.argv[0] if sys.argv and os.path.isfile(sys.argv[0]) else ""
     tags = {"mlflow.source.name": "python -m hvd_infer" if main.endswith(os.path.join("hvd_infer", "__main__.py"))
             else (main or "hvd_infer.run"),
-            "mlflow.source.type": "LOCAL", "hvd_infer.version": hvd_infer.__version__}
+            "mlflow.source.type": "LOCAL", "hvd_infer.version": __version__}
     for key, find in (("mlflow.source.git.commit", get_git_commit), ("mlflow.source.git.branch", get_git_branch),
                       ("mlflow.source.git.repoURL", get_git_repo_url)):
         value = find(package)

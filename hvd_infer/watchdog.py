@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable, Optional, Tuple, Union
 
-from hvd_infer.launcher import ERROR_PREFIX, EXIT_FAILED
+from hvd_infer.errors import ERROR_PREFIX, EXIT_FAILED
 
 # runtime.stall_timeout_s=auto: at least this long...
 STALL_MINIMUM_S = 600.0

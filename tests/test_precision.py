@@ -20,6 +20,7 @@ from hvd_infer.engines import BLOCKWISE_SINCE, _release
 from hvd_infer.errors import ConfigError
 from hvd_infer.model import NATIVE_BF16_ENV, load_model
 from hvd_infer.precision import agreement
+from hvd_infer.precision import decisions_dir as host_decisions_dir
 from hvd_infer.tasks import get_task
 from test_failures import assert_user_error, base
 
@@ -32,6 +33,15 @@ CANDIDATES = ["int8-per-channel"] + ORT
 # For embedding, token-classification and zero-shot, ONNX Runtime's int8-blockwise too (onnxruntime >= 1.22).
 BLOCKWISE = ["onnxruntime-int8-blockwise"] if ORT and _release(
     importlib.import_module("onnxruntime").__version__) >= BLOCKWISE_SINCE else []
+
+
+@pytest.fixture(autouse=True)
+def _no_decision_kept_by_an_earlier_test(tmp_path, monkeypatch):
+    """Each test's auto-check measures: decisions kept on this host by an earlier test or run are not reused (its
+    ONNX graphs still are). A job in other processes gets its own $TMPDIR instead."""
+    from hvd_infer import precision
+
+    monkeypatch.setattr(precision, "decisions_dir", lambda: str(tmp_path / "decisions"))
 
 
 @pytest.fixture(scope="module")
@@ -303,8 +313,10 @@ def test_auto_check_two_ranks_use_the_choice_and_report_it(classifier, tmp_path)
     path = str(tmp_path / "data")
     table = builders.write_dataset(path, PAYBACK * 16 * (1 + len(CANDIDATES)) * 2, row_group_size=20)  # no skip
     out = tmp_path / "out"
+    (tmp_path / "tmpdir").mkdir()  # the ranks' own host cache: no decision an earlier run kept is reused
     r = horovodrun(2, base(classifier, path, out, tmp_path, "model.dtype=auto-check", "model.check_rows=16",
-                           "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40"), env=NO_BF16)
+                           "data.batch_size=1", "data.pad_to_multiple_of=1", "output.rows_per_part=40"),
+                   env={**NO_BF16, "TMPDIR": str(tmp_path / "tmpdir")})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     params = dict(sqlite3.connect(f"{tmp_path}/mlflow.db").execute("select key, value from params").fetchall())
     choice = params["resolved.precision_choice"]
@@ -635,3 +647,153 @@ def test_a_precision_no_longer_run_is_refused_on_resume():
         parse_precision("int8-selective:bert.encoder.layer.0.output.dense")
     assert parse_precision("int8-rescore@0.25").rescore == 0.25
     assert parse_precision("int8-rescore@0.25").token == "int8-rescore@0.25"
+
+
+# -- a decision kept on the host and reused by the next job ----------------------------------------------------
+
+def test_the_checks_key_changes_with_what_decides_the_check(tiny_classifier, tmp_path, monkeypatch):
+    """check_identity's key: the same for the same model content elsewhere and for another input or output; another
+    for other model bytes, CPU flags, library versions, check settings, task settings or threads."""
+    import shutil
+
+    import transformers
+
+    from hvd_infer import context, version
+    from hvd_infer.context import RankContext
+    from hvd_infer.precision import check_identity, decision_key
+
+    monkeypatch.setenv(NATIVE_BF16_ENV, "0")
+    model = shutil.copytree(tiny_classifier, tmp_path / "model")
+    cpu = RankContext(device=torch.device("cpu"), threads=2)
+
+    def key(path=model, ctx=cpu, data=None, labels=("a", "b"), **options):
+        cfg = load_config({"model": {"path": str(path), "dtype": "auto-check", **options},
+                           "data": {"path": "/d", **(data or {})}, "output": {"path": "/o"},
+                           "zero_shot": {"candidate_labels": list(labels)}})
+        return decision_key(check_identity(cfg, ctx))
+
+    first = key()
+    assert key() == first and key(path=tiny_classifier) == first  # the content, not where it lies
+    assert key(data={"path": "/elsewhere", "text_column": "body"}) == first
+    changed = [key(check_agreement=0.99), key(check_rows=64), key(max_length=128), key(long_texts="chunk"),
+               key(onednn=False), key(data={"batch_size": 8}), key(ctx=RankContext(device=cpu.device, threads=1)),
+               key(task="zero-shot-classification"), key(task="zero-shot-classification", labels=["a", "c"])]
+    with monkeypatch.context() as m:
+        m.setenv(NATIVE_BF16_ENV, "1")  # bfloat16 joins the candidates
+        changed.append(key())
+    real = context.cpu_facts
+    with monkeypatch.context() as m:
+        m.setattr(context, "cpu_facts", lambda: {**real(), "avx512_vnni": not real()["avx512_vnni"]})
+        changed.append(key())
+    for module in (transformers, version, torch):
+        with monkeypatch.context() as m:
+            m.setattr(module, "__version__", "0.0.1")
+            changed.append(key())
+    with open(model / "config.json", "a") as f:
+        f.write("\n")
+    changed.append(key())
+    assert len(set(changed)) == len(changed) and first not in changed, changed
+
+
+def test_a_kept_decision_reads_back_and_a_broken_one_is_measured_again(tmp_path, monkeypatch, caplog):
+    """keep_decision writes a temporary file and renames it: a failed write leaves nothing behind. A decision read
+    back says it was reused, with its date and the earlier check's figures; a file that cannot be read back
+    (not JSON, the wrong shape, a precision no longer run) is ignored with a warning."""
+    import dataclasses
+    import json
+    import logging
+    import os
+
+    from hvd_infer.precision import PRECISIONS, Decision, decision_key, decisions_dir, earlier_decision, keep_decision
+
+    # A library imported by an earlier test may have configured logging (disabled or detached this logger).
+    monkeypatch.setattr(logging.getLogger("hvd_infer"), "disabled", False)
+    monkeypatch.setattr(logging.getLogger("hvd_infer"), "propagate", True)
+    identity = {"model": "0123", "task": "text-classification"}
+    decision = Decision(choice=dataclasses.replace(PRECISIONS["int8-rescore"], rescore=0.25), rows=128,
+                        seconds={"float32": 1.2, "int8-per-channel": 0.5, "int8-rescore": 0.6},
+                        scored={"float32": 128, "int8-per-channel": 64, "int8-rescore": 128},
+                        agreement={"int8-per-channel": 0.97, "int8-rescore": 1.0}, rejected=["int8-per-channel"],
+                        load_seconds={"float32": 0.5}, check_seconds=3.3)
+    path = os.path.join(decisions_dir(), decision_key(identity) + ".json")
+    real_replace = os.replace
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+        with caplog.at_level(logging.WARNING, logger="hvd_infer"):
+            keep_decision(identity, decision)
+    assert os.replace is real_replace and os.listdir(decisions_dir()) == []  # no partial file, no temporary
+    assert "could not keep the check's decision" in caplog.text and "disk full" in caplog.text
+    assert earlier_decision(identity, 0.995) is None
+
+    keep_decision(identity, decision)
+    assert os.listdir(decisions_dir()) == [os.path.basename(path)]
+    reused = earlier_decision(identity, 0.995)
+    assert reused.choice == decision.choice and reused.choice.token == "int8-rescore@0.25"
+    assert [getattr(reused, f) for f in ("rows", "seconds", "scored", "agreement", "rejected", "check_seconds")] == [
+        getattr(decision, f) for f in ("rows", "seconds", "scored", "agreement", "rejected", "check_seconds")]
+    assert reused.how.startswith(f"reused: the check of {json.load(open(path))['checked']} on this host")
+    facts = reused.facts(0.995)
+    assert facts["precision_check"] == reused.how and facts["precision_check_seconds"] == 0.0
+    assert facts["precision_int8-rescore_agreement"] == 1.0 and facts["precision_check_rows"] == 128
+    assert facts["notes"][0].startswith(f"model.dtype=auto-check {reused.how}, which on 128 rows chose int8-rescore "
+                                        "(it took 3.3 s then"), facts["notes"][0]
+    assert earlier_decision({**identity, "task": "embedding"}, 0.995) is None  # another key: none kept
+
+    record = json.load(open(path))
+    for broken in ["{not json", json.dumps({**record, "seconds": [1.2]}),
+                   json.dumps({**record, "precision": "int8-selective:bert.pooler.dense"})]:
+        with open(path, "w") as f:
+            f.write(broken)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hvd_infer"):
+            assert earlier_decision(identity, 0.995) is None
+        assert f"ignoring the unreadable decision {path}" in caplog.text, broken
+    keep_decision(identity, decision)  # measured again: the broken file is replaced
+    assert earlier_decision(identity, 0.995).choice == decision.choice
+
+
+def test_the_next_job_on_the_host_reuses_the_check(tiny_classifier, tmp_path, monkeypatch):
+    """Two jobs of one rank on the same model and settings: the first measures and keeps its decision under
+    $TMPDIR/hvd_infer-onnx/decisions, the second reuses it without measuring (its summary and MLflow say so),
+    runs the same precision and writes the same outputs."""
+    import os
+    import tempfile
+
+    from hvd_infer import precision
+
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+    monkeypatch.setattr(precision, "decisions_dir", host_decisions_dir)  # the host's cache, in this $TMPDIR
+    measured = []
+    real_measure = precision.measure
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: measured.append(1) or real_measure(*a, **k))
+    path = str(tmp_path / "data")
+    builders.write_dataset(path, precision.PAYBACK * 16 * (1 + len(CANDIDATES)), row_group_size=20)  # no skip
+
+    def run(name, *extra):
+        (tmp_path / name).mkdir()
+        r = cli(base(tiny_classifier, path, tmp_path / name / "out", tmp_path / name, "model.dtype=auto-check",
+                     "model.check_rows=16", *extra), env=NO_BF16)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r, job_file_identity(tmp_path / name / "out")["precision"]
+
+    first, choice = run("first", "mlflow.enabled=false")
+    assert measured == [1] and f"model.dtype=auto-check on 16 rows chose {choice.partition('@')[0]}" in first.stdout
+    kept = tmpdir / "hvd_infer-onnx" / "decisions"
+    assert [n for n in os.listdir(kept) if n.endswith(".json")] == os.listdir(kept) and len(os.listdir(kept)) == 1
+
+    second, again = run("second")
+    assert measured == [1] and again == choice  # no second check
+    assert "model.dtype=auto-check reused: the check of " in second.stdout
+    assert f"on this host for this model, which on 16 rows chose {choice.partition('@')[0]} (it took" in second.stdout
+    params = params_of(tmp_path / "second")
+    assert params["resolved.precision_check"].startswith("reused: the check of ")
+    assert params["resolved.precision_choice"] == choice.partition("@")[0]
+    assert params["resolved.precision_float32_rows"] == "16"
+    outputs = [pads.dataset(str(tmp_path / name / "out")).to_table().to_pandas().sort_values("id")
+               for name in ("first", "second")]
+    assert outputs[0]["label"].tolist() == outputs[1]["label"].tolist()
+    np.testing.assert_allclose(np.stack(outputs[0]["probs"].to_numpy()), np.stack(outputs[1]["probs"].to_numpy()),
+                               atol=1e-6)

@@ -98,6 +98,25 @@ def test_run_on_spark_local_equals_plain_forward(local_spark, reference, tiny_cl
 
 
 @slow
+@slow
+def test_precisions_the_workers_cannot_run_are_refused_on_the_driver(local_spark, tiny_classifier, dataset, tmp_path):
+    """Spark's workers here have no GPU: float16 is refused on the driver in one line, by the UDF and by
+    run_on_spark (whose ranks are Spark tasks), and auto-check, which needs a job's input, by the UDF."""
+    from hvd_infer.spark import predict_udf, run_on_spark
+
+    def config(dtype):
+        return {"model": {"path": str(tiny_classifier), "dtype": dtype}, "data": {"path": dataset[0]},
+                "output": {"path": str(tmp_path / "out")}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+
+    with pytest.raises(ConfigError, match="^model.dtype=float16 needs a CUDA GPU and none is visible"):
+        predict_udf(config(dtype="float16"))
+    with pytest.raises(ConfigError, match="^model.dtype=float16 needs a CUDA GPU"):
+        run_on_spark(config(dtype="float16"), num_proc=2, spark=local_spark, launcher="torch")
+    with pytest.raises(ConfigError, match="^model.dtype=auto-check measures each precision on a job's input"):
+        predict_udf(config(dtype="auto-check"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_udf_equals_plain_forward(local_spark, reference, tiny_classifier, dataset, tmp_path):
     from hvd_infer.spark import predict_udf
 

@@ -143,7 +143,7 @@ def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier, monkeyp
     not what its shape suggests (here an output that subtracts its residual) fails the load's probe, and the
     model is left exactly as it was."""
     import builders
-    from hvd_infer.model import probe_batch
+    from hvd_infer.engines import probe_batch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     monkeypatch.setenv(onednn.AVX512_ENV, "1")  # this path on every CPU (the job's choice: CASES)

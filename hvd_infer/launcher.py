@@ -270,9 +270,10 @@ def _verdict(code: int, outcome: _Outcome, cluster: Cluster, lost: List[Tuple[Ho
         rank, message = _first_error(outcome)
         print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
         # A user error every rank agrees on is printed by rank 0 alone; when another rank exits 2 first,
-        # horovodrun stops rank 0 (143) after its line: the first exit then tells the kind.
+        # horovodrun stops rank 0 (143) after its line: the first exit then tells the kind. A rank whose own
+        # exit horovodrun did not report (it stopped the others first) is judged by that first exit too.
         first_code = next(iter(outcome.exits.values()), EXIT_USER_ERROR)
-        user = EXIT_USER_ERROR in (outcome.exits.get(rank, EXIT_USER_ERROR), first_code)
+        user = EXIT_USER_ERROR in (outcome.exits.get(rank, first_code), first_code)
         return EXIT_USER_ERROR if user else EXIT_FAILED
     lost = lost or _lost_hosts(cluster, outcome)
     if lost:

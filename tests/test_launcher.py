@@ -192,6 +192,8 @@ def test_internal_failure_after_a_user_error_line_is_not_a_user_error(capsys):
     from hvd_infer.launcher import _Outcome, _verdict
 
     assert _verdict(1, _Outcome(errors=[(1, "bad")], exits={0: 1, 1: 1}), one_host(), []) == EXIT_FAILED
+    # A stalled rank's line, its own exit unreported: horovodrun reported only rank 0, which it stopped.
+    assert _verdict(1, _Outcome(errors=[(1, "rank 1 stalled")], exits={0: 143}), one_host(), []) == EXIT_FAILED
 
 
 def one_host():

@@ -64,13 +64,8 @@ def main(argv=None) -> int:
 
 
 def _done(code: int, argv) -> int:
-    """The exit code; a process started as hvd-infer or `python -m hvd_infer` (argv None) exits here.
-
-    Its files are closed, its MLflow calls returned and its collectives shut down by now, so
-    after the atexit handlers (logging's flush among them) it skips the interpreter's teardown:
-    a collection over every object torch, transformers and MLflow made, 2 s per rank measured
-    on 2 cores, paid before horovodrun sees the rank end. Called with argv, main returns.
-    """
+    """The exit code; a process started as hvd-infer or `python -m hvd_infer` (argv None) exits here, after the
+    atexit handlers, skipping the interpreter's slow teardown of torch's, transformers' and MLflow's objects."""
     if argv is not None:
         return code
     import atexit

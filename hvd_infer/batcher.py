@@ -1,11 +1,9 @@
 """Turn a part's rows into batches of similar length, and predictions back into input order.
 
-Per part: apply data.on_null, tokenize data.sort_window rows at a time, sort them by token
-count, and cut padded batches (by rows, or by a token budget). With data.dedup a row whose
-(text, pair) an earlier row of the part already holds is not tokenized nor scored: at the part's
-end it gets that row's prediction. The part's last batch carries what the writer needs besides
-the predictions (ids, labels, skipped rows, which rows copy which). Where this runs (worker
-processes or a thread) is loader.py's business; this module is plain functions.
+Per part: apply data.on_null, tokenize data.sort_window rows at a time, sort them by token count, and
+cut padded batches (by rows, or by a token budget). With data.dedup a row repeating an earlier row's
+(text, pair) in its part is not scored but gets that row's prediction. The part's last batch carries
+what the writer needs besides the predictions (PartWork). Plain functions: loader.py runs them.
 """
 from __future__ import annotations
 
@@ -61,18 +59,14 @@ class Batch:
     read_seconds: float = 0.0  # spent reading and tokenizing since the previous batch of this producer
     tokenize_seconds: float = 0.0
     finished: Optional[PartWork] = None  # on the part's last batch: the part is complete once it is scored
-    # Rows of the part that get a prediction of this or an earlier batch of the part instead of a forward
-    # of their own (data.dedup): counted in row_count, not in rows.
-    repeats: int = 0
+    repeats: int = 0  # data.dedup: rows copying an earlier row's prediction (in row_count, not in rows)
     # model.long_texts=chunk: `rows` number windows of the sort window (data.sort_window rows) being batched.
     first_windows: Optional[int] = None  # rows whose first window is in this batch
     # On a sort window's last batch: its rows (in the part), whole once this batch is scored, and the row
     # (0 = the first of whole_rows) of each of its windows, for rows_from_windows.
     whole_rows: Optional[np.ndarray] = None
     window_row: Optional[np.ndarray] = None
-    # The first row of the loader's unit (whole sort windows of the part) this batch comes from: batches of
-    # two units of one part may interleave (loader.py).
-    unit_start: int = -1
+    unit_start: int = -1  # first row of the loader's unit it comes from: units of one part may interleave
 
     @property
     def row_count(self) -> int:
@@ -87,11 +81,8 @@ class Batch:
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int, window: int) -> List[np.ndarray]:
-    """Row indices grouped into batches of similar length.
-
-    Sorting is inside windows of `window` rows, so memory and latency stay bounded.
-    With max_tokens > 0 a batch grows while rows * longest <= max_tokens.
-    """
+    """Row indices grouped into batches of similar length, sorted within windows of `window` rows; with
+    max_tokens > 0 a batch grows while rows * longest <= max_tokens."""
     batches = []
     for w in range(0, len(lengths), window):
         idx = np.arange(w, min(len(lengths), w + window))
@@ -110,14 +101,8 @@ def length_sorted_batches(lengths: np.ndarray, batch_size: int, max_tokens: int,
 
 def in_input_order(outputs: List[Dict[str, Any]], batch_rows: List[np.ndarray],
                    source: Optional[np.ndarray] = None) -> Dict[str, pa.Array]:
-    """Each output column over all batches, row i of the input at position i.
-
-    outputs[b] holds batch b's columns and batch_rows[b] the rows they belong to: together distinct, and
-    numbered in input order (length sorting permuted them; the loader numbers a part's rows from
-    its start, with gaps where rows were skipped). Without `source` the output has one row per
-    scored row, in that order; with it (data.dedup, see distinct_rows) output row i is the
-    prediction of row number source[i].
-    """
+    """Each output column over all batches, in input order. outputs[b] holds batch b's columns, batch_rows[b]
+    their row numbers (distinct, in input order). With `source` (data.dedup) output row i is row source[i]'s."""
     if not outputs:
         return {}
     scored = np.concatenate(batch_rows)
@@ -136,11 +121,8 @@ def dedup_off(cfg: DataConfig, task) -> Optional[str]:
 def distinct_rows(seen: Dict[bytes, int], texts: np.ndarray, pairs: Optional[np.ndarray],
                   first_row: int) -> Tuple[np.ndarray, np.ndarray]:
     """(indices of the rows whose (text, pair) is new, the row each row copies its prediction from).
-
-    texts[i] is row first_row + i; `seen` maps a (text, pair) already met to the first row holding
-    it, and grows. Keys are 128-bit BLAKE2 digests, not the texts: a part's distinct texts are not
-    kept alive, and a collision (~n^2 / 2^129) is far below any hardware error rate.
-    """
+    texts[i] is row first_row + i; `seen` maps each (text, pair) met to its first row, and grows. Keys are
+    128-bit BLAKE2 digests, so the texts are not kept alive; a collision is far below hardware error rates."""
     source = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         key = text.encode()
@@ -153,11 +135,8 @@ def distinct_rows(seen: Dict[bytes, int], texts: np.ndarray, pairs: Optional[np.
 def rows_from_windows(task, outputs: List[Dict[str, Any]], batch_windows: List[np.ndarray],
                       window_row: np.ndarray) -> Dict[str, Any]:
     """long_texts=chunk: each row's prediction columns, rows in input order, assembled from its windows.
-
-    outputs[b] holds batch b's raw outputs per window (task.predict) and batch_windows[b] the windows
-    they belong to; window_row[w] is window w's row (0, 1, ...). Called once all batches of these
-    windows are scored, so a row whose windows landed in different batches is whole.
-    """
+    outputs[b] holds batch b's raw outputs per window (task.predict), batch_windows[b] their windows;
+    window_row[w] is window w's row (0, 1, ...). Called once every window of these rows is scored."""
     if not outputs:
         return {}
     order = np.argsort(np.concatenate(batch_windows), kind="stable")
@@ -182,14 +161,9 @@ def as_arrow(values: Any) -> pa.Array:
 def gpu_token_budget(free_bytes: int, hidden_size: int, intermediate_size: int, heads: int, max_length: int,
                      dtype_bytes: int, fraction: float = 0.5, cap: int = 1 << 17, floor: int = 4096) -> int:
     """Padded tokens per batch that one forward of an encoder fits in `fraction` of the GPU's free memory.
-
-    Under inference_mode only one layer's activations live at a time; per token that is about
-    the residual stream, Q/K/V, attention context and output (6 x hidden), the MLP's two
-    intermediate tensors, and two rows of attention scores per head over the batch width (at
-    most max_length). Twice that covers allocator slack and kernel workspaces. The cap keeps
-    the latency of one batch and the host memory of batches in flight bounded; past ~100k
-    tokens a batch's Python overhead is already far below its GPU time.
-    """
+    Per token, one layer's activations (only one layer's live at a time under inference_mode): 6 x hidden
+    (residual, Q/K/V, context, output), the MLP's two intermediates and two rows of attention scores per
+    head, doubled for allocator slack. The cap bounds a batch's latency and the host memory in flight."""
     per_token = 2 * dtype_bytes * (6 * hidden_size + 2 * intermediate_size + 2 * heads * max_length)
     budget = int(fraction * free_bytes) // per_token
     return int(min(cap, max(floor, budget // 1024 * 1024)))
@@ -197,12 +171,9 @@ def gpu_token_budget(free_bytes: int, hidden_size: int, intermediate_size: int, 
 
 def batch_limits(cfg: DataConfig, task_name: str, model_config: Any, device: Any, max_length: int,
                  dtype_bytes: int) -> Tuple[int, int]:
-    """(most rows per batch, token budget or 0) for this job on this device.
-
-    data.max_tokens_per_batch=auto means a budget from the GPU's free memory on CUDA, and rows
-    (data.batch_size) on CPU, where batches of 32 already keep every core busy. Generation
-    keeps rows: its memory grows with the tokens it generates, which a prompt budget ignores.
-    """
+    """(most rows per batch, token budget or 0) for this job on this device. data.max_tokens_per_batch=auto
+    is a budget from the GPU's free memory on CUDA, and rows (data.batch_size) on CPU, where batches of 32
+    already keep every core busy, and for generation, whose memory grows with the tokens it generates."""
     max_tokens = cfg.max_tokens_per_batch
     if max_tokens == "auto":
         max_tokens = 0
@@ -219,8 +190,7 @@ def batch_limits(cfg: DataConfig, task_name: str, model_config: Any, device: Any
 def id_of(columns: Columns, id_columns: List[str], row: int) -> Any:
     if not id_columns:
         return None
-    vals = [columns[c][row] for c in id_columns]
-    vals = [v.item() if hasattr(v, "item") else v for v in vals]
+    vals = [v.item() if hasattr(v, "item") else v for v in (columns[c][row] for c in id_columns)]
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -233,10 +203,7 @@ def null_mask(texts: np.ndarray) -> np.ndarray:
 def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, batch_rows: int,
                  max_tokens: int) -> Iterator[Batch]:
     """A part's batches, from its chunks of rows (reader.read_parts); at most one sort window of texts held.
-
-    Batch.rows number the part's kept rows in input order; the last batch carries the PartWork
-    (a part with no kept rows gives one empty batch).
-    """
+    Batch.rows number the part's kept rows in input order; the last batch (maybe empty) carries the PartWork."""
     carried = list(dict.fromkeys(cfg.id_columns + ([cfg.label_column] if cfg.label_column else [])))
     text_columns = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     work = PartWork(part, {}, 0)
@@ -255,9 +222,8 @@ def part_batches(part: Part, chunks: Iterator[Columns], task, cfg: DataConfig, b
         read += time.perf_counter() - t
         t = time.perf_counter()
         if cols is not None:
-            n = len(cols[cfg.text_column])
             keep = _apply_on_null(cols, cfg, part, first_row, work)
-            first_row += n
+            first_row += len(keep)
             for c in carried:
                 kept[c].append(cols[c][keep])
             for c in text_columns:

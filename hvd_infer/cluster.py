@@ -4,13 +4,9 @@
     hosts.check(cfg)                         # each other host, once, in parallel; raises ClusterError
     hosts.silent()                           # after a failure: the hosts that no longer answer
 
-What a rank on another host needs and horovodrun does not check: the same Python and hvd_infer at
-the same path (horovodrun starts ranks with this interpreter's path), the input, model and output
-at the same paths (a shared file system, or an object store), the hosts' names resolvable there
-(a rank looks its own up even with --network-interface; without one, Gloo connects ranks by the names
-of -H, so every host's), and a tracking store
-every rank can write to. Each check runs once per host, over ssh as horovodrun connects; a failure
-is one line naming the host, what is wrong and the fix.
+What a rank on another host needs and horovodrun does not check: the same Python and hvd_infer at the
+same path, the input, model and output at the same paths, the hosts' names resolvable there, and a
+tracking store every rank can write to. A failure is one line naming the host, what is wrong and the fix.
 """
 from __future__ import annotations
 
@@ -50,8 +46,7 @@ class Cluster:
     """The hosts given by -H or -hostfile, each with the ranks horovodrun starts there."""
 
     def __init__(self, hosts: List[Host], ssh_port: Optional[int], identity: Optional[str], nics: List[str]):
-        self.hosts = hosts
-        self.ssh_port, self.identity, self.nics = ssh_port, identity, nics
+        self.hosts, self.ssh_port, self.identity, self.nics = hosts, ssh_port, identity, nics
         self.host_nics: Dict[str, List[str]] = {}  # each checked host's interfaces, by name
 
     @classmethod
@@ -83,8 +78,7 @@ class Cluster:
             return
         _check_tracking(cfg, remote)
         want = {"paths": _shared_paths(cfg), "nics": self.nics,
-                # With --network-interface Gloo binds to that interface: a host that resolves only its own
-                # name ran with it (measured), not without.
+                # Without --network-interface Gloo connects ranks by the names of -H: every host must resolve them.
                 "names": [] if self.nics else [h.name for h in self.hosts]}
         with ThreadPoolExecutor(len(remote)) as pool:
             problems = [p for p in pool.map(lambda h: self._check_host(h.name, dict(want, own=h.name)), remote) if p]
@@ -107,12 +101,9 @@ class Cluster:
             return [h for h, ok in zip(remote, pool.map(answers, remote)) if not ok]
 
     def _ssh_command(self, host: str, command: str) -> List[str]:
-        cmd = ["ssh"] + SSH_OPTIONS + ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", host]
-        if self.ssh_port:
-            cmd += ["-p", str(self.ssh_port)]
-        if self.identity:
-            cmd += ["-i", self.identity]
-        return cmd + [command]
+        return (["ssh"] + SSH_OPTIONS + ["-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}", host]
+                + (["-p", str(self.ssh_port)] if self.ssh_port else [])
+                + (["-i", self.identity] if self.identity else []) + [command])
 
     def _check_host(self, host: str, want: dict) -> Optional[Tuple[int, str]]:
         """None, or (0 for a host out of reach else 1, the line that says what is wrong)."""
@@ -140,14 +131,9 @@ class Cluster:
         return (1, problem) if problem else None
 
     def interface_for_one_host(self) -> Optional[str]:
-        """The interface to name to horovodrun when all ranks run on one other host and none was given.
-
-        horovodrun finds the interfaces hosts share by having each probe the next one in a ring; one host
-        probes itself, so its loopback passes, and horovodrun picks one of the survivors at random (a set):
-        when it picks lo, the ranks look for the driver at 127.0.0.1 and Gloo aborts in C++ (HTTP request
-        failed): 4 runs of 5 of `horovodrun -np 1 -H hvdh1:1` here. The first interface (not loopback) that
-        host and this one share by name is what the probe would keep between two hosts.
-        """
+        """The interface to name to horovodrun when all ranks run on one other host and none was given:
+        horovodrun's probe of one host may pick its loopback, and Gloo then aborts. The first non-loopback
+        interface both hosts have."""
         if self.nics or len(self.hosts) != 1 or not self.remote:
             return None
         here = {n for _, n in socket.if_nameindex()}

@@ -1,9 +1,7 @@
 """Every configuration key with its type, default and meaning, read from hvd_infer/config.py itself.
 
-A key's description is the comment above and beside its field in config.py, so the reference
-page (docs/configuration.md), the documented job (conf/example.yaml) and `hvd-infer --config-keys`
-are written from one source: `python scripts/config_reference.py` writes the two files and a test
-fails when either differs from what the code says.
+A key's description is the comment above and beside its field, so `hvd-infer --config-keys`,
+docs/configuration.md and conf/example.yaml (both written by scripts/config_reference.py, checked by a test) agree.
 """
 from __future__ import annotations
 
@@ -72,54 +70,20 @@ def _field_comments(cls: type) -> Dict[str, str]:
         stripped = line.strip()
         if stripped.startswith("#"):
             above.append(comments[number])
-        elif line.startswith("    ") and not line.startswith("     ") and ":" in stripped and stripped[0].isalpha():
-            name = stripped.split(":", 1)[0]
-            if name.isidentifier():
-                docs[name] = " ".join(above + ([comments[number]] if number in comments else []))
-            above = []
-        else:
-            above = []
+            continue
+        name = stripped.split(":", 1)[0]
+        if (line.startswith("    ") and not line.startswith("     ") and ":" in stripped and stripped[0].isalpha()
+                and name.isidentifier()):
+            docs[name] = " ".join(above + ([comments[number]] if number in comments else []))
+        above = []
     return docs
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
 
 
-def markdown() -> str:
-    """docs/configuration.md."""
-    lines = ["# Configuration reference", "",
-             "Every key of a job's YAML, its type, default and meaning. A key is set in the YAML file given with",
-             "`--config`, or on the command line as `section.key=value`, which overrides the file. Paths in the",
-             "file are relative to the file; paths on the command line are relative to the working directory.",
-             "`hvd-infer --config-keys` prints this list, `hvd-infer --config FILE --print-config` prints the job",
-             "as it will run, and `conf/example.yaml` holds every key at its default.", ""]
-    for section, keys in sections().items():
-        lines += [f"## {section}", "", "| key | type | default | what it does |", "|---|---|---|---|"]
-        for k in keys:
-            default = "required" if k.name in EXAMPLE_VALUES else f"`{_yaml_value(k.default)}`"
-            cells = [f"`{k.name}`", k.type, default, k.doc]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def example_yaml() -> str:
-    """conf/example.yaml: every key at its default (the paths at an example), its description above it."""
-    lines = ["# Every key of a job, at its default, with what it does (docs/configuration.md is the same list).",
-             "# Run:  hvd-infer -np 4 --config conf/example.yaml [section.key=value ...]",
-             "#   or: torchrun --nproc-per-node 4 -m hvd_infer --config conf/example.yaml",
-             "# Relative paths are relative to this file; command-line overrides are relative to the working directory."]
-    for section, keys in sections().items():
-        lines += ["", f"{section}:"]
-        for k in keys:
-            lines += [f"  # {line}" for line in _wrap(k.doc, 104)]
-            value = EXAMPLE_VALUES.get(k.name, k.default)
-            lines.append(f"  {k.name.split('.', 1)[1]}: {_yaml_value(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _wrap(text: str, width: int) -> List[str]:
+def wrap(text: str, width: int) -> List[str]:
     return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
@@ -128,7 +92,7 @@ def text() -> str:
     out = []
     for keys in sections().values():
         for k in keys:
-            default = "required" if k.name in EXAMPLE_VALUES else f"default {_yaml_value(k.default)}"
+            default = "required" if k.name in EXAMPLE_VALUES else f"default {yaml_value(k.default)}"
             out.append(f"{k.name}: {k.type} ({default})")
-            out += [f"    {line}" for line in _wrap(k.doc, 96)]
+            out += [f"    {line}" for line in wrap(k.doc, 96)]
     return "\n".join(out) + "\n"

@@ -1,13 +1,8 @@
 """The rank context: who am I, on which device, and the few collectives the job needs.
 
-Two backends, chosen from how the process was started; no other module knows which runs:
-
-- Horovod, when a Horovod launcher started it (horovodrun, hvd-infer -np N, horovod.spark.run,
-  HorovodRunner);
-- torch.distributed over Gloo, when torchrun started it (RANK, WORLD_SIZE, LOCAL_RANK set; also
-  TorchDistributor, which runs torchrun);
-
-otherwise it is a world of one without either.
+The backend follows from how the process was started, and no other module knows which runs: Horovod under
+a Horovod launcher (horovodrun, hvd-infer -np N, horovod.spark.run, HorovodRunner); torch.distributed over
+Gloo under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set; also TorchDistributor); otherwise a world of one.
 """
 from __future__ import annotations
 
@@ -21,19 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hvd_infer.config import RuntimeConfig
+from hvd_infer.hardware import cpu_cores
 
 _HOROVOD_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
-# torch.distributed's collectives time out after this; the job's last gather waits for the slowest
-# rank to finish its whole shard, so it is long. A rank that dies closes its connections and the
-# others fail at once; torchrun and Spark's barrier stage also end the survivors; a rank cut off
-# closes nothing, and _Heartbeat ends the job within runtime.collective_timeout_s. (Horovod's waits
-# are its background loop's, which keeps talking to every rank: there runtime.collective_timeout_s
-# bounds each exchange, and a rank still scoring is no silent one.)
+# torch.distributed's collectives time out after this: the job's last gather waits for the slowest rank's whole
+# shard. A rank that dies closes its connections and the others fail at once; one cut off closes nothing, and
+# _Heartbeat, every HEARTBEAT_S, ends the job within runtime.collective_timeout_s. (Under Horovod that timeout
+# bounds each exchange of its background loop, which keeps talking to every rank.)
 _COLLECTIVE_TIMEOUT = datetime.timedelta(days=1)
-# A cut network closes no connection, so under torch.distributed nothing would fail until that day
-# is over: a heartbeat, every HEARTBEAT_S and bounded by runtime.collective_timeout_s, ends it.
 HEARTBEAT_S = 5.0
 
 
@@ -58,51 +50,9 @@ def launcher_rank() -> int:
     return 0
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-# The CPU flags that decide which precisions are fast here (bf16 natively, int8 with VNNI).
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_has(override_env: str, *flags: str) -> bool:
-    """Whether this CPU has any of the CPU_FLAGS `flags`, unless the variable override_env says so (1 or 0)."""
-    forced = os.environ.get(override_env)
-    if forced in ("0", "1"):
-        return forced == "1"
-    facts = cpu_facts()
-    return any(facts[flag] for flag in flags)
-
-
-def cpu_facts() -> dict:
-    """This CPU's model name, usable cores and the flags of CPU_FLAGS (each True or False), from /proc/cpuinfo."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": cpu_cores(), **{f: f in flags for f in CPU_FLAGS}}
-
-
 def idle_threads_sleep() -> None:
-    """Make OpenMP threads sleep when idle instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set).
-
-    Takes effect only before torch is first imported. By default libgomp's threads spin after
-    each operator, waiting for the next one; on CPU the rank's threads then take the cores its
-    data loader workers (and any other process) need, and a spinning thread that loses its core
-    stalls the next operator for a time slice. Measured on 2 busy cores, null model of
-    scripts/bench_feed.py, -np 1, 2 torch threads, 1 worker: 47 s of forward time spinning,
-    5 s passive (feed 0.11x of the pooled tokenizer before, 0.53-0.72x after; docs/speed.md).
-    """
+    """Make OpenMP threads sleep when idle instead of spinning (OMP_WAIT_POLICY=PASSIVE, unless set), which takes
+    effect only before torch is first imported: spinning threads take the cores the loader needs (docs/speed.md)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -114,10 +64,8 @@ class _Horovod:
         os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(collective_timeout_s))
         # Ranks finish at different times; Horovod's stall warnings would be noise.
         os.environ.setdefault("HOROVOD_STALL_CHECK_DISABLE", "1")
-        # Horovod's background thread negotiates with the other ranks every cycle, even with
-        # nothing to reduce: at its default cycle an idle rank burns half a core (measured,
-        # Gloo, 2 ranks). The job runs a handful of collectives, none per batch, so a 20 ms
-        # cycle costs well under a second per job and gives those cycles back to the model.
+        # Horovod's background thread negotiates every cycle, even idle (docs/speed.md); the job runs a handful
+        # of collectives, none per batch, so a 20 ms cycle costs it well under a second.
         os.environ.setdefault("HOROVOD_CYCLE_TIME", "20")
         import horovod.torch as hvd
 
@@ -134,10 +82,8 @@ class _Horovod:
         return f"hvd_infer.{op}.{self._calls}"
 
     def _arrive(self, op: str) -> None:
-        """Wait, asleep, until every rank has reached this collective. horovod.torch's own wait spins (its
-        WaitAndClear yields in a loop), so a rank that waits takes a core from the ranks still working on its
-        host: rank 0's model.dtype=auto-check check ran 2.4x slower beside a waiting rank (2 ranks, 2 cores).
-        The collective that follows then finds every rank there."""
+        """Wait, asleep, until every rank has reached this collective: horovod.torch's own wait spins, taking a
+        core from the ranks still working on this host (docs/speed.md)."""
         import torch
 
         handle = self.hvd.allreduce_async(torch.zeros(1), name=self._name(op + ".arrive"), op=self.hvd.Sum)
@@ -178,7 +124,8 @@ class _TorchDistributed:
         self.local_rank = int(os.environ["LOCAL_RANK"])
         self.local_size = int(os.environ.get("LOCAL_WORLD_SIZE", self.size))
         self.hosts = self.allgather_object(socket.gethostname())
-        self._heartbeat = _Heartbeat(dist, self.rank, self.hosts, collective_timeout_s) if self.size > 1 else None
+        self._heartbeat = (_Heartbeat(dist, self.rank, self.hosts, collective_timeout_s) if self.size > 1
+                           else None)
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)
@@ -194,12 +141,9 @@ class _TorchDistributed:
         return box[0]
 
     def shutdown(self) -> None:
-        # Gloo's worker thread drops its last reference to a finished collective just after the caller's
-        # wait returned. If that frees a tensor Python owns while this thread holds the GIL destroying the
-        # group (whose destructor joins that worker), both wait forever: a rank of a finished job hung
-        # at exit once in ~25 2-rank torchrun jobs on torch 2.7 (py-spy: the main thread in
-        # ~ProcessGroupGloo -> thread::join, the worker in ~AsyncAllgatherWork -> gil_scoped_acquire).
-        # Sleeping releases the GIL so the worker finishes first; the group is then freed here.
+        # Gloo's worker thread may still be freeing a finished collective's tensor (it needs the GIL) while
+        # destroying the group joins that worker with the GIL held: a deadlock at exit (torch 2.7,
+        # docs/speed.md). Sleeping releases the GIL so the worker finishes first.
         if self._heartbeat is not None and not self._heartbeat.stop():
             return  # a rank that stops alone (it failed): its groups are left to the process's exit, not joined
         time.sleep(0.2)
@@ -211,15 +155,10 @@ class _TorchDistributed:
 
 
 class _Heartbeat:
-    """A thread in every rank that takes part in an all-reduce on a group of its own every HEARTBEAT_S,
-    each bounded by runtime.collective_timeout_s, whatever the rank's main thread is doing (scoring,
-    or waiting in the job's last gather for the slowest rank). When one rank's host is cut off, every
-    rank's next heartbeat fails within that timeout, and the rank ends with one line (exit 1); the
-    finished parts stay for output.mode=resume.
-
-    The value reduced is whether the rank is stopping (MIN): the heartbeats end in the round in which
-    every rank stops, so no rank leaves the others waiting in a round it never joins.
-    """
+    """A thread in every rank that joins an all-reduce on its own group every HEARTBEAT_S, bounded by
+    runtime.collective_timeout_s, whatever the main thread does. When a host is cut off, every rank's next
+    heartbeat fails and the rank ends with one line (exit 1), the finished parts kept for output.mode=resume.
+    The value reduced (MIN) is whether the rank is stopping: the heartbeats end in the round every rank stops in."""
 
     def __init__(self, dist, rank: int, hosts: List[str], timeout_s: int):
         import torch
@@ -250,8 +189,8 @@ class _Heartbeat:
         others = ", ".join(f"{h} (rank {r})" for r, h in enumerate(self.hosts) if r != self.rank)
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         line = (f"lost contact with the other ranks: rank {self.rank} on {self.hosts[self.rank]} heard nothing from "
-                f"{others} for {self.timeout_s} s (runtime.collective_timeout_s): a host is cut off or down ({reason}); "
-                f"no _SUCCESS was written and the finished parts are kept: rerun with output.mode=resume")
+                f"{others} for {self.timeout_s} s (runtime.collective_timeout_s): a host is cut off or down "
+                f"({reason}); no _SUCCESS was written and the finished parts are kept: rerun with output.mode=resume")
         os.write(2, f"{ERROR_PREFIX}{line}\n".encode())  # not sys.stderr: the main thread may hold its lock
         os._exit(EXIT_FAILED)
 
@@ -300,20 +239,14 @@ class RankContext:
 
     def allgather_object(self, obj: Any) -> List[Any]:
         """obj from every rank, in rank order."""
-        if self.comm is None:
-            return [obj]
-        return self.comm.allgather_object(obj)
+        return [obj] if self.comm is None else self.comm.allgather_object(obj)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
-        if self.comm is None:
-            return obj
-        return self.comm.broadcast_object(obj, root)
+        return obj if self.comm is None else self.comm.broadcast_object(obj, root)
 
     def agree(self, error: Optional[BaseException]) -> None:
-        """Every rank raises if any rank failed, so no rank is left waiting in a collective.
-
-        The error raised is the lowest failing rank's, so every rank reports the same line.
-        """
+        """Every rank raises the lowest failing rank's error, if any: no rank is left waiting in a collective,
+        and every rank reports the same line."""
         errors = self.allgather_object(None if error is None else _portable(error))
         for e in errors:
             if e is not None:
@@ -326,12 +259,8 @@ class RankContext:
 
 
 def release_free_memory() -> None:
-    """Give memory the allocator holds but no longer uses back to the OS (glibc only; else a no-op).
-
-    Forward passes over batches of changing shapes free large blocks between small long-lived
-    ones; glibc keeps those holes, and a rank's RSS grew ~2x over a long job (measured: 0.8 to
-    1.7 GB per rank over 8,000 rows, MiniLM). The runner trims every 64 batches: peak 1.3 GB there.
-    """
+    """Give memory the allocator holds but no longer uses back to the OS (glibc only; else a no-op): batches of
+    changing shapes leave holes glibc keeps, and a rank's memory grows over a long job (docs/speed.md)."""
     global _malloc_trim
     if _malloc_trim is None:
         import ctypes

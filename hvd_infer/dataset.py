@@ -23,7 +23,6 @@ from hvd_infer.errors import DataError
 from hvd_infer.storage import explain
 
 
-
 @dataclass(frozen=True)
 class RowGroup:
     file: int  # index into ParquetInput.files
@@ -33,19 +32,13 @@ class RowGroup:
 
 
 class ParquetInput:
-    """The files, their row groups and the schema; what rank 0 broadcasts to every rank.
-
-    Pickled compactly (a common directory, compressed names and arrays): a plan over 10,000
-    files would otherwise send ~0.8 MB of paths and RowGroup objects to each rank.
-    """
+    """The files, their row groups and the schema; what rank 0 broadcasts to every rank, pickled compactly
+    (a common directory, compressed names and arrays) for inputs of many files."""
 
     def __init__(self, protocol: str, files: List[str], sizes: List[int], row_groups: List[RowGroup],
                  schema: pa.Schema, storage_options: Optional[Dict[str, Any]] = None):
-        self.protocol = protocol
         self.files = files  # paths on the filesystem (no protocol), in a fixed order
-        self.sizes = sizes
-        self.row_groups = row_groups
-        self.schema = schema
+        self.protocol, self.sizes, self.row_groups, self.schema = protocol, sizes, row_groups, schema
         self.storage_options = storage_options or {}  # data.storage_options, for every reader
 
     @property
@@ -68,8 +61,7 @@ class ParquetInput:
     def __getstate__(self) -> Dict[str, Any]:
         common = posixpath.commonpath(self.files) if len(self.files) > 1 else ""
         root = common.rstrip("/") + "/" if common else ""
-        cut = len(root)
-        names = "\n".join(f[cut:] for f in self.files)
+        names = "\n".join(f[len(root):] for f in self.files)
         groups = np.array([(rg.file, rg.index, rg.rows) for rg in self.row_groups], dtype=np.int64).reshape(-1, 3)
         return {"protocol": self.protocol, "root": root, "names": zlib.compress(names.encode()),
                 "sizes": zlib.compress(np.asarray(self.sizes, dtype=np.int64).tobytes()),
@@ -85,9 +77,6 @@ class ParquetInput:
         row_groups = [RowGroup(int(f), int(i), int(s), int(n)) for (f, i, n), s in zip(groups.tolist(), starts)]
         self.__init__(state["protocol"], files, sizes, row_groups, state["schema"], state["storage_options"])
 
-
-def _has_glob(path: str) -> bool:
-    return any(c in path for c in "*?[")
 
 
 def _is_data_file(path: str) -> bool:
@@ -108,9 +97,8 @@ def list_files(path: str, storage_options: Dict[str, Any]) -> Tuple[str, List[st
 
 def _list_files(fs, root: str, path: str) -> Tuple[str, List[str], List[int]]:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    # Sizes come with the listing (detail=True): one stat or HEAD request per file costs
-    # minutes over 10,000 files on an object store.
-    if _has_glob(root):
+    # Sizes come with the listing (detail=True): a request per file would cost minutes on an object store.
+    if any(c in root for c in "*?["):
         found = {p: info for p, info in fs.glob(root, detail=True).items() if info["type"] == "file"}
         if not found:
             raise DataError(f"data.path {path} matches no files; give a Parquet file, a directory of them, or a glob like /data/*.parquet")
@@ -127,9 +115,7 @@ def _list_files(fs, root: str, path: str) -> Tuple[str, List[str], List[int]]:
     return protocol, files, [int(found[p]["size"]) for p in files]
 
 
-# Footers are small reads dominated by latency (a round trip each on an object store), so
-# threads overlap them well.
-FOOTER_THREADS = 32
+FOOTER_THREADS = 32  # footers are small reads dominated by latency, which threads overlap well
 
 
 def open_input(cfg: DataConfig) -> ParquetInput:
@@ -156,7 +142,7 @@ def open_input(cfg: DataConfig) -> ParquetInput:
     schema = None
     start = 0
     with ThreadPoolExecutor(max_workers=max(1, min(FOOTER_THREADS, len(files)))) as pool:
-        # map yields in file order, so the error raised is the first bad file's, as before.
+        # map yields in file order, so the error raised is the first bad file's.
         for i, (counts, file_schema) in enumerate(pool.map(footer, files)):
             if schema is None:
                 schema = file_schema

@@ -3,14 +3,9 @@
     check_table(cfg, schema)                          # before any rank starts: the table takes this job's columns
     version = commit(cfg, parts, schema, job, mode)   # rank 0, every part written: all of them, one transaction
 
-The ranks write their Parquet parts as for output.format=parquet (hvd_infer.writer);
-only rank 0 writes the log, once, at the end, so a reader of the table sees the
-whole job or none of it. deltalake is imported inside these functions alone: a
-Parquet job never loads it.
-
-The table keeps protocol minReaderVersion 1, minWriterVersion 2 and no table
-features, which every Delta reader reads (Databricks 15.4 and 17.3, delta-spark,
-delta-rs, DuckDB). Each file's stats hold its numRecords.
+The ranks write their Parquet parts as for output.format=parquet (hvd_infer.writer); only rank 0 writes
+the log, once, at the end, so readers see the whole job or none of it. deltalake is imported inside these
+functions only. The table keeps protocol 1/2 with no table features, which every Delta reader reads.
 """
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ import pyarrow as pa
 
 from hvd_infer.config import JobConfig
 from hvd_infer.errors import ConfigError, OutputError
+from hvd_infer.storage import first_line
 
 DELTA_LOG = "_delta_log"  # the table's log, under its root
 
@@ -31,12 +27,11 @@ _S3_OPTIONS = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "t
                "endpoint_url": "AWS_ENDPOINT_URL", "region_name": "AWS_REGION",
                "aws_access_key_id": "AWS_ACCESS_KEY_ID", "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY",
                "aws_session_token": "AWS_SESSION_TOKEN"}
-# The AWS_* variables boto3 (and so s3fs) reads and their names in deltalake; where two give one, the later wins,
-# as in boto3.
+# The AWS_* variables boto3 (and so s3fs) reads and their names in deltalake; of two giving one, the later wins.
 _S3_ENV = [("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"), ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
            ("AWS_SESSION_TOKEN", "AWS_SESSION_TOKEN"), ("AWS_DEFAULT_REGION", "AWS_REGION"),
-           ("AWS_REGION", "AWS_REGION"),
-           ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL"), ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
+           ("AWS_REGION", "AWS_REGION"), ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+           ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")]
 
 
 def require() -> None:
@@ -84,8 +79,8 @@ def _table(cfg: JobConfig):
     try:
         return DeltaTable(cfg.output.path, storage_options=storage_options(cfg.output.path, cfg.output.storage_options))
     except Exception as e:
-        raise OutputError(f"output.path {cfg.output.path} has a {DELTA_LOG} that deltalake cannot read ({_first(e)}); "
-                          "repair the table, or choose a new path") from None
+        raise OutputError(f"output.path {cfg.output.path} has a {DELTA_LOG} that deltalake cannot read "
+                          f"({first_line(e)}); repair the table, or choose a new path") from None
 
 
 def _columns(schema) -> Dict[str, str]:
@@ -128,12 +123,9 @@ def check_table(cfg: JobConfig, schema: pa.Schema) -> None:
 
 
 def commit(cfg: JobConfig, parts: List[Tuple[str, int, int]], schema: pa.Schema, job: str, mode: str) -> int:
-    """Rank 0, once every part is written: (name, bytes, rows) of each, added to the table in one commit, which
-    with mode=overwrite also removes the table's other files (they stay on disk for time travel, until VACUUM).
-    Where there is no table yet, the commit creates it. Returns the table's version.
-
-    The commit carries the job as a Delta transaction id (appId hvd_infer-<job>): a job already committed (rank 0
-    stopped after its commit, then resumed) is found there and not committed twice."""
+    """Rank 0, once every part is written: (name, bytes, rows) of each, added to the table (created if need be)
+    in one commit, which with mode=overwrite also removes the table's other files; returns the table's version.
+    The commit carries the job as a Delta transaction id (appId hvd_infer-<job>), so it is never made twice."""
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
@@ -155,7 +147,8 @@ def commit(cfg: JobConfig, parts: List[Tuple[str, int, int]], schema: pa.Schema,
         return DeltaTable(uri, storage_options=options).version()
     except Exception as e:
         raise OutputError(f"output.path {uri}: the Delta commit of this job's {len(parts)} parts failed "
-                          f"({_first(e)}); the parts are kept: rerun with output.mode=resume to commit them") from None
+                          f"({first_line(e)}); the parts are kept: rerun with output.mode=resume to commit "
+                          "them") from None
 
 
 def _committed_version(table, job: str) -> int:
@@ -164,7 +157,3 @@ def _committed_version(table, job: str) -> int:
         if entry.get("hvd_infer.job") == job:
             return int(entry["version"])
     return table.version()
-
-
-def _first(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -68,8 +68,7 @@ def _figure(labels: List[str], cm: np.ndarray):
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
+    ax.set(xlabel="predicted", ylabel="gold")
     for i in range(len(labels)):
         for j in range(len(labels)):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",

@@ -3,15 +3,11 @@
     hvd-infer -np 4 --config job.yaml                                   # 4 ranks on this host
     hvd-infer -np 8 -H host1:4,host2:4 --network-interface eth0 --config job.yaml
 
-Every cheap check a rank would run (config, input footers and columns, model
-directory against the task, output mode and format) runs first in this process, read-only:
-a bad job fails in one line with exit code 2 before any rank starts; so does a
-host of -H that cannot run its ranks (hvd_infer.cluster checks each over ssh).
-The ranks are then started by horovodrun (Horovod's own launcher, as a child
-process) and their output is relayed. When a rank fails, what is printed last
-is that rank's one-line error (or its exit code, when it died without one; or
-the host it ran on, when contact with that host was lost) instead of
-horovodrun's traceback, and the exit code is 2 for a user error, 1 otherwise.
+Every cheap check a rank would run (config, input footers and columns, model directory against the task, output
+mode and format) and every host of -H (hvd_infer.cluster, over ssh) are checked first, here, read-only: a bad job
+fails in one line with exit code 2 before any rank starts. horovodrun then starts the ranks as a child process and
+their output is relayed. A failed job ends with the failing rank's one-line error (else its exit code, or the host
+that was lost) instead of horovodrun's traceback, and exits 2 for a user error, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -87,9 +83,10 @@ def preflight(cfg: JobConfig, ranks_on_this_host: bool) -> None:
     if ranks_on_this_host:  # the ranks' devices are this host's: float16 without a GPU is refused now
         import torch
 
-        from hvd_infer.model import check_device
+        from hvd_infer.engines import checked_spec
+        from hvd_infer.hardware import this_platform
 
-        check_device(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        checked_spec(cfg.model, this_platform("cuda" if torch.cuda.is_available() else "cpu"))
     inp = open_input(cfg.data)
     preflight_model(cfg, task)
     check_output(cfg, job_identity(cfg, inp.fingerprint()), output_schema(cfg, inp.schema, task))
@@ -108,11 +105,7 @@ def _check_horovod(np_: int) -> None:
 
 
 def ranks_on_this_host(args: argparse.Namespace) -> bool:
-    if args.hostfile:
-        return False
-    if not args.hosts:
-        return True
-    return all(is_this_host(h.split(":")[0]) for h in args.hosts.split(","))
+    return not args.hostfile and (not args.hosts or all(is_this_host(h.split(":")[0]) for h in args.hosts.split(",")))
 
 
 # What ssh prints (as the rank's stderr) when the host ends its session: the host went down or its ranks were killed.
@@ -145,8 +138,7 @@ def launch(cfg: JobConfig, args: argparse.Namespace, rank_argv: List[str]) -> in
         return EXIT_USER_ERROR
     cmd = [sys.executable, "-m", "horovod.runner.launch", "-np", str(args.np)] + horovodrun_options(args)
     if cluster.remote:
-        # horovodrun caches for an hour which hosts answered ssh and which interface they share: after a host
-        # or its network changed, a stale entry starts ranks on an interface that is gone (Gloo aborts in C++).
+        # horovodrun caches hosts' shared interfaces for an hour: after a change, a stale one makes Gloo abort.
         cmd.append("--disable-cache")
     nic = cluster.interface_for_one_host()
     if nic:
@@ -212,12 +204,9 @@ class _Relay:
         self.tracebacks: Dict[int, Tuple[str, List[str], bool]] = {}  # rank -> (stream, lines, ended)
 
     def line(self, line: str) -> None:
-        m = _RANK_LINE.match(line)
-        if m:
+        if m := _RANK_LINE.match(line):
             self._rank_line(int(m.group(1)), m.group(2), m.group(3))
-            return
-        m = _RANK_EXIT.match(line)
-        if m:
+        elif m := _RANK_EXIT.match(line):
             self.outcome.exits.setdefault(int(m.group(1)), int(m.group(2)))
         else:
             self.outcome.horovodrun_lines.append(line)
@@ -269,9 +258,8 @@ def _verdict(code: int, outcome: _Outcome, cluster: Cluster, lost: List[Tuple[Ho
     if outcome.errors:
         rank, message = _first_error(outcome)
         print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
-        # A user error every rank agrees on is printed by rank 0 alone; when another rank exits 2 first,
-        # horovodrun stops rank 0 (143) after its line: the first exit then tells the kind. A rank whose own
-        # exit horovodrun did not report (it stopped the others first) is judged by that first exit too.
+        # Rank 0 alone prints a user error all ranks agree on, and horovodrun may stop it (143) once another rank
+        # exits 2: the first exit reported tells the kind too, and alone for a rank whose exit went unreported.
         first_code = next(iter(outcome.exits.values()), EXIT_USER_ERROR)
         user = EXIT_USER_ERROR in (outcome.exits.get(rank, first_code), first_code)
         return EXIT_USER_ERROR if user else EXIT_FAILED
@@ -310,11 +298,8 @@ def _lost_hosts(cluster: Cluster, outcome: _Outcome) -> List[Tuple[Host, str]]:
 
 def _first_error(outcome: _Outcome) -> Tuple[int, str]:
     """The error of the rank that failed first; any rank's error when none of them exited yet."""
-    for rank in outcome.exits:
-        for r, message in outcome.errors:
-            if r == rank:
-                return r, message
-    return outcome.errors[0]
+    return next(((r, message) for rank in outcome.exits for r, message in outcome.errors if r == rank),
+                outcome.errors[0])
 
 
 def _signal_note(code: int) -> str:

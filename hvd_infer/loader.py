@@ -5,21 +5,15 @@
         ...
         if batch.finished: ...    # that part's last batch
 
-With data.workers = N > 0 a torch DataLoader runs N processes; worker w reads parts w, w+N, ...
-through the reader (reader.py), tokenizes and pads them (batcher.py) and the batches come back
-through shared memory, parts of different workers interleaved. The rank's process does little
-but call the model. data.workers = 0 does the same work in one background thread (debugging,
-tiny jobs). A worker that fails or dies fails the job at once, naming its part.
-
-Each producer (worker or thread) keeps in shared memory what it is doing (reading, tokenizing, or
-handing over a batch), since when, and on which unit: the rank's watchdog (watchdog.py) names a
-stuck producer from it. A worker tokenizes on one thread whatever TOKENIZERS_PARALLELISM says
-(the tokenizer's Rust thread pool, used in the rank before the fork, deadlocks in a forked
-child), dies with its rank however the rank ends (PR_SET_PDEATHSIG), and writes its threads'
-stacks when the rank asks (SIGUSR1, faulthandler).
+With data.workers = N > 0 a torch DataLoader runs N processes; worker w reads units w, w+N, ...
+(reader.py), tokenizes and pads them (batcher.py), and the batches come back through shared memory.
+data.workers = 0 does the same work in one background thread. A worker that fails or dies fails the
+job at once, naming its part. Each producer keeps in ProducerStates what it is doing, since when and
+on which unit, from which the watchdog (watchdog.py) names a stuck one.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import multiprocessing
@@ -31,6 +25,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch.utils.data
@@ -42,21 +37,15 @@ from hvd_infer.errors import DataError, UserError
 from hvd_infer.reader import read_parts
 from hvd_infer.shard_plan import Part, pieces_of
 
-# On CPU the model needs every core it has. A thread reading and tokenizing beside it (0) was
-# the best of 0, 1 and 2 on 2 cores at -np 2 (docs/speed.md): the demo model 1.04x the bare loop
-# steady vs 0.99x with one worker process, the null model 8,264 vs 7,112 rows/s, and a rank
-# with no worker process holds 0.4 GB less.
+# data.workers=auto on CPU: a thread feeds the model as well as a process and holds less memory (docs/speed.md).
 CPU_WORKERS = 0
-# Batches each worker may have ready ahead of the model. A worker's batches come in bursts (a sort
-# window tokenized, then all its batches at once); with torch's default of 2 it stalls mid-burst
-# while the rank waits on another worker that is tokenizing. 8 fed the null model 10% faster
-# (bench_feed -np 1 data.workers=2 on 2 cores; 32 was no better).
+# Batches a worker may have ready ahead of the model: they come in bursts of a sort window, and torch's
+# default of 2 stalls a worker mid-burst.
 PREFETCH = 8
 # What a producer is doing, as kept in ProducerStates.stage.
 STARTING, READING, TOKENIZING, HANDING_OVER, DONE = range(5)
 STAGE_NAMES = ("starting", "reading", "tokenizing", "handing over a batch", "done")
-# Test-only: "RANK:STAGE" (e.g. "1:tokenizing") makes each producer of that rank sleep an hour when it
-# enters that stage of its second unit: a stalled stage for tests/test_stalls.py.
+# Test-only: "RANK:STAGE" (e.g. "1:tokenizing") makes that rank's producers hang in that stage of their 2nd unit.
 TEST_STALL_ENV = "HVD_INFER_TEST_STALL"
 
 
@@ -72,12 +61,7 @@ def resolve_workers(setting: Any, device_type: str, cores: int, ranks_on_host: i
 
 def work_units(parts: List[Part], sort_window: int) -> List[Tuple[int, Part]]:
     """(index of its part, unit) for every unit of the parts, in row order: what one producer reads and batches.
-
-    A unit is a run of whole sort windows from its part's start, so the batcher sorts the same
-    windows as over the whole part (rows skipped for nulls aside). It is at least as long as the
-    part's longest row group slice: the reader reads whole row groups, and so each is read by at
-    most two producers. A part inside one big row group stays one unit.
-    """
+    A unit is whole sort windows (as over the whole part), at least the part's longest row group slice long."""
     units = []
     for k, part in enumerate(parts):
         groups = [p.row_group for p in part.pieces]
@@ -94,12 +78,9 @@ class BatchLoader:
 
     def __init__(self, inp, parts: List[Part], columns: Sequence[str], task, cfg: DataConfig, batch_rows: int,
                  max_tokens: int, workers: int, pin_memory: bool = False):
-        self.parts = parts
         units = work_units(parts, cfg.sort_window)
         self._part_of = {unit.start: parts[k] for k, unit in units}
-        self._units_left = {part.start: 0 for part in parts}
-        for k, _ in units:
-            self._units_left[parts[k].start] += 1
+        self._units_left = Counter(parts[k].start for k, _ in units)
         self._finished: Dict[int, List[PartWork]] = {}  # by part start: its finished units' work
         self.workers = min(workers, len(units))
         self.wait_seconds = 0.0
@@ -124,13 +105,8 @@ class BatchLoader:
             yield self._in_part(batch)
 
     def _in_part(self, batch: Batch) -> Batch:
-        """A unit's batch as its part's: rows numbered from the part's start, `finished` only on the part's
-        last unit's last batch, with the work of all its units.
-
-        Batch.rows count a unit's kept rows; offset by the unit's first row in the part they stay distinct
-        and in input order across units (with gaps where rows were skipped), which is all that putting
-        predictions back in order (batcher.in_input_order) needs.
-        """
+        """A unit's batch as its part's: rows offset by the unit's start in the part (distinct and in input
+        order, as batcher.in_input_order needs), `finished` only on the part's last batch, with all units' work."""
         unit, part = batch.part, self._part_of[batch.part.start]
         offset = unit.start - part.start
         batch.part, batch.unit_start = part, unit.start
@@ -138,19 +114,15 @@ class BatchLoader:
         if batch.whole_rows is not None:
             batch.whole_rows = batch.whole_rows + offset
         if batch.finished is not None:
-            done = self._finished.setdefault(part.start, [])
-            done.append(batch.finished)
+            self._finished.setdefault(part.start, []).append(batch.finished)
             self._units_left[part.start] -= 1
             batch.finished = PartWork.merge(part, self._finished.pop(part.start)) if not self._units_left[part.start] else None
         return batch
 
     def explain(self, error: BaseException) -> Optional[BaseException]:
-        """The error to raise for one caught while iterating: a worker's own, or its death naming the part.
-
-        None when `error` has nothing to do with the workers (raise it as it is). A worker's
-        death reaches the model loop as a RuntimeError from torch's SIGCHLD handler, raised
-        wherever the main thread is, so the caller passes every error here.
-        """
+        """The error to raise for one caught while iterating: a worker's own, or its death naming the part;
+        None when it has nothing to do with the workers. A worker's death may surface anywhere in the main
+        thread (torch's SIGCHLD handler), so the caller passes every error here."""
         return self._source.explain(error) if self.workers else None
 
     def stuck(self) -> Tuple[str, str]:
@@ -257,11 +229,9 @@ class _BackgroundThread:
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 self.queue.put(item, timeout=0.2)
                 return True
-            except queue.Full:
-                continue
         return False
 
     def _produce(self) -> None:
@@ -288,13 +258,8 @@ class _BackgroundThread:
 
 
 class _WorkerDataset(torch.utils.data.IterableDataset):
-    """What each DataLoader worker iterates: its round-robin share of the units.
-
-    Each worker marks its steps in `states` and writes its pid once; a failure is sent to the
-    rank on a queue, with the part, before it re-raises (torch hands on an error as a multi-line
-    message with the traceback folded in). The queue writes to its pipe at once, so the rank
-    finds the failure there when torch reports it.
-    """
+    """What each DataLoader worker iterates: its round-robin share of the units. A failure goes to the rank on
+    a queue, with its unit, before it re-raises, so the rank can name it when torch reports the worker failed."""
 
     def __init__(self, make: _PartsDataset, workers: int, mp):
         self.make, self.workers = make, workers
@@ -302,17 +267,14 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
         self.pids = mp.Array("q", [0] * workers, lock=False)
         self.failures = mp.SimpleQueue()
         self.rank_pid = os.getpid()
-        # Where the workers write their stacks when the rank sends SIGUSR1: an unnamed file,
-        # shared through the fork, that leaves nothing behind unless the rank copies it out.
-        self.stacks = tempfile.TemporaryFile()
+        self.stacks = tempfile.TemporaryFile()  # the workers' stacks on SIGUSR1: unnamed, shared through the fork
 
     def __iter__(self) -> Iterator[Batch]:
         from torch.utils.data import get_worker_info
 
         w = get_worker_info().id
         _end_with_rank(self.rank_pid)
-        # The tokenizer's Rust thread pool lives in the rank's process, not in this forked copy of it:
-        # with parallelism on, the first batch call here waits forever for threads that do not exist.
+        # The tokenizer's Rust thread pool did not survive the fork: with it on, the first batch call deadlocks.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         faulthandler.register(signal.SIGUSR1, file=self.stacks.fileno(), all_threads=True, chain=False)
         self.pids[w] = os.getpid()
@@ -326,12 +288,7 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 
 
 def _end_with_rank(rank_pid: int) -> None:
-    """This worker is killed when the rank's process ends, however it ends (Linux; elsewhere torch's own
-    check of the parent, between batches, remains).
-
-    A scheduler that SIGKILLs the launcher's process group, or horovodrun stopping a rank,
-    would otherwise leave the workers running, reparented to init.
-    """
+    """This worker is killed when the rank's process ends, however it ends (Linux), rather than left running."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: for the thread that forked this one, the rank's main thread
@@ -343,16 +300,13 @@ def _end_with_rank(rank_pid: int) -> None:
 
 class _WorkerProcesses:
     def __init__(self, make: _PartsDataset, workers: int, pin_memory: bool, names: List[str]):
-        # fork: a worker starts in milliseconds with the tokenizer and the input listing already
-        # loaded; it only tokenizes and pads (torch runs single-threaded in DataLoader workers).
-        mp = multiprocessing.get_context("fork")
+        mp = multiprocessing.get_context("fork")  # a worker starts with the tokenizer and input listing loaded
         self.dataset = _WorkerDataset(make, workers, mp)
         self.states = self.dataset.states
         self.names = names  # of each unit's part
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                                             pin_memory=pin_memory, multiprocessing_context=mp, in_order=False,
-                                             prefetch_factor=PREFETCH)
-        self.iterator = iter(loader)
+        self.iterator = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                                         pin_memory=pin_memory, multiprocessing_context=mp,
+                                                         in_order=False, prefetch_factor=PREFETCH))
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterator
@@ -370,9 +324,7 @@ class _WorkerProcesses:
             pids = [int(p) for p in m.group(1).split(",")]
             cause = m.group(2).strip().rstrip(".")
         else:
-            # A death can reach the rank first as another error: a batch's shared memory cut off mid-transfer
-            # (ConnectionResetError in torch's unpickling), seen as the worker's sockets close, before it has
-            # ended. The workers' exit codes tell, a moment later.
+            # A death may surface first as another error (ConnectionResetError): the exit codes tell a moment later.
             try:
                 ended = self._ended_workers(wait=5.0 if isinstance(error, (ConnectionError, EOFError)) else 0.0)
             except RuntimeError as death:  # torch's SIGCHLD handler, raised here as the worker ends: it names it
@@ -418,12 +370,9 @@ class _WorkerProcesses:
         return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def close(self) -> None:
-        # Stops and joins the workers now, not whenever the iterator is garbage collected.
-        try:
+        try:  # now, not whenever the iterator is garbage collected
             self.iterator._shutdown_workers()
-        except RuntimeError as e:
-            # torch's SIGCHLD guard, for a worker that died while they were stopped: the job is failing with
-            # that death named already (explain), or had all it needed from that worker.
+        except RuntimeError as e:  # torch's SIGCHLD guard for a worker that died meanwhile: already explained
             if "DataLoader worker" not in str(e):
                 raise
         self.dataset.stacks.close()

@@ -1,10 +1,7 @@
 """The Petastorm reader of reader.py: a rank's row groups through a Petastorm batch reader.
 
-Imported only where Petastorm runs (reader.choose_reader): petastorm 0.12 and 0.13 import
-pyarrow.filesystem (gone in pyarrow 16) and pass ParquetDataset arguments pyarrow 15 removed.
-Petastorm's own sharding is round robin over row groups (and raises NoDataAvailableError with
-fewer row groups than shards); our shard plan is by rows, so the reader is given exactly the
-row groups this rank needs, in order.
+Imported only where Petastorm runs (reader.choose_reader: pyarrow < 15). Petastorm's own sharding is
+round robin over row groups; the shard plan is by rows, so the reader gets exactly this rank's row groups.
 """
 from __future__ import annotations
 
@@ -41,9 +38,8 @@ class FsspecAsLegacy(DaskFileSystem):
 
 
 def _filesystem(inp: ParquetInput):
-    """What Petastorm should read through: None lets it open local files itself; a store's
-    filesystem is wrapped as a legacy pyarrow filesystem, the only kind Petastorm 0.13's
-    ParquetDataset call accepts on pyarrow 14 (an fsspec one fails on validate_schema)."""
+    """What Petastorm reads through: None for local files; a store's filesystem as a legacy pyarrow one,
+    the only kind Petastorm's ParquetDataset call accepts."""
     if inp.protocol in ("file", "local"):
         return None
     with warnings.catch_warnings():
@@ -65,8 +61,7 @@ class PetastormRowGroups:
                 index = {(_strip(piece.path), piece.row_group): i for i, piece in enumerate(row_groups)}
                 return [index[(_strip(p), g)] for p, g in keys], None
 
-        # Only the wanted columns (exact names, as regexes anchored both ends).
-        patterns = ["^" + re.escape(c) + "$" for c in columns]
+        patterns = ["^" + re.escape(c) + "$" for c in columns]  # the wanted columns' exact names
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.reader = RowGroupReader(filesystem, paths, schema_fields=patterns, worker_class=ArrowReaderWorker,

@@ -1,11 +1,8 @@
 """Read a rank's parts, streaming, one row group at a time: through Petastorm, or pyarrow itself.
 
-Both readers read exactly the row groups the shard plan gives this rank, in order, and hand each
-on as the same {column: numpy array} (strings as Python str objects, nulls as None); read_parts
-slices them into the rows the plan assigns. Which one runs is data.reader: petastorm where it runs
-(pyarrow < 15, petastorm installed), else pyarrow (every Databricks runtime since 16.0 ML, any
-current pip environment). Nothing past this module knows which one ran; the summary and MLflow
-say it (choose_reader(...).describe()).
+Both read exactly the row groups the shard plan gives this rank, in order, each as the same {column:
+numpy array} (strings as str, nulls as None); read_parts slices them into the plan's rows. data.reader
+picks one: petastorm where it runs (pyarrow < 15, petastorm installed), else pyarrow.
 """
 from __future__ import annotations
 
@@ -35,10 +32,8 @@ class ReaderChoice:
 
 @functools.lru_cache(maxsize=None)
 def choose_reader(setting: str = "auto") -> ReaderChoice:
-    """data.reader resolved here: auto is petastorm where it imports and can read, else pyarrow.
-
-    data.reader=petastorm where Petastorm cannot run raises ConfigError naming why.
-    """
+    """data.reader resolved: auto is petastorm where it can read, else pyarrow; petastorm where it cannot
+    raises ConfigError naming why."""
     if setting == "pyarrow":
         return ReaderChoice("pyarrow", "data.reader=pyarrow")
     cannot = _petastorm_cannot_run()
@@ -108,11 +103,8 @@ def _open_row_groups(reader: str, inp: ParquetInput, wanted: Sequence[RowGroup],
 
 def read_parts(inp: ParquetInput, parts: List[Part], columns: Sequence[str], reader: str = "auto"
                ) -> Iterator[Tuple[Part, Iterator[Columns]]]:
-    """Yield (part, its rows as chunks {column: array}, one per row group slice) for each part, in order.
-
-    Streaming: one row group is held at a time, so take a part's chunks before the next part.
-    Rows come in global row order. `reader` is data.reader.
-    """
+    """Yield (part, its rows as chunks {column: array}, one per row group slice) for each part, in row order.
+    Streaming: one row group is held at a time, so take a part's chunks before the next part."""
     wanted: List[RowGroup] = []
     for part in parts:
         for piece in part.pieces:

@@ -3,8 +3,8 @@
     import hvd_infer
     hvd_infer.run("conf/job.yaml", **{"data.batch_size": 64})        # this process = one rank
 
-The same callable runs under horovodrun, horovod.spark.run and Databricks'
-HorovodRunner; without a Horovod launcher it is a world of one.
+The same callable runs under every launcher hvd_infer.context knows (horovodrun, torchrun, Spark's, Databricks'
+HorovodRunner); without one it is a world of one.
 """
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
     # Heavy imports only once the config is known to be good.
     from hvd_infer.context import RankContext
     from hvd_infer.dataset import open_input
-    from hvd_infer.model import check_device, preflight_model
+    from hvd_infer.engines import checked_spec
+    from hvd_infer.hardware import this_platform
+    from hvd_infer.model import preflight_model
     from hvd_infer.reader import choose_reader
     from hvd_infer.shard_plan import plan_parts
     from hvd_infer.tasks import get_task
@@ -49,7 +51,7 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 
     ctx = RankContext.create(cfg.runtime.threads, cfg.runtime.collective_timeout_s)
     try:
-        check_device(cfg, ctx.device)  # float16 on CPU, ONNX Runtime missing: refused before reading anything
+        checked_spec(cfg.model, this_platform(ctx.device.type))  # what this device cannot run: refused before reading
 
         # Input and output are checked once, by rank 0, and the verdict shared: every rank
         # fails the same way, or none does.
@@ -84,8 +86,8 @@ def run(config: Union[str, Dict[str, Any], JobConfig, None] = None, **overrides:
 def _score(cfg: JobConfig, ctx, inp, parts, state, task, tracker, t_start: float,
            environment: Dict[str, str]) -> Dict[str, Any]:
     from hvd_infer.batcher import batch_limits, dedup_off
-    from hvd_infer.context import cpu_cores
     from hvd_infer.evaluation import Evaluation
+    from hvd_infer.hardware import cpu_cores
     from hvd_infer.loader import BatchLoader, resolve_workers
     from hvd_infer.precision import load_checked_model
     from hvd_infer.reader import choose_reader
@@ -111,8 +113,9 @@ def _score(cfg: JobConfig, ctx, inp, parts, state, task, tracker, t_start: float
                       load_seconds=load_seconds)
 
     schema = output_schema(cfg, inp.schema, task)
-    columns = list(dict.fromkeys([cfg.data.text_column] + ([cfg.data.text_pair_column] if cfg.data.text_pair_column else [])
-                                 + cfg.data.id_columns + ([cfg.data.label_column] if cfg.data.label_column else [])))
+    d = cfg.data
+    columns = list(dict.fromkeys([d.text_column] + ([d.text_pair_column] if d.text_pair_column else []) + d.id_columns
+                                 + ([d.label_column] if d.label_column else [])))
     evaluation = Evaluation(task) if cfg.data.label_column else None
     bar = _progress(cfg, ctx, sum(p.rows for p in parts))
     batch_rows, max_tokens = batch_limits(cfg.data, cfg.model.task, model.config, ctx.device, task.max_length,
@@ -316,14 +319,8 @@ def _part_table(work, outputs, rows_in_part, schema: pa.Schema, id_columns: List
     from hvd_infer.batcher import in_input_order
 
     arrays = in_input_order(outputs, rows_in_part, work.source)
-    cols = []
-    for f in schema:
-        if f.name in id_columns:
-            cols.append(pa.array(work.columns[f.name], type=f.type, from_pandas=True))
-        elif arrays:
-            cols.append(arrays[f.name].cast(f.type))
-        else:
-            cols.append(pa.array([], type=f.type))
+    cols = [pa.array(work.columns[f.name], type=f.type, from_pandas=True) if f.name in id_columns
+            else arrays[f.name].cast(f.type) if arrays else pa.array([], type=f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -332,12 +329,12 @@ def _progress(cfg: JobConfig, ctx, rows: int):
         return None
     from tqdm import tqdm
 
+    shared = dict(total=rows, unit="rows", desc=f"rank 0/{ctx.size}")
     if sys.stderr.isatty():
-        return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", dynamic_ncols=True, mininterval=1.0)
-    # Under horovodrun, Spark or a scheduler stderr is a pipe read line by line: a bar redrawn
-    # with carriage returns becomes one endless line there, so print a line every 10 s instead.
-    return tqdm(total=rows, unit="rows", desc=f"rank 0/{ctx.size}", file=_LineWriter(sys.stderr), ncols=100,
-                mininterval=10.0, maxinterval=10.0)
+        return tqdm(**shared, dynamic_ncols=True, mininterval=1.0)
+    # Under horovodrun, Spark or a scheduler stderr is a pipe read line by line, where a bar redrawn with
+    # carriage returns becomes one endless line: print a line every 10 s instead.
+    return tqdm(**shared, file=_LineWriter(sys.stderr), ncols=100, mininterval=10.0, maxinterval=10.0)
 
 
 class _LineWriter:
@@ -356,15 +353,14 @@ class _LineWriter:
 
 
 def quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    # MLflow 3 sends usage records to its makers' server from a background thread: no network
-    # beyond the tracking store unless the user asks for it (MLFLOW_DISABLE_TELEMETRY=false).
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_visible() else "cuda")
+    # MLFLOW_DISABLE_TELEMETRY: no usage records sent to MLflow's makers unless the user sets it to false.
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                        ("TRANSFORMERS_VERBOSITY", "error"), ("MLFLOW_LOGGING_LEVEL", "WARNING"),
+                        ("MLFLOW_DISABLE_TELEMETRY", "true")):
+        os.environ.setdefault(name, value)
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Petastorm 0.13 on pyarrow 14 warns about its own legacy calls at every read.
     for module in ("petastorm", "pyarrow"):
@@ -375,9 +371,3 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("DeepSpeed", "deepspeed", "petastorm", "py4j", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

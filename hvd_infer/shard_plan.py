@@ -1,13 +1,8 @@
 """Which rows each rank owns, and the parts it writes them in.
 
-Rows are numbered globally in file order, row group by row group. Rank r owns
-the contiguous range [r*N/size, (r+1)*N/size): balanced to one row, whatever the
-row group sizes, and correct with fewer row groups than ranks (two ranks may
-each read one row group and keep their own slice of it).
-
-A part is a range of global rows written as one file. Parts already on disk
-(from an earlier, interrupted run with any world size) are subtracted first, so
-a resumed run computes only what is missing and never a row twice.
+Rows are numbered globally in file order. Rank r owns rows [r*N/size, (r+1)*N/size), balanced to one row
+whatever the row group sizes (two ranks may each keep their own slice of one row group). A part is a range
+of rows written as one file; parts already written (by a run of any world size) are subtracted first.
 """
 from __future__ import annotations
 
@@ -74,7 +69,7 @@ def plan_parts(row_groups: Sequence[RowGroup], rank: int, size: int, rows_per_pa
                done: Sequence[Interval] = ()) -> List[Part]:
     """The parts rank must still write, in row order."""
     total = sum(rg.rows for rg in row_groups)
-    starts = [rg.start for rg in row_groups]  # once: 10,000 row groups times 1,000 parts adds up
+    starts = [rg.start for rg in row_groups]  # once, not per part
     parts = []
     for a, b in subtract(rank_range(total, rank, size), done):
         for s in range(a, b, rows_per_part):

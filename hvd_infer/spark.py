@@ -42,23 +42,17 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
                  **overrides: Any) -> List[Dict[str, Any]]:
     """Run the job as num_proc ranks inside Spark tasks; returns each rank's figures, in rank order.
 
-    The config is resolved here, on the driver: relative paths and the MLflow URI become
-    absolute, so every executor reads, writes and logs to the same places. They must be
-    places every executor can reach (shared storage, a tracking server). num_proc defaults
-    to the session's default parallelism; give each rank its own executor core (or GPU).
+    The config is resolved on the driver (relative paths and the MLflow URI made absolute), so every executor
+    uses the same places, which it must reach (shared storage, a tracking server). num_proc defaults to the
+    session's default parallelism; give each rank its own executor core (or GPU). The checks every rank runs
+    before reading data run first, here (hvd_infer.launcher.preflight): a bad job fails in one line.
 
-    launcher="horovod": horovod.spark.run, one Horovod rank per Spark task.
-    nics: the network interfaces the ranks talk over (e.g. ["eth0"]); default, all they share.
-
-    launcher="torch": pyspark's TorchDistributor, for clusters without Horovod (Databricks ML
-    runtimes after 15.4 LTS): torchrun starts the ranks, on torch.distributed with Gloo.
-    local_mode: all ranks on the driver (its GPUs) instead of in Spark tasks. use_gpu: one GPU
-    per rank; default, when spark.task.resource.gpu.amount is set (local_mode: when the driver
-    has CUDA). The figures are read from the output's manifest, so the driver must see output.path.
-
-    The checks every rank runs before reading data (input, model directory, output mode and format: a Delta
-    table's columns) run first, here on the driver (hvd_infer.launcher.preflight): a bad job fails in one line
-    before any Spark task starts.
+    launcher="horovod": horovod.spark.run, one Horovod rank per Spark task; nics: the network interfaces the
+    ranks talk over (e.g. ["eth0"]; default, all they share).
+    launcher="torch": pyspark's TorchDistributor (torchrun, torch.distributed with Gloo), for clusters without
+    Horovod (Databricks ML runtimes after 15.4 LTS). local_mode: all ranks on the driver instead of in Spark
+    tasks. use_gpu: one GPU per rank; default, when spark.task.resource.gpu.amount is set (local_mode: when the
+    driver has CUDA). The figures are read from the output's manifest, so the driver must see output.path.
     """
     from pyspark.sql import SparkSession
 
@@ -95,23 +89,19 @@ def run_on_spark(config: Any = None, num_proc: Optional[int] = None, spark=None,
         return json.load(f)["summary"]["ranks"]
 
 
-def _check_device(cfg, workers_have_gpus: bool) -> None:
-    """What the workers' devices cannot run (float16 where they have no GPU, ...): one line here, not one per task."""
-    import torch
+def _check_device(cfg, workers_have_gpus: bool, whole_input: bool = True) -> None:
+    """What the workers' devices cannot run (float16 where they have no GPU, auto-check in a UDF, ...): one line
+    here, not one per task."""
+    from hvd_infer.engines import checked_spec
+    from hvd_infer.hardware import this_platform
 
-    from hvd_infer.model import check_device
-
-    check_device(cfg, torch.device("cuda" if workers_have_gpus else "cpu"))
+    checked_spec(cfg.model, this_platform("cuda" if workers_have_gpus else "cpu", whole_input))
 
 
 def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> bool:
     """Fail in one line when Spark's Python workers cannot import the stack (a cheap Spark job first); returns
-    whether every worker sees a CUDA GPU.
-
-    Spark starts its workers with `python3` from PATH, or PYSPARK_PYTHON / spark.pyspark.python,
-    not with the driver's interpreter: a venv that is not activated gives a bare Python there,
-    and the job would fail much later with a ModuleNotFoundError buried in the executor logs.
-    """
+    whether every worker sees a CUDA GPU. Spark's workers run `python3` from PATH (or PYSPARK_PYTHON), not the
+    driver's interpreter: without this, a venv not activated fails much later, deep in the executor logs."""
     import sys
 
     def probe(_):
@@ -141,7 +131,8 @@ def check_spark_workers(spark, tasks: int, modules=_WORKER_MODULES) -> bool:
         raise ConfigError(f"Spark's Python workers cannot run this job ({cause}); {fix}") from None
     for executable, host, missing, _ in found:
         if missing:
-            raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; {fix}")
+            raise ConfigError(f"Spark's Python workers run {executable} on {host}, which cannot import {missing}; "
+                              f"{fix}")
     return all(gpu for *_, gpu in found)
 
 
@@ -152,12 +143,9 @@ def predict_udf(config: Any = None, **overrides: Any):
         df.withColumn("pred", udf("text")).select("id", "pred.*")      # label, score, probs
         df.withColumn("pred", udf("premise", "hypothesis"))               # with data.text_pair_column
 
-    Each Python worker loads the model once (hvd_infer.model.load_model: DeepSpeed-wrapped, as
-    in the Horovod path); rows are tokenized by the task, sorted by length within each chunk of
-    data.sort_window rows, and run in batches of data.batch_size. Null or empty text follows
-    data.on_null, except that a UDF cannot drop rows: filter them out first instead of `skip`.
-    With model.long_texts=chunk a long text's windows are batched with the others and its columns
-    assembled from them, as in the Horovod path.
+    Each Python worker loads the model once (hvd_infer.model.load_model, as the ranks do); rows are tokenized,
+    sorted by length within each chunk of data.sort_window rows and run in batches of data.batch_size, long texts'
+    windows as in a job. Null or empty text follows data.on_null, but a UDF cannot drop rows (no `skip`).
     """
     from pyspark.ml.functions import predict_batch_udf, supported_scalar_types
     from pyspark.sql import SparkSession
@@ -167,10 +155,6 @@ def predict_udf(config: Any = None, **overrides: Any):
     from hvd_infer.tasks import get_task
 
     cfg = load_config(config, **overrides)
-    if cfg.model.dtype == "auto-check":
-        raise ConfigError("model.dtype=auto-check measures each precision on a job's input before scoring it, and a "
-                          "UDF has no input up front; set model.dtype=float32 (or the precision a run_on_spark job's "
-                          "summary chose on these workers), or score the data with run_on_spark")
     if cfg.data.on_null == "skip":
         raise ConfigError("data.on_null=skip cannot drop rows inside a UDF; filter them first "
                           "(df.where(\"length(trim(text)) > 0\")) or use data.on_null=error or empty")
@@ -179,16 +163,16 @@ def predict_udf(config: Any = None, **overrides: Any):
     for f in return_type.fields:
         t = f.dataType.elementType if isinstance(f.dataType, ArrayType) else f.dataType
         if not isinstance(t, supported_scalar_types):
-            raise ConfigError(f"model.task={cfg.model.task} gives column '{f.name}' of type {f.dataType.simpleString()}, "
-                              "which predict_batch_udf cannot return (only numbers, strings and arrays of them); "
-                              "use run_on_spark for this task")
+            raise ConfigError(f"model.task={cfg.model.task} gives column '{f.name}' of type "
+                              f"{f.dataType.simpleString()}, which predict_batch_udf cannot return (only numbers, "
+                              "strings and arrays of them); use run_on_spark for this task")
     import torch
 
     spark = SparkSession.getActiveSession()
     gpus = torch.cuda.is_available()  # no session yet: the workers will be this host's
     if spark is not None:
         gpus = check_spark_workers(spark, spark.sparkContext.defaultParallelism, _worker_modules(cfg))
-    _check_device(cfg, gpus)
+    _check_device(cfg, gpus, whole_input=False)
     cfg_dict = cfg.to_dict()
 
     def make_predict_fn():

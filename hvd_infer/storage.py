@@ -4,14 +4,9 @@
     loc.put("part-r00000-....parquet", data)    # whole or absent, local or remote
     loc.names()                                 # every object under the prefix, relative
 
-Object stores have no rename: an object there is written by one PUT (s3fs,
-gcsfs and adlfs switch to a multipart or block upload for big ones, which the
-store shows only once it is complete), so it is whole or absent. A local
-directory keeps the temp-name-then-rename that gives the same guarantee.
-
-Credentials and endpoints come the usual way for each store (for S3:
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws) plus the
-config's storage_options, which are passed to fsspec as they are.
+A file is written whole or not at all: by one PUT (or a multipart upload the store shows only once
+complete) on an object store, by temp name and rename on a local disk. Credentials come the store's
+usual way plus the config's storage_options, passed to fsspec as they are.
 """
 from __future__ import annotations
 
@@ -81,9 +76,14 @@ class Location:
             self.fs.rm([self.path(n) for n in names])
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or its type's name when it has none."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def explain(error: BaseException, key: str, url: str, kind: Type[UserError]) -> Optional[UserError]:
     """A one-line user error for a store's failure (None when it is not the user's to fix)."""
-    first = (str(error).splitlines() or [type(error).__name__])[0]
+    first = first_line(error)
     name = type(error).__name__
     hint = None
     if name in ("NoCredentialsError", "PartialCredentialsError"):

@@ -14,15 +14,13 @@ ENVIRONMENT = (
     "CUDA_VISIBLE_DEVICES",  # which GPUs the ranks see, and whether they see one
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",  # set to 1 unless given: nothing is fetched from a hub
     "PYTHONHASHSEED",
-    "HVD_INFER_CPU_BF16", "HVD_INFER_CPU_VNNI",  # override the CPU probe: bf16 candidates, ONNX Runtime's 7-bit int8
+    "HVD_INFER_CPU_BF16", "HVD_INFER_CPU_VNNI", "HVD_INFER_CPU_AVX512",  # override the CPU probe (hardware.py)
 )
 
 
 def user_environment(environ: Mapping[str, str] = os.environ) -> Dict[str, str]:
-    """The variables of ENVIRONMENT that are set, with their values, and each MLFLOW_* one with the value "set".
-
-    Read before the runner sets its own defaults, so it names what the user (or the launcher) set.
-    """
+    """The variables of ENVIRONMENT that are set, with their values, and each MLFLOW_* one as "set"; read before
+    the runner sets its own defaults."""
     found = {name: environ[name] for name in ENVIRONMENT if name in environ}
     found.update({name: "set" for name in sorted(environ) if name.startswith("MLFLOW_")})
     return found
@@ -149,10 +147,8 @@ def report(cfg, ctx, figures: List[RankFigures], facts: Dict[str, Any], environm
         lines.append("set in the environment: " + ", ".join(name if name.startswith("MLFLOW_") else f"{name}={value}"
                                                             for name, value in environment.items()))
     summary = {k: v for k, v in m.items() if not k.startswith("rank_")}
-    summary["environment"] = environment or {}
-    summary["reader"] = facts["reader"]
-    summary["runtime"] = facts.get("runtime", "eager")
-    summary["ranks"] = [f.as_dict() for f in figures]
+    summary.update(environment=environment or {}, reader=facts["reader"], runtime=facts.get("runtime", "eager"),
+                   ranks=[f.as_dict() for f in figures])
     if cfg.mlflow.enabled:
         summary["mlflow_predictions"] = mlflow_predictions(cfg, rows)
     return m, "\n".join(lines), summary
@@ -175,4 +171,3 @@ def mlflow_predictions(cfg, rows: int) -> str:
     if setting == "all":
         return f"none: mlflow.log_predictions=all copies the parts of a local output only; every row: {out}"
     return f"none (mlflow.log_predictions=none); every row: {out}"
-

@@ -1,18 +1,10 @@
 """MLflow: one run per job, created by rank 0; every rank logs its own files into it.
 
-Params are the resolved config (secrets masked); metrics the figures gathered
-from every rank at the end; artifacts the config, the manifest and, as
-mlflow.log_predictions says, a sample of the predictions (the output's first
-SAMPLE_ROWS rows, read by rank 0 at the end), every part, or none: the output
-itself stays where tag hvd_infer.output points.
-
-While the job runs, every rank logs live step metrics from a background thread
-(LiveMetrics: rows done, rows/s, padding efficiency, data-wait share; rank 0 also
-the job's estimated rows done and ETA) and MLflow's system metrics (CPU, memory,
-disk, network, GPU with nvidia-ml-py) under system/rank_<r>/. The run carries the
-input as a dataset, its source (entry point, git commit, hvd_infer version), and
-the output path as tag hvd_infer.output: a new run on the same output marks a run
-still RUNNING there (its launcher was killed) KILLED and links the two.
+Params are the resolved config (secrets masked); metrics the figures of every rank at the end;
+artifacts the config, the manifest and, as mlflow.log_predictions says, a sample of the predictions,
+every part, or none. While scoring, every rank logs live step metrics (LiveMetrics) and MLflow's
+system metrics under system/rank_<r>/. The run carries the input as a dataset, its source, and the
+output path as tag hvd_infer.output: a new run on that output marks a run still RUNNING there KILLED.
 """
 from __future__ import annotations
 
@@ -27,6 +19,7 @@ from typing import Any, Dict, List, Optional
 
 from hvd_infer.config import JobConfig, is_model_uri, mask_secrets
 from hvd_infer.errors import ModelError, UserError
+from hvd_infer.storage import first_line
 
 log = logging.getLogger("hvd_infer")
 
@@ -38,11 +31,7 @@ SAMPLE_ARTIFACT = "predictions_sample.parquet"
 def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -75,21 +64,17 @@ def _quiet() -> None:
 
 
 class LiveMetrics:
-    """One rank's step metrics, logged by a background thread so the model loop never waits on MLflow.
-
-    A point when scoring starts, then every every_s seconds, and the last when it ends; after
-    each 150 points the interval doubles, so a job of any length logs a few hundred points per
-    rank. No collective: rank 0 estimates the job's progress from its own (its rows x world size).
-    """
+    """One rank's step metrics, logged by a background thread so the model loop never waits on MLflow: a point
+    at the start, every every_s seconds (doubling every SLOWDOWN_EVERY points) and at the end. Rank 0
+    estimates the job's progress from its own rows times the world size (no collective)."""
 
     SLOWDOWN_EVERY = 150
 
     def __init__(self, client, run_id: str, rank: int, size: int, job_rows: int, every_s: float):
         self.client, self.run_id, self.rank, self.size = client, run_id, rank, size
         self.job_rows, self.every_s = job_rows, every_s
-        self.rows = self.real_tokens = self.padded_tokens = 0
+        self.rows = self.real_tokens = self.padded_tokens = self.points = 0
         self.wait_seconds = 0.0
-        self.points = 0
         self._last = (time.monotonic(), 0, 0, 0, 0.0)
         self._t0 = self._last[0]
         self._stop = threading.Event()
@@ -127,7 +112,7 @@ class LiveMetrics:
         try:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ms, self.points) for k, v in values.items()])
         except Exception as e:  # a slow or lost tracking server must not stop the job
-            log.warning("MLflow: live metrics not logged (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("MLflow: live metrics not logged (%s)", first_line(e))
         self._last = (now, rows, real, padded, wait)
         self.points += 1
 
@@ -153,11 +138,7 @@ class Tracker:
         self._job_rows = 0
 
     def start(self, extra_params: Dict[str, Any]) -> None:
-        """Rank 0 creates the run, with no collective: the other ranks load their model meanwhile.
-
-        A failure is kept in `error` for the caller to share (it skips loading the model then);
-        `share` hands the run to every rank once their models are loaded.
-        """
+        """Rank 0 creates the run, with no collective; a failure is kept in `error` for the caller to share."""
         self._job_rows = int(extra_params.get("input_rows", 0)) - int(extra_params.get("resumed_rows", 0))
         if not (self.enabled and self.ctx.is_main):
             return
@@ -203,24 +184,21 @@ class Tracker:
             self.live_points = live.points
         if system is not None:
             system.finish()
-            # MLflow's monitor logs only after a whole sampling interval: a rank that scored for less
-            # (its monitor starts once the model is loaded) would have no system metrics. One last
-            # sample, logged now, gives every rank its end-of-scoring figures.
+            # The monitor logs only after a whole sampling interval: one last sample gives every rank its figures.
             try:
                 system.collect_metrics()
                 system.publish_metrics(system.aggregate_metrics())
                 system.mlflow_logger.flush()
             except Exception as e:  # never fail a job over its system metrics
-                log.warning("MLflow: last system metrics not logged (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                log.warning("MLflow: last system metrics not logged (%s)", first_line(e))
 
-    def _connect(self):
+    def _connect(self) -> None:
         _quiet()
         import mlflow
         from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(self.cfg.mlflow.tracking_uri)
         self.client = MlflowClient(self.cfg.mlflow.tracking_uri)
-        return mlflow
 
     def _model_source(self) -> Dict[str, str]:
         """For a model.path that is an MLflow URI: the registered name, version and run it resolves to."""
@@ -234,7 +212,7 @@ class Tracker:
                              f"({str(e).splitlines()[0]}); check the name, version or alias") from None
 
     def _create_run(self, extra_params: Dict[str, Any]) -> str:
-        mlflow = self._connect()
+        self._connect()
         m = self.cfg.mlflow
         exp = self.client.get_experiment_by_name(m.experiment)
         exp_id = exp.experiment_id if exp else self.client.create_experiment(m.experiment, artifact_location=m.artifact_location)
@@ -242,12 +220,13 @@ class Tracker:
         if "model_source.uri" in extra_params:
             tags["hvd_infer.model"] = extra_params["model_source.uri"]
         run = self.client.create_run(exp_id, run_name=m.run_name, tags=tags)
-        params = _flatten(mask_secrets(self.cfg.to_dict()))
-        params.update(extra_params)
+        params = {**_flatten(mask_secrets(self.cfg.to_dict())), **extra_params}
+        import yaml
         from mlflow.entities import Param
 
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())])
-        self.client.log_text(run.info.run_id, _masked_yaml(self.cfg), "config.yaml")
+        self.client.log_text(run.info.run_id, yaml.safe_dump(mask_secrets(self.cfg.to_dict()), sort_keys=False),
+                             "config.yaml")
         self.client.log_inputs(run.info.run_id, datasets=[self._input_dataset(extra_params)])
         self._supersede(exp_id, run.info.run_id)
         if extra_params.get("model_source.model_id"):
@@ -299,11 +278,8 @@ class Tracker:
         if not (self.enabled and self.ctx.is_main):
             return
         from mlflow.entities import Metric, Param
-        import time as _t
 
-        now = int(_t.time() * 1000)
-        # The live estimate ends at the exact figure, one step after the last live point.
-        step = self.live_points
+        now, step = int(time.time() * 1000), self.live_points  # the live estimate ends at the exact figure
         final = [Metric("job/rows_done", float(metrics["rows"]), now, step), Metric("job/eta_seconds", 0.0, now, step)]
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())] + final,
                               params=[Param(k, str(v)) for k, v in sorted(params.items())])
@@ -335,8 +311,7 @@ class Tracker:
                 pq.write_table(sample, path)
                 self.client.log_artifact(self.run_id, path)
         except Exception as e:  # the output is whole and _SUCCESS written: a missing sample must not fail the job
-            log.warning("MLflow: %s not logged (%s)", SAMPLE_ARTIFACT,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            log.warning("MLflow: %s not logged (%s)", SAMPLE_ARTIFACT, first_line(e))
 
     def fail(self, error: BaseException) -> None:
         """Rank 0: the run ends FAILED with the error as tag hvd_infer.error."""
@@ -359,11 +334,7 @@ class Tracker:
 def prediction_sample(out: str, storage_options: Optional[Dict[str, Any]] = None, rows: int = SAMPLE_ROWS,
                       job: str = ""):
     """The first `rows` rows of job's parts at out, in input order (a pyarrow Table; None: no part there).
-    job: a Delta job's id, whose parts carry it (a table may hold earlier jobs' parts); "" for a Parquet output.
-
-    Parts are named by the input rows they hold: the first ones, row group by row group, until enough rows
-    are read; the rest of the output is never opened.
-    """
+    job: a Delta job's id, which its parts carry; "" for a Parquet output. Only the first parts are read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -399,26 +370,15 @@ def _source_tags() -> Dict[str, str]:
             "mlflow.source.type": "LOCAL", "hvd_infer.version": __version__}
     for key, find in (("mlflow.source.git.commit", get_git_commit), ("mlflow.source.git.branch", get_git_branch),
                       ("mlflow.source.git.repoURL", get_git_repo_url)):
-        value = find(package)
-        if value:
+        if value := find(package):
             tags[key] = value
     return tags
 
 
-def _masked_yaml(cfg: JobConfig) -> str:
-    import yaml
-
-    return yaml.safe_dump(mask_secrets(cfg.to_dict()), sort_keys=False)
-
-
 def describe_model(uri: str, tracking_uri: Optional[str] = None) -> Dict[str, str]:
     """Which model an MLflow URI names right now: {uri (pinned), registered_name, version, run_id, model_id}.
-
-    models:/name@alias and models:/name/latest are pinned to today's version, so the
-    download and the scoring run's params name the same model even if the alias moves.
-    The registry is the one that goes with tracking_uri (Unity Catalog for "databricks")
-    unless MLFLOW_REGISTRY_URI says otherwise.
-    """
+    An alias or "latest" is pinned to today's version, so the download and the run's params name the same
+    model. The registry is tracking_uri's (Unity Catalog for "databricks") unless MLFLOW_REGISTRY_URI is set."""
     _quiet()
     from mlflow.tracking import MlflowClient
 
@@ -451,16 +411,11 @@ def model_source_params(uri: str, tracking_uri: Optional[str]) -> Dict[str, str]
 
 
 def download_model(uri: str, tracking_uri: Optional[str] = None) -> str:
-    """A local Hugging Face directory for an MLflow model URI, downloaded once per host.
-
-    For a model logged with mlflow.transformers.log_model the weights and config are under
-    model/ and the tokenizer under components/tokenizer/: they are put into one directory.
-    The copy is cached under $TMPDIR/hvd_infer-models by the pinned URI; a file lock makes
-    the other ranks on the host wait for the first one's download and reuse it.
-    """
+    """A local Hugging Face directory for an MLflow model URI, downloaded once per host: a mlflow.transformers
+    model's weights and components (tokenizer, ...) in one directory, cached under $TMPDIR/hvd_infer-models
+    by the pinned URI; a file lock makes the host's other ranks reuse it."""
     import fcntl
     import hashlib
-    import json
     import shutil
     import tempfile
 
@@ -475,9 +430,7 @@ def download_model(uri: str, tracking_uri: Optional[str] = None) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isdir(final):
             tmp = tempfile.mkdtemp(prefix=key + ".", dir=root)
-            if tracking_uri:
-                # MLflow (3.17) resolves a models:/ URI through its global registry URI, whatever
-                # tracking_uri download_artifacts is given; that URI follows the tracking URI.
+            if tracking_uri:  # MLflow resolves models:/ through its global registry URI, which follows this one
                 mlflow.set_tracking_uri(tracking_uri)
             try:
                 local = mlflow.artifacts.download_artifacts(artifact_uri=src["uri"], dst_path=tmp,

@@ -5,17 +5,11 @@
         out = task.predict(model, batch)
     watch.stop()                                          # after the job's last collective
 
-Progress is a batch scored or a part written (RankFigures.batches, .parts). When there has been
-none for the limit (runtime.stall_timeout_s; auto: STALL_MINIMUM_S, or STALL_GAPS times the
-longest wait between two progress marks so far when that is longer), the watchdog prints ONE
-line naming the rank, the stuck stage (reading or tokenizing in a data loader worker or the
-loader thread, the model, writing, a collective) and what it waited for; writes the stacks of all
-the rank's threads and its workers' (faulthandler) to a file beside the output; marks the MLflow
-run failed; and ends the process (exit 1: not a user error). Finished parts stay for
-output.mode=resume; _SUCCESS is never written.
-
-The stuck thread may be inside a C call or waiting on a lock that is never released, where no
-exception reaches it, so the rank ends with os._exit; its workers end with it (loader.py).
+Progress is a batch scored or a part written (RankFigures.batches, .parts). After none for the limit
+(runtime.stall_timeout_s), the watchdog prints ONE line naming the rank, the stuck stage and what it
+waited for, writes every thread's stack to a file beside the output, marks the MLflow run failed, and
+ends the process with os._exit (the stuck thread may be in a C call no exception reaches). Finished parts
+stay for output.mode=resume.
 """
 from __future__ import annotations
 
@@ -29,14 +23,11 @@ from typing import Callable, Optional, Tuple, Union
 
 from hvd_infer.errors import ERROR_PREFIX, EXIT_FAILED
 
-# runtime.stall_timeout_s=auto: at least this long...
+# runtime.stall_timeout_s=auto: STALL_MINIMUM_S, or STALL_GAPS times the longest gap between two progress
+# marks so far (slow batches, long writes) when that is longer.
 STALL_MINIMUM_S = 600.0
-# ... or this many times the longest wait between two progress marks seen so far (a model whose
-# batches take a minute each, a part that takes long to write), when that is longer.
 STALL_GAPS = 10.0
-# The stage of a rank in the job's closing collectives: it waits there for the other ranks to finish
-# their shares, which are about as large as its own (Watchdog.limit).
-COLLECTIVE = "a collective"
+COLLECTIVE = "a collective"  # the stage of a rank waiting for the others in the job's closing collectives
 POLL_S = 1.0  # how often the watchdog looks
 
 
@@ -74,13 +65,9 @@ class Watchdog:
 
     def limit(self, stage: str) -> float:
         """Seconds without progress after which the rank counts as stalled in `stage`."""
-        if self.setting == "auto":
-            base = max(STALL_MINIMUM_S, STALL_GAPS * self.longest_gap)
-        else:
-            base = float(self.setting)
+        base = max(STALL_MINIMUM_S, STALL_GAPS * self.longest_gap) if self.setting == "auto" else float(self.setting)
         if stage == COLLECTIVE and self.scoring_seconds is not None:
-            # Another rank may still work for about as long as this one did, then stall and take the limit
-            # to report it: twice the limit, so that the rank that is stuck is the one that reports.
+            # Other ranks may work as long as this one did, then stall: the stuck rank should be the one to report.
             return 2 * base + self.scoring_seconds
         return base
 

@@ -8,29 +8,12 @@
       _manifest.json              every part with its rank and rows, written by rank 0 at the end
       _SUCCESS                    last, only when every rank finished
 
-Every file is written whole or not at all (hvd_infer.storage: temp name and rename
-on a local disk, one PUT or a completed multipart upload on an object store), so a
-part that is listed is a finished part. Names starting with _ or . are ignored by
-Spark, pandas and pyarrow, so the output reads as a plain Parquet dataset.
+Every file is written whole or not at all (hvd_infer.storage), so a listed part is a finished part.
+Only names of this layout are ever deleted, and only under a root holding _hvd_infer_job.json.
 
-Only names of this layout are ever deleted (overwrite, resume), and only under a
-root holding _hvd_infer_job.json; anything else there stops the job before it starts.
-
-With output.format=delta the root is a Delta table's, and the same files sit beside its log:
-
-    out/
-      _delta_log/00000000000000000000.json          the table's log: one commit per job (hvd_infer.delta)
-      part-r00000-000000000000-000000050000-3f2a9c0e1b7d.parquet   the job's id last: every job's names are new
-      _parts/<part name>.json, _hvd_infer_job.json   as above, for the latest job (its id in the job file)
-      _manifest.json, _SUCCESS                       the latest job's, written after its commit
-
-Rank 0 commits every part of the job in one transaction at the end: readers of the table
-see the whole job or none of it, and ignore the files no commit names (a job not yet
-committed, the _ files). Since each job's parts have names of their own, output.mode=append
-adds a job beside the earlier ones, and overwrite commits a version holding only its parts
-while the earlier files stay for the table's older versions (until VACUUM removes them);
-neither deletes another job's parts. resume finishes the job the job file names, with the
-same id, and commits once: the commit carries the job's id, so it is never made twice.
+With output.format=delta the root is a Delta table's: part names end with the job's id, so every job's
+names are new, and rank 0 commits all of a job's parts in one transaction at the end (hvd_infer.delta).
+append and overwrite never delete another job's parts; resume finishes the job the job file names.
 """
 from __future__ import annotations
 
@@ -44,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hvd_infer import delta as delta_table
-from hvd_infer.config import JobConfig
+from hvd_infer.config import JobConfig, mask_secrets
 from hvd_infer.errors import OutputError
 from hvd_infer.shard_plan import Interval, Part
 from hvd_infer.storage import Location, explain
@@ -86,31 +69,20 @@ def _is_ours(name: str) -> bool:
 
 
 def job_identity(cfg: JobConfig, input_fingerprint: str) -> Dict[str, Any]:
-    """What must not change between a run and its resume."""
-    return {"input": input_fingerprint, "data_path": cfg.data.path, "text_column": cfg.data.text_column,
-            "text_pair_column": cfg.data.text_pair_column, "id_columns": cfg.data.id_columns,
-            "model_path": cfg.model.path, "task": cfg.model.task, "max_length": cfg.model.max_length,
-            "dtype": cfg.model.dtype, "quantize": cfg.model.quantize, "on_null": cfg.data.on_null,
-            **_long_texts_identity(cfg), **_runtime_identity(cfg), **_format_identity(cfg)}
-
-
-def _format_identity(cfg: JobConfig) -> Dict[str, Any]:
-    """A Delta job's parts are committed at the end, a Parquet output's are the output; absent for parquet, as in
-    job files written before output.format."""
-    return {"output_format": cfg.output.format} if cfg.output.format != "parquet" else {}
-
-
-def _runtime_identity(cfg: JobConfig) -> Dict[str, Any]:
-    """Another engine scores within float32's tolerance, not bit for bit; absent for eager, as in older job files."""
-    return {} if cfg.model.runtime == "eager" else {"runtime": cfg.model.runtime}
-
-
-def _long_texts_identity(cfg: JobConfig) -> Dict[str, Any]:
-    """Chunked rows are scored differently; the key is absent for truncate, as in job files written before it."""
+    """What must not change between a run and its resume. Keys added since the first job files (long_texts,
+    runtime, output_format) are left out at their defaults, so older job files still match."""
     m = cfg.model
-    if m.long_texts != "chunk":
-        return {}
-    return {"long_texts": f"chunk, stride {m.stride}, {m.chunk_aggregation}"}
+    identity = {"input": input_fingerprint, "data_path": cfg.data.path, "text_column": cfg.data.text_column,
+                "text_pair_column": cfg.data.text_pair_column, "id_columns": cfg.data.id_columns,
+                "model_path": m.path, "task": m.task, "max_length": m.max_length,
+                "dtype": m.dtype, "quantize": m.quantize, "on_null": cfg.data.on_null}
+    if m.long_texts == "chunk":
+        identity["long_texts"] = f"chunk, stride {m.stride}, {m.chunk_aggregation}"
+    if m.runtime != "eager":
+        identity["runtime"] = m.runtime
+    if cfg.output.format != "parquet":
+        identity["output_format"] = cfg.output.format
+    return identity
 
 
 def output_schema(cfg: JobConfig, input_schema: pa.Schema, task) -> pa.Schema:
@@ -165,8 +137,7 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any], schema: pa.Schema) ->
         raise OutputError(f"output.path {path} is a Delta table (it has a {delta_table.DELTA_LOG}); write to it with "
                           "output.format=delta, or choose another directory")
     if table:
-        # Any Delta table takes a job of its columns: its files may have any names, and only the latest hvd_infer
-        # job's _manifest.json and _SUCCESS are removed, which the new job's replace.
+        # Any Delta table of the job's columns will do: only the latest job's _manifest.json and _SUCCESS go.
         delta_table.check_table(cfg, schema)
         if mode != "resume":
             new_job.remove = stale if job_file is not None else []
@@ -204,7 +175,7 @@ def check_output(cfg: JobConfig, identity: Dict[str, Any], schema: pa.Schema) ->
 def apply_output_mode(cfg: JobConfig, identity: Dict[str, Any], state: OutputState) -> List[Interval]:
     """Rank 0, before any rank writes: remove what the mode replaces, write the job file; the rows done."""
     loc = output_location(cfg)
-    job = {"identity": identity, "config": _masked(cfg)}
+    job = {"identity": identity, "config": mask_secrets(cfg.to_dict())}
     if state.job:
         job["delta"] = {"job": state.job, "commit": state.commit}
     try:
@@ -232,12 +203,6 @@ def record_precision(cfg: JobConfig, precision: str) -> None:
         loc.put(JOB_FILE, json.dumps(job, indent=1, default=str).encode())
     except Exception as e:
         raise explain(e, "output.path", cfg.output.path, OutputError) or e from None
-
-
-def _masked(cfg: JobConfig) -> Dict[str, Any]:
-    from hvd_infer.config import mask_secrets
-
-    return mask_secrets(cfg.to_dict())
 
 
 @dataclass

@@ -33,6 +33,8 @@ contender:
   hvd-whole hvd_infer with model.trim_last_layer=false model.onednn=false: float32 without the rewrites: the
            whole last layer on torch's own Linear (the float32 the faster engines' target is
            measured against); hvd-aten the last layer trimmed, on torch's own Linear (model.onednn=false).
+  hvd-int8 hvd_infer with model.quantize=int8-per-channel (torch's dynamic int8); hvd-int8-rescore the same with
+           model.rescore_margin=0.2 (RESCORE_MARGIN), hvd-ort-rescore ONNX Runtime's int8 with it.
   hvd-ort  hvd_infer with model.runtime=onnxruntime: end to end and steady, labels against (a);
            hvd-ort-int8 the same with model.quantize=int8-per-channel, hvd-ort-blockwise with
            model.quantize=int8-blockwise (ONNX Runtime's MatMulNBits, activations quantized per row and block).
@@ -79,12 +81,14 @@ from benchmarks.pipeline import run_pipeline  # noqa: E402
 from benchmarks.report import (agreement, baseline, hvd_records, print_report, record, source_state,  # noqa: E402
                                targets, write_json)
 from benchmarks.spark_udf import run_spark, spark_session  # noqa: E402
-from hvd_infer.context import cpu_cores  # noqa: E402
-from hvd_infer.precision import decisions_dir  # noqa: E402
+from hvd_infer.hardware import cpu_cores  # noqa: E402
+from hvd_infer.decisions import decisions_dir  # noqa: E402
 
 STAGES = ["a", "a-sub", "a-bf16", "a-bf16w", "a-int8", "a-ort", "a-ort-int8", "a-compile", "pipeline", "spark",
-          "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-ort", "hvd-ort-int8",
-          "hvd-ort-blockwise", "hvd-bf16", "hvd-auto", "dedup"]
+          "hvd-np1", "hvd", "hvd-whole", "hvd-aten", "hvd-int8", "hvd-int8-rescore", "hvd-ort", "hvd-ort-int8",
+          "hvd-ort-rescore", "hvd-ort-blockwise", "hvd-bf16", "hvd-auto", "dedup"]
+# The rescoring stages' model.rescore_margin (auto-check measures its own on the job's rows).
+RESCORE_MARGIN = 0.2
 DEDUP_REPEATS = 0.3  # the fraction of repeated rows in the dedup stage's corpus
 
 
@@ -193,8 +197,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")  # quantize_dynamic's deprecation
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
     mach = machine()
-    from hvd_infer.context import CPU_FLAGS
-    from hvd_infer.model import quantize_int8
+    from hvd_infer.hardware import CPU_FLAGS
+    from hvd_infer.engines.torch_eager import quantize_int8
 
     log(f"machine: {mach['cpu']}, {cores} cores, CPU flags: "
         + ", ".join(f"{flag}={'yes' if mach[flag] else 'no'}" for flag in CPU_FLAGS)
@@ -314,9 +318,17 @@ def main(argv=None) -> int:
                  ("hvd-whole", np_full, ["model.trim_last_layer=false", "model.onednn=false"],
                   f"hvd_infer np={np_full} model.trim_last_layer=false model.onednn=false", n),
                  ("hvd-aten", np_full, ["model.onednn=false"], f"hvd_infer np={np_full} model.onednn=false", n),
+                 ("hvd-int8", np_full, ["model.quantize=int8-per-channel"],
+                  f"hvd_infer np={np_full} int8-per-channel (torch)", n),
+                 ("hvd-int8-rescore", np_full, ["model.quantize=int8-per-channel",
+                                                f"model.rescore_margin={RESCORE_MARGIN}"],
+                  f"hvd_infer np={np_full} int8-per-channel (torch), rescore_margin={RESCORE_MARGIN}", n),
                  ("hvd-ort", np_full, ["model.runtime=onnxruntime"], f"hvd_infer np={np_full} model.runtime=onnxruntime", n),
                  ("hvd-ort-int8", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel"],
                   f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel", n),
+                 ("hvd-ort-rescore", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-per-channel",
+                                               f"model.rescore_margin={RESCORE_MARGIN}"],
+                  f"hvd_infer np={np_full} model.runtime=onnxruntime int8-per-channel, rescore_margin={RESCORE_MARGIN}", n),
                  ("hvd-ort-blockwise", np_full, ["model.runtime=onnxruntime", "model.quantize=int8-blockwise"],
                   f"hvd_infer np={np_full} model.runtime=onnxruntime int8-blockwise", n),
                  ("hvd-bf16", np_full, ["model.dtype=bfloat16"], f"hvd_infer np={np_full} bf16", bf16_rows),
@@ -388,7 +400,7 @@ def other_engine(name: str, model_dir: str, tokenizer, batches):
     """
     import torch
 
-    from hvd_infer.engines import OnnxPredictor
+    from hvd_infer.engines.ort import OnnxPredictor
 
     model = load_classifier(model_dir)
     if name == "a-compile":

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 from feed_inputs import bert_classifier, corpus, run_job, write_corpus  # noqa: E402
-from hvd_infer.context import cpu_facts  # noqa: E402
+from hvd_infer.hardware import cpu_facts  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LENGTH = 256

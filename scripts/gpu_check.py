@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_feed import bench_feed  # noqa: E402
 from feed_inputs import bert_classifier, corpus, run_job, write_corpus  # noqa: E402
-from hvd_infer.context import cpu_facts  # noqa: E402
+from hvd_infer.hardware import cpu_facts  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHEELS = os.path.join(REPO, "gpu_wheels")

@@ -25,8 +25,8 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hvd_infer.engines import head_modules  # noqa: E402
-from hvd_infer.model import quantize_int8  # noqa: E402
+from hvd_infer.engines.verify import head_modules  # noqa: E402
+from hvd_infer.engines.torch_eager import quantize_int8  # noqa: E402
 
 
 def _round(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:

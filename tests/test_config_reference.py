@@ -36,9 +36,9 @@ def test_example_yaml_holds_every_key_at_its_default():
     defaults = flatten(JobConfig().to_dict())
     assert sorted(example) == sorted(defaults)
     differ = {k: (example[k], defaults[k]) for k in example if example[k] != defaults[k]}
-    assert set(differ) == set(config_reference.EXAMPLE_VALUES), differ
+    assert set(differ) == set(writer.EXAMPLE_VALUES), differ
     cfg = load_config(os.path.join(REPO, "conf", "example.yaml"))  # and it loads as a job
-    assert cfg.data.path == config_reference.EXAMPLE_VALUES["data.path"]
+    assert cfg.data.path == writer.EXAMPLE_VALUES["data.path"]
 
 
 def test_a_field_without_a_comment_is_refused():

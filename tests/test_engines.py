@@ -22,7 +22,7 @@ from builders import plain_probs as reference_probs
 from conftest import cli as in_process
 from conftest import hvd_infer_np, job_args, read_output
 from hvd_infer.config import load_config
-from hvd_infer.engines import BLOCKWISE_SINCE, _release
+from hvd_infer.engines.spec import BLOCKWISE_SINCE, release as _release
 from hvd_infer.errors import ConfigError
 from hvd_infer.model import load_model
 from hvd_infer.tasks import get_task
@@ -207,19 +207,20 @@ def test_onnxruntime_int8_blockwise_runs_ner_and_zero_shot(models, tmp_path, mon
 
 
 def test_int8_blockwise_is_onnx_runtimes_and_new_enough(monkeypatch):
-    """int8-blockwise in torch is refused at the config; with an ONNX Runtime older than 1.22 at check_runtime."""
-    from hvd_infer.engines import check_runtime
+    """int8-blockwise in torch is refused at the config; with an ONNX Runtime older than 1.22 where the ranks run."""
+    from hvd_infer.engines import checked_spec
+    from hvd_infer.hardware import Platform
 
     with pytest.raises(ConfigError, match="int8-blockwise is ONNX Runtime's int8 .*set model.runtime=onnxruntime"):
         load_config({"model": {"path": "/m", "quantize": "int8-blockwise"}, "data": {"path": "/d"},
                      "output": {"path": "/o"}})
     cfg = load_config({"model": {"path": "/m", "runtime": "onnxruntime", "quantize": "int8-blockwise"},
                        "data": {"path": "/d"}, "output": {"path": "/o"}})
-    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
     with pytest.raises(ConfigError, match=r"needs onnxruntime >= 1\.22 .*this one is 1\.21\.1"):
-        check_runtime(cfg, torch.device("cpu"))
-    monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
-    check_runtime(cfg, torch.device("cpu"))
+        checked_spec(cfg.model, Platform(ort_version="1.21.1"))
+    checked_spec(cfg.model, Platform(ort_version="1.22.0"))
+    with pytest.raises(ConfigError, match="needs ONNX Runtime and onnx, which are not installed here"):
+        checked_spec(cfg.model, Platform(ort_version=""))
 
 
 def test_onnxruntime_int8_weights_are_7_bit_without_vnni(tiny_classifier, tmp_path, monkeypatch):
@@ -230,7 +231,7 @@ def test_onnxruntime_int8_weights_are_7_bit_without_vnni(tiny_classifier, tmp_pa
     import onnx
     from onnx import numpy_helper
 
-    from hvd_infer.engines import VNNI_ENV
+    from hvd_infer.hardware import VNNI_ENV
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
@@ -351,7 +352,7 @@ def test_errors_through_the_launcher(tiny_classifier, dataset, tmp_path):
     # auto-check leaves out the candidates of an ONNX Runtime that does not import.
     r = subprocess.run([sys.executable, "-c", "import torch\nfrom hvd_infer.config import load_config\n"
                         "from hvd_infer.precision import candidates\n"
-                        f"print([c.runtime for c in candidates(load_config({cfg!r}), torch.device('cpu'))])"],
+                        f"print([c.engine for c in candidates(load_config({cfg!r}), torch.device('cpu'))])"],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, **env))
     assert r.returncode == 0 and "onnxruntime" not in r.stdout, r.stdout + r.stderr[-2000:]
 

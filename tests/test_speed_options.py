@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import hvd_infer
-from hvd_infer import onednn
+from hvd_infer.engines import onednn
 from hvd_infer.config import parse_override
-from hvd_infer.context import cpu_cores
+from hvd_infer.hardware import cpu_cores
 from builders import plain_probs
 
 # name: (overrides, what the run's summary header says, tolerance on each probability, on their mean,
@@ -131,7 +131,7 @@ def test_last_layer_is_trimmed_only_where_the_head_reads_the_first_position_alon
                         lambda self, hidden: self.activation(self.dense(hidden.mean(dim=1))))
     mean_whole, _, _ = _logits({"path": tiny_classifier, "trim_last_layer": False}, texts)
     mean_got, facts, module = _logits({"path": tiny_classifier}, texts)
-    assert facts["last_layer"].startswith("whole: BertForSequenceClassification read more than the first position")
+    assert facts["last_layer"].startswith("whole: BertForSequenceClassification's last layer on the first position alone changed the outputs by")
     assert "forward" not in vars(module.bert.encoder.layer[-1])
     np.testing.assert_allclose(mean_got, mean_whole, atol=1e-6)
     assert np.abs(mean_whole - whole).max() > 1e-2  # the mean-pooled head really reads the other positions
@@ -143,7 +143,7 @@ def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier, monkeyp
     not what its shape suggests (here an output that subtracts its residual) fails the load's probe, and the
     model is left exactly as it was."""
     import builders
-    from hvd_infer.engines import probe_batch
+    from hvd_infer.engines.verify import probe_batch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     monkeypatch.setenv(onednn.AVX512_ENV, "1")  # this path on every CPU (the job's choice: CASES)
@@ -183,7 +183,7 @@ def test_linear_layers_run_on_onednn_with_torchs_logits(tiny_classifier, monkeyp
     with torch.inference_mode():
         before = model(**batch).logits
     why_not = onednn.use_onednn(model, probe_batch(model, tokenizer))
-    assert why_not.startswith("oneDNN's outputs differed from torch's by "), why_not
+    assert why_not.startswith("oneDNN changed the outputs by "), why_not
     assert output.forward is forward and not any(hasattr(m, "_onednn_weight") for m in model.modules())
     assert not any("forward" in vars(m) for m in model.modules() if m is not output)
     with torch.inference_mode():

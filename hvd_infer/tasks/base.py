@@ -15,12 +15,9 @@ from hvd_infer.errors import ConfigError, ModelError
 
 @dataclass
 class TokenRows:
-    """Token ids of many rows in flat arrays: sequence j is ids[offsets[j]:offsets[j + 1]].
-
-    Selecting the rows of a batch and padding them are a few numpy operations, not a Python
-    loop per row. A row may be several sequences (`group`: zero-shot has one pair per
-    candidate label); `extra` holds per-row objects a task's predict needs besides the ids.
-    """
+    """Token ids of many rows in flat arrays: sequence j is ids[offsets[j]:offsets[j + 1]], so selecting and
+    padding a batch's rows are a few numpy operations. A row may be several sequences (`group`: zero-shot has
+    one pair per candidate label)."""
     ids: np.ndarray  # int64, every sequence's ids back to back
     offsets: np.ndarray  # int64, one more than there are sequences, offsets[0] == 0
     types: Optional[np.ndarray] = None  # token_type_ids, laid out as ids (pairs on BERT-style models)
@@ -74,22 +71,15 @@ class Encoded:
 
 
 class Task:
-    """Base for encoder tasks (one sequence per row, right padding).
-
-    predict = columns(forward(batch)). With model.long_texts=chunk a row is scored as windows: predict
-    gives each window's raw outputs (forward), and once every window of a sort window's rows is scored
-    batcher.rows_from_windows assembles each row's from its windows (merge_windows), then the columns.
-    """
+    """Base for encoder tasks (one sequence per row, right padding): predict = columns(forward(batch)). With
+    model.long_texts=chunk predict gives each window's raw outputs, and batcher.rows_from_windows assembles
+    each row's (merge_windows), then its columns."""
 
     name = ""
     auto_model = "AutoModelForSequenceClassification"  # transformers class that loads the model
-    # The head model.path must have: (architecture name suffix, the head's name, what the task needs).
-    head: Optional[Tuple[str, str, str]] = None
-    # For tasks that score data.text_column alone: why a second text makes no sense for them.
-    single_text: Optional[str] = None
-    # The task reads only what the model computes from the first position: a [CLS]-pooled head's logits, an
-    # encoder's first state (model.trim_last_layer).
-    reads_first_token = False
+    head: Optional[Tuple[str, str, str]] = None  # the head model.path must have: (architecture suffix, name, why)
+    single_text: Optional[str] = None  # for tasks that score data.text_column alone: why a pair makes no sense
+    reads_first_token = False  # the task reads only the first position's output (model.trim_last_layer)
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -113,10 +103,7 @@ class Task:
                              f"model.task={self.name} needs {needs}")
 
     def read_model_dir(self, hf_config, local_dir: str, path: str) -> None:
-        """Read what the task needs from the model's files besides config.json (before weights load).
-
-        local_dir holds the files; path is model.path as the user gave it (an MLflow URI, maybe), for messages.
-        """
+        """Read what the task needs from the model's files in local_dir (before weights load); path: for messages."""
 
     def facts(self) -> Dict[str, Any]:
         """What the task decided from the model (for MLflow params); "notes": lines for the job summary."""
@@ -174,11 +161,8 @@ class Task:
         return count_truncated(enc.encodings), None
 
     def collate(self, features: TokenRows) -> Dict[str, Any]:
-        """Tensors for the model, with "input_ids" (the batcher counts padding from it).
-
-        A task may add entries that are not tensors (offsets, texts) for its own predict to take
-        out before calling the model.
-        """
+        """Tensors for the model, with "input_ids" (the batcher counts padding from it); a task may add
+        non-tensor entries for its own predict."""
         return self.pad_batch(features)
 
     def pad_batch(self, features: TokenRows, side: str = "right") -> Dict[str, torch.Tensor]:
@@ -201,10 +185,8 @@ class Task:
         raise NotImplementedError
 
     def merge_windows(self, raw: Dict[str, Any], starts: np.ndarray) -> Dict[str, Any]:
-        """Raw outputs of rows from those of their windows: row i's are raw[k][starts[i]:starts[i + 1]].
-
-        Here: logits averaged over a row's windows, or their maximum (model.chunk_aggregation).
-        """
+        """Raw outputs of rows from their windows' (row i's are raw[k][starts[i]:starts[i + 1]]): here logits
+        averaged, or their maximum (model.chunk_aggregation)."""
         logits = np.asarray(raw["logits"], dtype=np.float32)
         if self.cfg.model.chunk_aggregation == "max":
             return {"logits": np.maximum.reduceat(logits, starts[:-1], axis=0)}
@@ -213,14 +195,8 @@ class Task:
 
 def rust_backend(tokenizer, probe_length: int):
     """A callable (texts, max_length) -> the fast tokenizer's Rust encodings, cut at max_length, or None.
-
-    The same ids as tokenizer(texts, truncation=True, max_length=max_length), without
-    transformers' per-row Python around the Rust call (encode_batch_fast also skips the
-    character offsets nothing here reads): ~25% less tokenizing time per row, measured on
-    MiniLM's tokenizer. Checked against the tokenizer's own call on a few texts (special tokens,
-    truncation at both ends, empty and non-ASCII text); None where anything differs or where
-    there is no Rust backend, and encode then calls the tokenizer.
-    """
+    The same ids as tokenizer(texts, truncation=True, max_length=max_length) without transformers' per-row
+    Python; checked against it on probe texts, None where anything differs or there is no Rust backend."""
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
     if backend is None:
         return None
@@ -228,8 +204,7 @@ def rust_backend(tokenizer, probe_length: int):
     side = getattr(tokenizer, "truncation_side", "right")
 
     def call(texts: List[str], max_length: int):
-        # The tokenizer object is shared: its own calls set the backend's truncation and padding each
-        # time (transformers does the same), so set them here before each batch as well.
+        # The backend is shared with the tokenizer, whose calls set truncation and padding: set them each time.
         backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=side)
         backend.no_padding()
         return encode(texts, add_special_tokens=True)
@@ -260,14 +235,8 @@ def pad_multiple(setting: Union[int, str], device_type: str) -> int:
 
 def pad(tokens: Union[TokenRows, List[List[int]]], pad_id: int, side: str = "right",
         multiple: int = 1) -> Dict[str, torch.Tensor]:
-    """Every sequence of `tokens` (or of a list of id lists) padded to one width: input_ids (pad_id),
-    token_type_ids (0), attention_mask.
-
-    side="left" for decoders that generate from the last position. The width is rounded up to
-    `multiple`: every distinct (rows, width) shape makes the CPU allocator and oneDNN keep buffers
-    of their own, so with one width per token count a rank's memory grew ~2x over a long job
-    (measured, MiniLM); with multiples of 8 it stays flat, and the kernels get aligned shapes.
-    """
+    """Every sequence of `tokens` (or of a list of id lists) padded to one width, rounded up to `multiple`:
+    input_ids (pad_id), token_type_ids (0), attention_mask. side="left" for decoders."""
     if not isinstance(tokens, TokenRows):
         tokens = TokenRows.from_lists(tokens)
     lengths = np.diff(tokens.offsets)

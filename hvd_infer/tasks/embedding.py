@@ -1,21 +1,9 @@
-"""embedding: `embedding` (fixed_size_list<float32>[d]), pooled the way the model was trained.
+"""embedding: `embedding` (fixed_size_list<float32>[d]), pooled the way the model was trained (docs/tasks.md).
 
-A sentence-transformers directory (modules.json, 1_Pooling/, 2_Normalize/, prompts in
-config_sentence_transformers.json) is followed exactly: cls, mean, max, mean_sqrt_len_tokens,
-weightedmean or lasttoken pooling (several are concatenated, as sentence-transformers does), L2
-normalisation only when the model has a Normalize module, its max_seq_length, its default prompt.
-Any other directory gets mean pooling over real tokens and L2 normalisation (all-MiniLM-L6-v2's
-recipe), and the job's summary says that this was assumed.
-
-Options (embedding:): `prompt`, literal text put before every row ("query: "), or `prompt_name`,
-one of the model's named prompts; `dimensions`, keep the first k dimensions (Matryoshka models),
-then normalise if the model does. Rows are padded on the right, also for decoder embedders: under
-causal attention a real token never sees the pads after it and keeps positions 0..n-1, so its state
-is the unpadded one; lasttoken pooling takes each row's last real token from the attention mask.
-
-With model.long_texts=chunk each window is pooled as a row would be, and a row's vector is the mean of
-its windows' vectors weighted by their pooled tokens, then normalised if the model normalises. A
-prompt would be in the first window only, so chunk refuses one.
+A sentence-transformers directory is followed exactly (sentence_layout.py); any other gets mean pooling and
+L2 normalisation, and the summary says this was assumed. Rows are padded on the right, also for decoder
+embedders: under causal attention a real token never sees the pads after it, so its state is unpadded.
+With model.long_texts=chunk a row's vector is the mean of its windows' weighted by their pooled tokens.
 """
 from __future__ import annotations
 
@@ -47,8 +35,7 @@ class Embedding(Task):
 
     @property
     def reads_first_token(self) -> bool:
-        """cls pooling alone reads the first position's state (model.trim_last_layer), unless a prompt left out
-        of the pooling makes the first token after it the one pooled."""
+        """cls pooling alone reads only the first position, unless it pools the first token after a prompt."""
         layout = self.layout
         return tuple(layout.pooling) == ("cls",) and (not self.prompt or layout.include_prompt
                                                       or layout.cls_at_first_position)
@@ -64,8 +51,7 @@ class Embedding(Task):
             self.prompt = layout.prompts.get(layout.default_prompt_name, "")
         elif e.prompt_name is not None:
             self.prompt = layout.prompts[e.prompt_name]
-        token_width = layout.token_dimension or hf_config.hidden_size
-        full = token_width * len(layout.pooling)
+        full = (layout.token_dimension or hf_config.hidden_size) * len(layout.pooling)
         if e.dimensions > full:
             raise ConfigError(f"embedding.dimensions={e.dimensions} is more than model.path {path} gives ({full}); "
                               f"use at most {full}, or 0 for all of them")
@@ -79,8 +65,7 @@ class Embedding(Task):
         super().setup(model, tokenizer)
         layout = self.layout
         if layout.found:
-            # The model was trained on inputs cut at its max_seq_length (tokenizer_config.json's
-            # model_max_length in recent sentence-transformers, capped by the position table).
+            # Cut inputs where the model was trained to (max_seq_length, else the tokenizer's, capped by positions).
             trained = layout.max_seq_length or min(tokenizer.model_max_length,
                                                    getattr(model.config, "max_position_embeddings", 1 << 30))
             self.max_length = min(self.max_length, trained)
@@ -89,8 +74,7 @@ class Embedding(Task):
 
             backend = tokenizer.backend_tokenizer
             backend.normalizer = Sequence([Lowercase()] + ([backend.normalizer] if backend.normalizer else []))
-        # Tokens of the prompt alone, its trailing special token (SEP, EOS) not counted: pooled or not
-        # as the model's include_prompt says, exactly as sentence-transformers measures it.
+        # The prompt's tokens, its trailing special token not counted, as sentence-transformers measures them.
         self.prompt_tokens = 0
         if self.prompt and not layout.include_prompt:
             ids = tokenizer(self.prompt, truncation=True, max_length=self.max_length)["input_ids"]
@@ -142,10 +126,7 @@ class Embedding(Task):
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, cls_at_first_position: bool = False) -> torch.Tensor:
     """One sentence-transformers pooling mode over right-padded token states; mask marks the pooled tokens.
-
-    cls: the first pooled token (after the prompt, when it is left out), or with cls_at_first_position
-    the first position whatever the mask (SentenceLayout.cls_at_first_position).
-    """
+    cls: the first pooled token, or with cls_at_first_position the first position whatever the mask."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "cls":
         if cls_at_first_position:

@@ -1,18 +1,9 @@
 """text-generation: a causal LM continues each row's text; `generated_text` is the continuation only.
 
-Options (generation:): max_new_tokens, do_sample (false = greedy), temperature, top_p, seed.
-Other decoding settings come from the model's own generation_config.json, as with model.generate.
-
-Prompts are left-padded in a batch (a decoder generates from the last position) and, when too
-long, cut from the LEFT to model.max_length (and to the model's context less max_new_tokens), so
-the end of the prompt, which the continuation follows, is kept. Such rows are counted as truncated.
-
-Greedy output equals model.generate on each prompt alone. Sampling is reproducible: each batch
-seeds its own random stream from generation.seed and the batch's token ids, so the same config
-and the same batch composition (data, batch_size / max_tokens_per_batch, sort_window) give the
-same text on any rank and on any rerun. A row's sample can change when it lands in another batch
-(other rows_per_part, world size with a different shard plan, or batch size), because the rows
-of a batch draw from one stream.
+Prompts are left-padded (a decoder generates from the last position) and, when too long, cut from the left
+to model.max_length (and the context less max_new_tokens), keeping the end the continuation follows; such
+rows count as truncated. Sampling seeds each batch's random stream from generation.seed and its token ids:
+the same batch gives the same text on any rank and rerun, but a row's sample may change in another batch.
 """
 from __future__ import annotations
 
@@ -21,7 +12,7 @@ import hashlib
 import pyarrow as pa
 import torch
 
-from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.errors import ModelError
 from hvd_infer.tasks.base import Encoded, Task, TokenRows, count_truncated
 
 
@@ -29,7 +20,6 @@ class TextGeneration(Task):
     name = "text-generation"
     auto_model = "AutoModelForCausalLM"
     padding_side = "left"
-
     single_text = "the prompt is data.text_column alone"
 
     def __init__(self, cfg):

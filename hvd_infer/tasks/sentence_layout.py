@@ -2,14 +2,10 @@
 
     layout = read_sentence_layout("/models/bge-small")   # pooling, normalize, prompts, max_seq_length
 
-sentence-transformers saves `modules.json` (the module chain), `1_Pooling/config.json`, a
-`2_Normalize` module when vectors are L2-normalised, `config_sentence_transformers.json` (named
-prompts, the default one) and `sentence_bert_config.json` (max_seq_length, do_lower_case). Both
-the legacy keys (`pooling_mode_cls_token: true`, ...) and the current ones (`pooling_mode: cls`)
-are read. A directory without modules.json gets mean pooling and L2 normalisation, which is how
-all-MiniLM-L6-v2 and most sentence encoders were trained, and `found` is False so the job can say so.
-Modules this reader does not implement (Dense, LayerNorm, Router, ...) are refused rather than
-skipped: skipping one would give plausible, wrong vectors.
+Read: `modules.json` (the module chain), `1_Pooling/config.json` (legacy and current keys), a `Normalize`
+module, `config_sentence_transformers.json` (prompts) and `sentence_bert_config.json` (max_seq_length,
+do_lower_case). Without modules.json: mean pooling and L2 normalisation, with `found` False. Other modules
+(Dense, LayerNorm, ...) are refused: skipping one would give plausible, wrong vectors.
 """
 from __future__ import annotations
 
@@ -53,9 +49,6 @@ def _read_json(path: str, model_dir: str) -> dict:
                          f"({str(e).splitlines()[0]}); is the sentence-transformers layout complete?") from None
 
 
-def _kind(module_type: str) -> str:
-    return module_type.rsplit(".", 1)[-1]
-
 
 def read_sentence_layout(model_dir: str) -> SentenceLayout:
     """The layout of model_dir; raises ModelError for a chain this job cannot reproduce exactly."""
@@ -63,7 +56,7 @@ def read_sentence_layout(model_dir: str) -> SentenceLayout:
     if not os.path.exists(modules_file):
         return SentenceLayout()
     modules = _read_json(modules_file, model_dir)
-    kinds = [_kind(m.get("type", "")) for m in modules]
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
     if not kinds or kinds[0] != "Transformer" or modules[0].get("path", "") not in ("", "."):
         raise ModelError(f"model.path {model_dir}: modules.json does not start with a Transformer module saved "
                          f"in the directory itself (modules: {', '.join(kinds) or 'none'}); point model.path at the "

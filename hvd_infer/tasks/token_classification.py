@@ -1,17 +1,10 @@
 """token-classification (NER): `entities`, a list of {entity_group, score, start, end, word} per row.
 
-token_classification.aggregation is the pipeline's aggregation_strategy: none | simple | first |
-average | max. Entities are exactly those of transformers' TokenClassificationPipeline with that
-strategy (its own post-processing runs on our batched logits), "O" tokens left out. `start` and
-`end` are character offsets into the row's text. With aggregation=none there is one entity per
-token and `entity_group` holds that token's own label (B-PER, I-LOC, ...), which the pipeline
-calls `entity`.
-
-Texts longer than model.max_length tokens are cut there (and counted): entities past the cut are
-not found, unless model.long_texts=chunk: then the text is split into windows overlapping by
-model.stride tokens, each window's entities are found as above, and a row's are merged as the
-pipeline does with `stride` (overlapping entities: the longer, or at equal length the higher score,
-is kept). Like the pipeline, this needs an aggregation other than none.
+Entities are those of transformers' TokenClassificationPipeline with aggregation_strategy =
+token_classification.aggregation (its post-processing runs on our batched logits), "O" left out; `start`
+and `end` are character offsets into the text. With aggregation=none `entity_group` holds each token's own
+label (the pipeline's `entity`). With model.long_texts=chunk a row's windows' entities are merged as the
+pipeline does with `stride`.
 """
 from __future__ import annotations
 

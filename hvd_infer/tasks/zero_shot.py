@@ -1,19 +1,12 @@
 """zero-shot-classification: an NLI model scores each row against zero_shot.candidate_labels.
 
-Output: `labels` (list<string>, best first), `scores` (list<float32>, same order), `label` and
-`score` (the best). The math is transformers' ZeroShotClassificationPipeline: every label becomes
-the hypothesis `hypothesis_template.format(label)` of a (premise=text, hypothesis) pair; with one
-label per row being true, the entailment logits are softmaxed across labels; with
-multi_label=true (or a single candidate label), each label gets its own softmax over
-[contradiction, entailment].
+Output: `labels` (list<string>, best first), `scores` (list<float32>, same order), `label` and `score` (the
+best), computed as transformers' ZeroShotClassificationPipeline: each label makes the hypothesis of a
+(text, hypothesis) pair; entailment logits are softmaxed across labels, or with multi_label=true (or one
+label) over [contradiction, entailment] per label. A row's pairs are batched together (one TokenRows group).
 
-A row's pairs are encoded and batched together, so a batch of R rows is ONE forward pass over
-R * len(candidate_labels) sequences; a row's cost for token budgets is the sum of its pairs' tokens.
-
-With model.long_texts=chunk the premise is split into windows, each paired with every hypothesis, and
-a row's (label, NLI class) logits are the mean (or max) over its windows before the scoring above.
-Every label's windows cover the same premise tokens: each window holds the text tokens the longest
-hypothesis leaves room for, whatever the label.
+With model.long_texts=chunk every label's windows cover the same premise tokens (the room the longest
+hypothesis leaves), and a row's logits are the mean (or max) over its windows before the scoring above.
 """
 from __future__ import annotations
 
@@ -26,10 +19,7 @@ from hvd_infer.tasks.base import Encoded, Task, TokenRows, float_list_array
 
 
 def _label_id(id2label, prefix: str):
-    for i, name in id2label.items():
-        if str(name).lower().startswith(prefix):
-            return int(i)
-    return None
+    return next((int(i) for i, name in id2label.items() if str(name).lower().startswith(prefix)), None)
 
 
 class ZeroShotClassification(Task):

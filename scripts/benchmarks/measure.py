@@ -21,7 +21,7 @@ def machine() -> Dict[str, Any]:
     import torch
     import transformers
 
-    from hvd_infer.context import cpu_facts
+    from hvd_infer.hardware import cpu_facts
 
     return {**cpu_facts(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

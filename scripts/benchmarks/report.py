@@ -120,8 +120,8 @@ def targets(results: List[Dict[str, Any]], np_full: int) -> List[Dict[str, Any]]
 
 
 # The bench stage that runs straight in each precision auto-check may choose.
-CHOICE_STAGES = {"float32": "hvd", "bfloat16": "hvd-bf16", "onnxruntime-int8-per-channel": "hvd-ort-int8",
-                 "onnxruntime-int8-blockwise": "hvd-ort-blockwise"}
+CHOICE_STAGES = {"float32": "hvd", "bfloat16": "hvd-bf16", "int8-per-channel": "hvd-int8",
+                 "onnxruntime-int8-per-channel": "hvd-ort-int8", "onnxruntime-int8-blockwise": "hvd-ort-blockwise"}
 
 
 def print_report(report: Dict[str, Any]) -> None:
@@ -129,7 +129,7 @@ def print_report(report: Dict[str, Any]) -> None:
     base = baseline(results)
     sub_rate = next((r["rows_per_second"] for r in results if r["name"] == "a-sub"), None)
     print()
-    from hvd_infer.context import CPU_FLAGS
+    from hvd_infer.hardware import CPU_FLAGS
 
     print(f"machine: {m['cpu']}, {m['cores']} cores, "
           + ", ".join(f"{flag}={'yes' if m.get(flag) else 'no'}" for flag in CPU_FLAGS)

@@ -8,9 +8,8 @@ blocked layout (a second copy of the Linear weights in memory). Where a module a
 (BERT's intermediate) or a Linear then adds the residual before its LayerNorm (BERT's attention and layer
 outputs), the GELU or the add runs inside the matrix product's kernel: one pass over the output instead of two
 or three, and no copy of the bias into the output first (aten's addmm). On the demo MiniLM at one thread this
-is ~1.2x the float32 forward (scripts/bench.py's hvd against hvd-aten), on a CPU with AVX512; without it,
-oneDNN's AVX2 kernels were slower than torch's and are not used (available()). The outputs are float32's within
-rounding: the change is kept only where a probe batch gives the model's outputs within 1e-4 of torch's own.
+is ~1.2x the float32 forward (docs/speed.md), on a CPU with AVX512; without it torch's own Linear stays
+(available()).
 """
 from __future__ import annotations
 
@@ -21,22 +20,20 @@ from typing import Dict, List
 
 import torch
 
+from hvd_infer.engines.verify import keep_if_equal
+from hvd_infer.hardware import AVX512_ENV, avx512
+
 # The batch rows (tokens) oneDNN's weight layout is chosen for: a hint, any batch runs.
 ROWS_HINT = 2048
-# Set to 1 or 0 to say whether this CPU has AVX512, instead of reading /proc/cpuinfo. oneDNN's AVX512 kernels
-# beat torch's Linear (MKL) by 1.14x on the demo model; its AVX2 ones, with ONEDNN_MAX_CPU_ISA=AVX2 and
-# MKL_ENABLE_INSTRUCTIONS=AVX2, ran 0.91x on the 12-class model (docs/speed.md): there torch's own Linear stays.
-AVX512_ENV = "HVD_INFER_CPU_AVX512"
 
 
 def available() -> str:
-    """"" where this torch runs oneDNN's fused linear kernels and they are the faster here, else why not."""
-    from hvd_infer.context import cpu_has
-
+    """"" where this torch runs oneDNN's fused linear kernels and they are the faster here, else why not: its AVX2
+    kernels ran 0.91x torch's Linear (docs/speed.md)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
     if isa and not (isa.startswith(("AVX512", "AVX10")) or "AMX" in isa or isa in ("ALL", "DEFAULT")):
         return f"oneDNN is limited to {isa} (ONEDNN_MAX_CPU_ISA), where its kernels ran slower than torch's Linear"
-    if not cpu_has(AVX512_ENV, "avx512f"):
+    if not avx512():
         return (f"oneDNN's kernels run slower than torch's Linear on a CPU without AVX512, as this one "
                 f"({AVX512_ENV}=1 uses them anyway)")
     if not torch.backends.mkldnn.is_available():
@@ -48,27 +45,21 @@ def available() -> str:
 
 def use_onednn(model, probe: Dict[str, torch.Tensor]) -> str:
     """Moves every float32 Linear of `model` (on CPU) onto oneDNN, with GELU and residual adds fused where the
-    module is BERT-shaped, and keeps it only if the probe batch's first output stays within 1e-4 (relative) of
-    what it was; returns "" when kept, else why not (and the model is as it was)."""
+    module is BERT-shaped, kept only if the probe batch's first output stays torch's (verify.keep_if_equal);
+    returns "" when kept, else why not (and the model is as it was)."""
     missing = available()
     if missing:
         return missing
+    patched: List[torch.nn.Module] = []
+
+    def attempt():
+        _patch(model, patched)
+        if not patched:
+            raise ValueError(f"no float32 Linear layer in {type(model).__name__}")
+        return model(**probe)[0]
+
     with torch.inference_mode():
-        expected = model(**probe)[0]
-        patched: List[torch.nn.Module] = []
-        try:
-            _patch(model, patched)
-            if not patched:
-                return f"oneDNN found no float32 Linear layer in {type(model).__name__}"
-            got = model(**probe)[0]
-        except Exception as e:  # a weight or an input oneDNN refuses: torch's own Linear stays
-            _unpatch(patched)
-            return f"oneDNN failed on a probe batch ({str(e).splitlines()[0][:80]})"
-    scale = float(expected.abs().max()) or 1.0
-    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * scale):
-        _unpatch(patched)
-        return f"oneDNN's outputs differed from torch's by {float((got - expected).abs().max()):.2g} on a probe batch"
-    return ""
+        return keep_if_equal("oneDNN", model(**probe)[0], attempt, lambda: _unpatch(patched))
 
 
 def summary(model) -> str:

@@ -1,22 +1,13 @@
-"""model.runtime: the engine that runs the loaded float32 model's forward pass.
+"""model.runtime=onnxruntime: the loaded float32 model exported to ONNX, fused by ONNX Runtime's transformer
+optimizer, and run by an InferenceSession with the rank's torch threads (CPU; with model.quantize, ONNX Runtime's
+own int8 of that graph, the task head and pooler left in float32).
 
-    eager        the transformers model in torch, DeepSpeed-wrapped where model.deepspeed=true (the default)
-    onnxruntime  the same weights exported to ONNX, fused by ONNX Runtime's transformer optimizer and run
-                 by an InferenceSession with the rank's torch threads (CPU, float32; with model.quantize,
-                 ONNX Runtime's own int8 of that graph)
+    predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name, quantize, facts=...)
 
-    check_runtime(cfg, device)                       # before any row is read: refuses what cannot run here
-    predictor = OnnxPredictor.create(model, tokenizer, model_dir, task_name, quantize)
-
-The export happens once per host: the graph is cached under $TMPDIR/hvd_infer-onnx, keyed by the model
-directory's content, the task, model.quantize and the versions of torch, transformers, onnx and onnxruntime; a file lock
-lets the first rank export while the others wait and then load its file. Before a graph is cached its
-outputs are compared with torch's on a probe batch: the fused graph is kept if it agrees, else the plain
-export, else the job stops (model.runtime=eager runs it); with model.quantize the checked graph is then
-quantized (int8-per-channel: per-channel weight scales, the task head and pooler left in float32, as
-model.quantize does in torch; int8-blockwise: MatMulNBits, weights in blocks of 128 inputs and activations
-quantized per row and block at run time, the head and pooler in float32, ONNX Runtime only). The predictor
-returns what the torch model returns to the tasks (logits, last_hidden_state), as torch tensors.
+A graph is exported once per host into $TMPDIR/hvd_infer-onnx, keyed by the model directory's content, the task,
+the quantization and the library versions; a file lock lets one rank export while the others wait for its file.
+The fused graph is kept where its outputs on a probe batch are torch's (verify.keep_if_equal), else the plain
+export, else the job stops; a quantized graph is made from that checked one.
 """
 from __future__ import annotations
 
@@ -29,60 +20,31 @@ import os
 import shutil
 import tempfile
 from types import SimpleNamespace
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from hvd_infer.errors import ConfigError, ModelError
+from hvd_infer.engines.verify import TOLERANCE, head_modules, keep_if_equal, probe_batch
+from hvd_infer.errors import ModelError
+from hvd_infer.hardware import vnni
 
 log = logging.getLogger("hvd_infer")
 
 # Bump when the export recipe changes: graphs cached by an older recipe are then not reused.
 RECIPE = 1
-# A graph agrees with torch when its outputs differ by at most this, relative to the largest output.
-AGREEMENT = 1e-4
 # Model types whose graphs ONNX Runtime's optimizer fuses as BERT's (attention, layer norm, GELU).
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet", "deberta"}
 
 
-def check_runtime(cfg, device: torch.device) -> None:
-    """model.runtime=onnxruntime where it cannot run (a GPU job, no ONNX Runtime installed): ConfigError."""
-    if cfg.model.runtime == "eager":
-        return
-    if device.type != "cpu":
-        raise ConfigError(f"model.runtime=onnxruntime runs on CPU and this job has a {device.type} device; "
-                          "use model.runtime=eager (with model.dtype=float16 on a GPU)")
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError as e:
-        raise ConfigError(f"model.runtime=onnxruntime needs ONNX Runtime and onnx, which are not installed here "
-                          f"({e}); pip install onnxruntime onnx (or pip install hvd_infer[onnx]), "
-                          "or use model.runtime=eager") from None
-    if cfg.model.quantize == "int8-blockwise" and _release(onnxruntime.__version__) < BLOCKWISE_SINCE:
-        raise ConfigError(f"model.quantize=int8-blockwise needs onnxruntime >= {'.'.join(map(str, BLOCKWISE_SINCE))} "
-                          f"(its 8-bit MatMulNBits); this one is {onnxruntime.__version__}: pip install -U onnxruntime, "
-                          "or use model.quantize=int8-per-channel")
-
-
-# ONNX Runtime's MatMulNBits quantizes weights to 8 bits and has x86 kernels for them from 1.22 (int8-blockwise).
-BLOCKWISE_SINCE = (1, 22)
-# int8-blockwise: the weights' block along their input dimension, and ONNX Runtime's accuracy level 4: the
-# activations are quantized to int8 per row and block at run time, multiplied as int8 (slower and less exact
-# below: 1 and 0 dequantize the weights and multiply in float32).
+# int8-blockwise: the weights' block along their input dimension, and ONNX Runtime's accuracy level 4 (activations
+# quantized to int8 per row and block at run time, multiplied as int8; lower levels multiply in float32).
 BLOCK_SIZE = 128
 ACCURACY_LEVEL = 4
 
 
-def _release(version: str):
-    import re
-
-    return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
-
-
 class OnnxPredictor:
-    """Predictor's interface (model(**batch), .module, .config) over an ONNX Runtime session."""
+    """A Predictor (spec.Predictor) over an ONNX Runtime session."""
 
     def __init__(self, session, module, output: str, facts: Dict[str, Any]):
         self.session, self.model, self.output, self.facts = session, module, output, facts
@@ -95,14 +57,14 @@ class OnnxPredictor:
 
     @classmethod
     def create(cls, model, tokenizer, model_dir: str, task_name: str, quantize: str = "none",
-               trimmed: bool = False) -> "OnnxPredictor":
+               trimmed: bool = False, facts: Optional[Dict[str, Any]] = None) -> "OnnxPredictor":
         """trimmed: the model's last layer computes the first position only (model.trim_last_layer), and so will
-        the graph exported from it."""
+        the graph exported from it; facts: the loaded model's, to which the graph's are added."""
         import onnxruntime as ort
 
         graph, how = cached_graph(model, tokenizer, model_dir, task_name, quantize, trimmed)
         session = inference_session(graph)
-        facts = {"onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
+        facts = {**(facts or {}), "onnx_graph": graph, "onnx_optimizer": how, "onnxruntime": ort.__version__,
                  "onnx_threads": session.get_session_options().intra_op_num_threads}
         return cls(session, model, session.get_outputs()[0].name, facts)
 
@@ -120,9 +82,7 @@ def inference_session(graph: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
-    # Its pool threads sleep between runs rather than spin (as OpenMP's do here, context.idle_threads_sleep), so
-    # they leave the cores to what runs next: torch's models in the check, loader workers, other ranks.
-    # auto-check's check on 100 demo rows (2 cores): 4.76-5.04 s without spinning, 5.05-5.19 s with.
+    # Its pool threads sleep between runs rather than spin, leaving the cores to what runs next (docs/speed.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
@@ -133,7 +93,7 @@ def cached_graph(model, tokenizer, model_dir: str, task_name: str, quantize: str
     export."""
     import fcntl
 
-    seven_bit = quantize == "int8-per-channel" and not cpu_has_vnni()
+    seven_bit = quantize == "int8-per-channel" and not vnni()
     key = cache_key(model_dir, task_name, quantize, seven_bit, trimmed)
     root = cache_root()
     os.makedirs(root, exist_ok=True)
@@ -179,9 +139,8 @@ def cache_key(model_dir: str, task_name: str, quantize: str = "none", seven_bit:
 
 
 def model_digest(model_dir: str) -> str:
-    """The model directory's content: a hash of every file's path and bytes. Read once per process while no file
-    changes (its size and modification time), however many graphs and auto-check decisions are keyed by it: a
-    check with ONNX Runtime's candidates keys up to five graphs."""
+    """The model directory's content: a hash of every file's path and bytes, read once per process while no file
+    changes (its size and modification time)."""
     files = []
     for folder, _, names in sorted(os.walk(model_dir)):
         for name in sorted(names):
@@ -238,27 +197,22 @@ def export(model, tokenizer, folder: str) -> str:
         _torch_export(_FirstOutput(model, names), args, plain, names, output, expected.ndim)
     finally:
         attention()
-    graphs = []
-    if getattr(model.config, "model_type", "") in BERT_LIKE:
-        how = _optimize(plain, path, model.config)
-        graphs.append((path, how))
-    graphs.append((plain, "none"))
+    graphs = ([(path, _optimize(plain, path, model.config))] if getattr(model.config, "model_type", "") in BERT_LIKE
+              else [])
     feeds = {n: a.numpy() for n, a in zip(names, args)}
-    worst = 0.0
-    for graph, how in graphs:
-        worst = _difference(graph, feeds, expected)
-        if worst <= AGREEMENT * max(1.0, float(np.abs(expected).max())):
+    why = ""
+    for graph, how in graphs + [(plain, "none")]:
+        why = keep_if_equal(f"the exported {type(model).__name__}'s {output}", expected, lambda: _run(graph, feeds))
+        if not why:
             if graph != path:
                 os.replace(graph, path)
             else:
                 os.remove(plain)  # the cache keeps one graph per key
-            if how == "none" and len(graphs) > 1:
+            if how == "none" and graphs:
                 log.warning("model.runtime=onnxruntime: the fused graph differs from torch by more than %g; "
-                            "running the plain export", AGREEMENT)
+                            "running the plain export", TOLERANCE)
             return how
-    raise ModelError(f"model.runtime=onnxruntime: the exported {type(model).__name__}'s {output} differs from "
-                     f"torch's by {worst:.3g} on a probe batch (more than {AGREEMENT:g} relative); "
-                     "use model.runtime=eager")
+    raise ModelError(f"model.runtime=onnxruntime: {why}; use model.runtime=eager")
 
 
 def _eager_attention(model):
@@ -304,16 +258,6 @@ def _optimize(source: str, target: str, config) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no fusions"
 
 
-# Set to 1 or 0 to say whether this CPU has VNNI (int8 dot products), instead of reading /proc/cpuinfo.
-VNNI_ENV = "HVD_INFER_CPU_VNNI"
-
-
-def cpu_has_vnni() -> bool:
-    from hvd_infer.context import cpu_has
-
-    return cpu_has(VNNI_ENV, "avx512_vnni", "avx_vnni")
-
-
 def quantize_graph(path: str, quantize: str, model, seven_bit: bool = False) -> str:
     """ONNX Runtime's int8 of the graph at path (quantize: int8-per-channel or int8-blockwise), in place, the task
     head and pooler left float32; what it did.
@@ -356,8 +300,7 @@ def quantize_graph(path: str, quantize: str, model, seven_bit: bool = False) -> 
 def _quantize_blockwise(path: str, kept: Sequence[str], kept_nodes: int) -> str:
     """int8-blockwise: ONNX Runtime's MatMulNBits of the graph at path, in place (8-bit symmetric weights in blocks
     of BLOCK_SIZE inputs, ACCURACY_LEVEL 4), kept's nodes left float32; what it did. Only MatMul nodes are
-    quantized: the fused Attention's query, key and value stay float32 (unfusing them to quantize them was slower:
-    13.9 s against 11.0 s on 512 rows of the all-MiniLM-L6-v2 embedding)."""
+    quantized: the fused Attention stays float32 (unfusing it to quantize it was slower: docs/speed.md)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
@@ -379,27 +322,9 @@ def _quantize_blockwise(path: str, kept: Sequence[str], kept_nodes: int) -> str:
     return f"{done} ({kept_nodes} nodes in float32)" if kept_nodes else done
 
 
-def _difference(graph: str, feeds: Dict[str, np.ndarray], expected: np.ndarray) -> float:
+def _run(graph: str, feeds: Dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
     taken = {i.name for i in session.get_inputs()}
-    got = session.run(None, {k: v for k, v in feeds.items() if k in taken})[0]
-    return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-
-
-def probe_batch(model, tokenizer) -> Dict[str, torch.Tensor]:
-    """Two rows of different lengths, so padded with a real attention mask: the model's inputs (input_ids,
-    attention_mask, token_type_ids where its forward takes them, in that order) for checking a changed model
-    (trim_to_first_token) or an exported graph (engines.export) against the model as loaded."""
-    probe = tokenizer(["A short text.", "A longer text, with more words in it, to be padded against."],
-                      padding=True, return_tensors="pt")
-    accepted = inspect.signature(model.forward).parameters
-    return {n: probe[n] for n in ("input_ids", "attention_mask", "token_type_ids") if n in probe and n in accepted}
-
-
-def head_modules(model) -> List[str]:
-    """Names of the modules outside the base model (classifier, lm_head, ...), and any pooler, which feeds them."""
-    base = getattr(model, "base_model", model)
-    names = [] if base is model else [name for name, child in model.named_children() if child is not base]
-    return names + [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] == "pooler"]
+    return session.run(None, {k: v for k, v in feeds.items() if k in taken})[0]

@@ -41,17 +41,18 @@ PRECISIONS = {"float32": ("float32", "none", "eager"), "float16": ("float16", "n
               "onnxruntime-int8-per-channel": ("float32", "int8-per-channel", "onnxruntime"),
               "onnxruntime-int8-blockwise": ("float32", "int8-blockwise", "onnxruntime")}
 RESCORED = {"int8-per-channel": "int8-rescore", "onnxruntime-int8-per-channel": "onnxruntime-int8-rescore"}
+_RESCORED_FROM = {rescored: base for base, rescored in RESCORED.items()}
 
 
 def spec_of(cfg: JobConfig, platform: Platform, name: str, rescore: float = 0.0) -> EngineSpec:
-    base = {rescored: base for base, rescored in RESCORED.items()}.get(name, name)
+    base = _RESCORED_FROM.get(name, name)
     return with_precision(cfg.model, platform, *PRECISIONS[base], rescore=rescore)
 
 
 def parse_precision(token: str, cfg: JobConfig, platform: Platform) -> EngineSpec:
     """The spec a precision's token names (EngineSpec.token: the output's job file records it)."""
     name, _, rescore = token.partition("@")
-    if name not in PRECISIONS and name not in RESCORED.values():  # recorded by an earlier version
+    if name not in PRECISIONS and name not in _RESCORED_FROM:  # recorded by an earlier version
         raise ConfigError(f"output.path's rows were scored in {name.partition(':')[0]}, which hvd_infer no longer "
                           "runs: resume it with the version that started it, or rerun with output.mode=overwrite")
     return spec_of(cfg, platform, name, float(rescore) if rescore else 0.0)

@@ -8,6 +8,7 @@ that says it instead of /proc/cpuinfo (1 or 0): tests take every CPU's path, and
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -29,17 +30,24 @@ def cpu_cores() -> int:
 
 def cpu_facts() -> dict:
     """This CPU's model name, usable cores and the flags of CPU_FLAGS (each True or False), from /proc/cpuinfo."""
-    model, flags = "unknown", set()
+    model, flags = _cpuinfo()
+    return {"cpu": model, "cores": cpu_cores(), **{f: f in flags for f in CPU_FLAGS}}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple:
+    """(model name, flags) of the first CPU, read once per process: every load and check asks for them."""
+    model, flags = "unknown", frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name") and model == "unknown":
                     model = line.split(":", 1)[1].strip()
                 elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                    flags = frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": model, "cores": cpu_cores(), **{f: f in flags for f in CPU_FLAGS}}
+    return model, flags
 
 
 def cpu_has(override_env: str, *flags: str) -> bool:

@@ -22,7 +22,7 @@ from hvd_infer.engines.torch_eager import EagerPredictor, quantize_int8, unwrap,
 from hvd_infer.engines.trim import trim_to_first_token
 from hvd_infer.engines.verify import probe_batch
 from hvd_infer.errors import ConfigError, ModelError
-from hvd_infer.hardware import onnxruntime_version, this_platform
+from hvd_infer.hardware import Platform, onnxruntime_version, this_platform
 from hvd_infer.tasks.base import pad_multiple
 
 log = logging.getLogger("hvd_infer")
@@ -114,7 +114,7 @@ def load_model(cfg: JobConfig, task, device: torch.device, spec: Optional[Engine
     if why:
         raise ConfigError(why)
     if spec.rescore:
-        return _load_rescoring(cfg, task, device, spec)
+        return _load_rescoring(cfg, task, device, spec, platform)
     path = resolve_model_path(m.path, cfg.mlflow.tracking_uri)
     check_model_dir(path, m.allow_pickle)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, local_files_only=True)
@@ -162,10 +162,10 @@ def _load_wrapped(path: str, cfg: JobConfig, task, spec: EngineSpec, device: tor
     return wrap_deepspeed(model, dtype, False), spec, rewrites
 
 
-def _load_rescoring(cfg: JobConfig, task, device: torch.device, spec: EngineSpec):
+def _load_rescoring(cfg: JobConfig, task, device: torch.device, spec: EngineSpec, platform: Platform):
     """model.rescore_margin: the quantized model, and the float32 one for the rows it is unsure of."""
     fast, tokenizer, _ = load_model(cfg, task, device, dataclasses.replace(spec, rescore=0.0))
-    exact = load_model(cfg, task, device, with_precision(cfg.model, this_platform(device.type), "float32"))[0]
+    exact = load_model(cfg, task, device, with_precision(cfg.model, platform, "float32"))[0]
     predictor = RescoringPredictor(fast, exact, spec.rescore)
     return predictor, tokenizer, predictor.facts
 

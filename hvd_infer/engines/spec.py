@@ -10,6 +10,7 @@ the ranks run. Torch-free: the launcher and the Spark driver call it before load
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Protocol
 
@@ -122,6 +123,4 @@ def checked_spec(m, platform: Platform) -> EngineSpec:
 
 
 def release(version: str):
-    import re
-
     return tuple(int(x) for x in re.findall(r"\d+", version)[:2])
